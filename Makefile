@@ -1,0 +1,24 @@
+# Quick start: `make train` and `make test`. Both create .venv when it is missing.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: train test venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-test.txt
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/glm-train --config train/configs/default.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

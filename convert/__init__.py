@@ -1,0 +1,1 @@
+"""glm-convert: checkpoint conversion between PyTorch / Hugging Face formats and glm-jax."""

@@ -1,0 +1,129 @@
+"""Rows of a key map and the invertible transforms they use. Arrays are numpy; HF linears are [out, in]."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+# Saved buffers that are not weights: recomputed by the model, restored by the converter from its manifest.
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    hf: tuple                    # HF key patterns; "{l}" stands for the layer index
+    jax: tuple                   # param paths, "/"-separated; "{l}" likewise
+    to_jax: Callable = None      # (cfg, [hf arrays]) -> [param arrays]; default identity
+    to_hf: Callable = None       # (cfg, [param arrays]) -> [hf arrays]; default identity
+    when: Callable = lambda cfg: True
+    per_layer: bool = False
+
+    def load(self, cfg, arrays):
+        return list(arrays) if self.to_jax is None else self.to_jax(cfg, arrays)
+
+    def save(self, cfg, arrays):
+        return list(arrays) if self.to_hf is None else self.to_hf(cfg, arrays)
+
+
+def expand(rows, cfg):
+    out = []
+    for r in rows:
+        if not r.when(cfg):
+            continue
+        if r.per_layer:
+            for l in range(cfg.num_layers):
+                out.append(dataclasses.replace(r, hf=tuple(k.format(l=l) for k in r.hf),
+                                               jax=tuple(k.format(l=l) for k in r.jax), per_layer=False))
+        else:
+            out.append(r)
+    return out
+
+
+def c(a):
+    return np.ascontiguousarray(a)
+
+
+# ---------------------------------------------------------------- transforms
+def linear(in_shape_fn, out_shape_fn):
+    """HF [out, in] weight ↔ kernel [in..., out...]."""
+    def to_jax(cfg, a):
+        (w,) = a
+        return [c(w.T.reshape(in_shape_fn(cfg) + out_shape_fn(cfg)))]
+
+    def to_hf(cfg, a):
+        (k,) = a
+        i = int(np.prod(in_shape_fn(cfg)))
+        return [c(k.reshape(i, -1).T)]
+    return to_jax, to_hf
+
+
+# common shape helpers
+D = lambda cfg: (cfg.hidden_size,)  # noqa: E731
+NH = lambda cfg: (cfg.num_heads, cfg.head_dim)  # noqa: E731
+KH = lambda cfg: (cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+F = lambda cfg: (cfg.ffn_size,)  # noqa: E731
+V = lambda cfg: (cfg.vocab_size,)  # noqa: E731
+
+
+def qkv_blocks():
+    """Fused [Q (all heads) | K (all groups) | V (all groups)] rows ↔ q, k, v kernels (or biases)."""
+    def sizes(cfg):
+        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+
+    def w_to_jax(cfg, a):
+        (w,) = a
+        q, k, v = np.split(w, np.cumsum(sizes(cfg))[:-1], axis=0)
+        return [c(q.T.reshape(D(cfg) + NH(cfg))), c(k.T.reshape(D(cfg) + KH(cfg))), c(v.T.reshape(D(cfg) + KH(cfg)))]
+
+    def w_to_hf(cfg, a):
+        return [c(np.concatenate([p.reshape(cfg.hidden_size, -1).T for p in a], axis=0))]
+
+    def b_to_jax(cfg, a):
+        q, k, v = np.split(a[0], np.cumsum(sizes(cfg))[:-1])
+        return [c(q.reshape(NH(cfg))), c(k.reshape(KH(cfg))), c(v.reshape(KH(cfg)))]
+
+    def b_to_hf(cfg, a):
+        return [c(np.concatenate([p.reshape(-1) for p in a]))]
+    return (w_to_jax, w_to_hf), (b_to_jax, b_to_hf)
+
+
+def qkv_per_head():
+    """ChatGLM-6B: rows grouped per head as [q_h | k_h | v_h] ↔ q, k, v kernels (or biases)."""
+    def w_to_jax(cfg, a):
+        w = a[0].reshape(cfg.num_heads, 3, cfg.head_dim, cfg.hidden_size)
+        return [c(w[:, i].transpose(2, 0, 1)) for i in range(3)]
+
+    def w_to_hf(cfg, a):
+        w = np.stack([p.transpose(1, 2, 0) for p in a], axis=1)  # [N, 3, H, D]
+        return [c(w.reshape(-1, cfg.hidden_size))]
+
+    def b_to_jax(cfg, a):
+        b = a[0].reshape(cfg.num_heads, 3, cfg.head_dim)
+        return [c(b[:, i]) for i in range(3)]
+
+    def b_to_hf(cfg, a):
+        return [c(np.stack(a, axis=1).reshape(-1))]
+    return (w_to_jax, w_to_hf), (b_to_jax, b_to_hf)
+
+
+def gate_up():
+    """Fused [gate | up] rows of the SwiGLU input projection ↔ gate, up kernels."""
+    def to_jax(cfg, a):
+        g, u = np.split(a[0], 2, axis=0)
+        return [c(g.T), c(u.T)]
+
+    def to_hf(cfg, a):
+        return [c(np.concatenate([a[0].T, a[1].T], axis=0))]
+    return to_jax, to_hf
+
+
+def layer_rows(hf_prefix, jax_prefix, names):
+    """Plain per-layer rows for (hf_suffix, jax_suffix, transform or None, when) tuples."""
+    rows = []
+    for hf, jx, tr, when in names:
+        hfk = tuple(f"{hf_prefix}{h}" for h in (hf if isinstance(hf, tuple) else (hf,)))
+        jxk = tuple(f"{jax_prefix}{j}" for j in (jx if isinstance(jx, tuple) else (jx,)))
+        to_jax, to_hf = tr if tr else (None, None)
+        rows.append(Row(hfk, jxk, to_jax, to_hf, when or (lambda cfg: True), per_layer=True))
+    return rows

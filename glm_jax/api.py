@@ -1,0 +1,62 @@
+"""The user-facing model object: `glm_jax.from_pretrained(path)` → `GLM` with `__call__` and `generate`."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.config import GLMConfig
+from glm_jax.generate import generate as _generate
+from glm_jax.model.layers import dtype_of
+from glm_jax.model.transformer import GLMModel, stack_layers
+
+
+class GLM:
+    """A GLM model: `config` (GLMConfig), `params` (Flax params pytree) and `module` (the linen Module)."""
+
+    def __init__(self, config: GLMConfig, params):
+        self.config = config
+        self.params = params
+        self.module = GLMModel(config)
+        self._apply = jax.jit(lambda p, ids, am, pos, pl: self.module.apply({"params": p}, ids, am, pos, pl))
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None):
+        """Float32 logits [B, T, V]; masks and positions left as None follow the family's own rule."""
+        return self._apply(self.params, jnp.asarray(input_ids), _opt(attention_mask), _opt(position_ids),
+                           _opt(prefix_len))
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
+                 top_k=0, top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None):
+        """[B, T + max_new_tokens]: the prompt followed by new tokens (greedy unless do_sample), KV-cached."""
+        return _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                         eos_token_id, pad_token_id)
+
+
+def _opt(x):
+    return None if x is None else jnp.asarray(x)
+
+
+def cast_params(params, cfg: GLMConfig):
+    dt = dtype_of(cfg.param_dtype)
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a).astype(dt)) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                        or np.asarray(a).dtype == jnp.bfloat16 else jnp.asarray(a), params)
+
+
+def from_pretrained(path, dtype: str = "float32", **overrides) -> GLM:
+    """Load a checkpoint folder of any family (HF PyTorch: .bin / safetensors, single or sharded; or a folder
+    written by `glm-convert to-jax`). `dtype` sets both compute and param dtype; overrides set other fields."""
+    from glm_jax import checkpoint
+    p = pathlib.Path(path)
+    if (p / "glm_jax.json").is_file():
+        from convert.jax_io import load_jax
+        cfg, params = load_jax(p)
+        cfg = cfg.replace(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype), **overrides)
+    else:
+        cfg = checkpoint.config_from_folder(p)
+        cfg = cfg.replace(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype), **overrides)
+        params = checkpoint.load_params(cfg, p)
+    if cfg.scan_layers and "layers" not in params:
+        params = stack_layers(params, cfg.num_layers)
+    return GLM(cfg, cast_params(params, cfg))

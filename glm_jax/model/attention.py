@@ -1,0 +1,57 @@
+"""Multi-head / grouped-query attention with rotary or learned positions, optional P-Tuning prefix and KV cache."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from glm_jax.model.layers import Dense, constrain, dtype_of
+from glm_jax.model.positions import apply_rope
+
+NEG = -1e30  # finite: a fully blocked row gets uniform weights instead of NaN
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, dtype):
+    """softmax(q·k/sqrt(H)) · v with float32 scores; query head n uses kv group n // (N/K)."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(H))
+    scores = jnp.where(allowed_BTS[:, None, None], scores, NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    ctx = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH.astype(dtype),
+                     preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
+    return ctx.reshape(B, T, N, H).astype(dtype)
+
+
+class Attention(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):
+        c = self.cfg
+        D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        dt = dtype_of(c.dtype)
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+        q = Dense((D,), (N, H), ("embed", "q_heads", "kv"), c.qkv_bias, name="q", **kw)(x_BTD)
+        k = Dense((D,), (K, H), ("embed", "kv_heads", "kv"), c.qkv_bias, name="k", **kw)(x_BTD)
+        v = Dense((D,), (K, H), ("embed", "kv_heads", "kv"), c.qkv_bias, name="v", **kw)(x_BTD)
+        q = constrain(apply_rope(q, position_ids, c), ("activation_batch", "activation_length", "activation_heads", None))
+        k = constrain(apply_rope(k, position_ids, c), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        new_cache = None
+        if cache is not None:  # write this step's keys/values at cache_index, attend over the whole cache
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            new_cache = (k, v)
+        if prefix_kv is not None:  # P-Tuning v2: P leading keys/values, not rotated, visible to every query
+            pk, pv = prefix_kv
+            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+            B, T = allowed_BTS.shape[:2]
+            allowed_BTS = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), allowed_BTS], axis=2)
+        ctx = attend(q, k.astype(dt), v.astype(dt), allowed_BTS, dt)
+        out = Dense((N, H), (D,), ("q_heads", "kv", "embed"), c.out_bias, name="o", **kw)(ctx)
+        return out, new_cache

@@ -1,0 +1,36 @@
+"""One transformer layer. The residual scheme is config data:
+
+    pre-norm (GLM, ChatGLM2+, Glm):  x = x + Attn(N1(x));            x = x + MLP(N2(x))
+    residual_from_norm + alpha (ChatGLM-6B): a = N1(x); x = alpha·a + Attn(a); m = N2(x); x = alpha·m + MLP(m)
+    sandwich (Glm4):                 x = x + N1'(Attn(N1(x)));        x = x + N2'(MLP(N2(x)))
+"""
+from __future__ import annotations
+
+from flax import linen as nn
+
+from glm_jax.model.attention import Attention
+from glm_jax.model.layers import Norm, constrain
+from glm_jax.model.mlp import MLP
+
+ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+class Block(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):
+        c = self.cfg
+        norm = lambda name: Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name=name)  # noqa: E731
+        a = norm("input_norm")(x_BTD)
+        h, new_cache = Attention(c, name="attn")(a, position_ids, allowed_BTS, prefix_kv, cache, cache_index)
+        if c.sandwich_norm:
+            h = norm("post_attn_norm")(h)
+        x = (a if c.residual_from_norm else x_BTD) * c.residual_alpha + h
+        x = constrain(x, ACT)
+        m = norm("mlp_norm")(x)
+        h = MLP(c, name="mlp")(m)
+        if c.sandwich_norm:
+            h = norm("post_mlp_norm")(h)
+        x = (m if c.residual_from_norm else x) * c.residual_alpha + h
+        return constrain(x, ACT), new_cache

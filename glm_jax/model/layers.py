@@ -1,0 +1,69 @@
+"""Small building blocks: logically partitioned params, norms, dense projections."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name):
+    return DTYPES[name] if isinstance(name, str) else name
+
+
+def param(module: nn.Module, name: str, shape, axes, init, dtype):
+    """A param with logical axis names attached (used by the sharding rules table)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype_of(dtype))
+
+
+def constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+    """LayerNorm (with bias) or RMSNorm; statistics in float32, output in the compute dtype."""
+    kind: str
+    eps: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        d = x_BTD.shape[-1]
+        scale = param(self, "scale", (d,), ("norm",), nn.initializers.ones, self.param_dtype)
+        x = x_BTD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            bias = param(self, "bias", (d,), ("norm",), nn.initializers.zeros, self.param_dtype)
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        else:
+            var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+            y = x * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        return y.astype(dtype_of(self.dtype))
+
+
+class Dense(nn.Module):
+    """y = x · kernel (+ bias), contracting the last `len(in_shape)` dims of x; kernel is [in..., out...]."""
+    in_shape: tuple
+    out_shape: tuple
+    axes: tuple                # logical names of kernel dims (in..., out...)
+    use_bias: bool
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = param(self, "kernel", self.in_shape + self.out_shape, self.axes,
+                       nn.initializers.normal(self.init_std), self.param_dtype)
+        dt = dtype_of(self.dtype)
+        n_in = len(self.in_shape)
+        y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt),
+                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                                preferred_element_type=jnp.float32 if dt == jnp.float32 else None)
+        if self.use_bias:
+            bias = param(self, "bias", self.out_shape, self.axes[n_in:], nn.initializers.zeros, self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y.astype(dt)

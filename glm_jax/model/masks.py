@@ -1,0 +1,104 @@
+"""Default attention masks and position ids, built by each family's own rule (DESIGN §3.1).
+
+Everything here is jit-able jnp code on [B, T] token ids. `allowed_BTS` is True where a query may attend a key.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _first_index(hit_BT, default):
+    """Index of the first True per row, or `default` ([B] or scalar) where there is none."""
+    T = hit_BT.shape[1]
+    idx = jnp.argmax(hit_BT, axis=1)
+    return jnp.where(jnp.any(hit_BT, axis=1), idx, jnp.broadcast_to(default, idx.shape)).astype(jnp.int32)
+
+
+def _is_any(ids, token_ids):
+    hit = jnp.zeros(ids.shape, bool)
+    for t in token_ids:
+        if t is not None:
+            hit = hit | (ids == t)
+    return hit
+
+
+def _glm_mask_ids(cfg):
+    return [t for t in (cfg.mask_token_id, cfg.smask_token_id, cfg.gmask_token_id) if t is not None]
+
+
+def context_length(cfg, input_ids, prefix_len):
+    """Length of the bidirectional part: prefix_len if given, else the family's rule, else 0."""
+    B, T = input_ids.shape
+    if prefix_len is not None:
+        return jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (B,))
+    if cfg.mask_rule == "chatglm" and cfg.bos_token_id is not None:
+        return _first_index(input_ids == cfg.bos_token_id, T)
+    if cfg.mask_rule == "glm" and cfg.bos_token_id is not None:
+        return _first_index(input_ids == cfg.bos_token_id, 0)
+    return jnp.zeros((B,), jnp.int32)
+
+
+def default_allowed(cfg, input_ids, attention_mask=None, prefix_len=None, segment_ids=None):
+    B, T = input_ids.shape
+    if attention_mask is not None and attention_mask.ndim >= 3:
+        m = attention_mask.reshape(B, T, -1) if attention_mask.ndim == 4 else attention_mask
+        allowed = m.astype(bool)
+    else:
+        q = jnp.arange(T)[:, None]
+        k = jnp.arange(T)[None, :]
+        if cfg.mask_rule == "glm" and prefix_len is None and attention_mask is not None:
+            allowed = jnp.ones((B, T, T), bool)  # HF GLM: a 2-D mask is a pure key-padding mask
+        else:
+            sep = context_length(cfg, input_ids, prefix_len)
+            allowed = (k[None] < sep[:, None, None]) | (k <= q)[None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return allowed
+
+
+def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
+    """Position ids [B, T] (1-D families) or [B, 2, T] (glm, chatglm 2-D)."""
+    B, T = input_ids.shape
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    pad = attention_mask is not None and attention_mask.ndim == 2
+    real = attention_mask.astype(bool) if pad else jnp.ones((B, T), bool)
+    first_real = _first_index(real, 0)[:, None]
+    if cfg.position == "rope_interleaved":
+        if not pad:
+            return jnp.broadcast_to(t, (B, T))
+        return jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+    ctx = context_length(cfg, input_ids, prefix_len)[:, None]
+    if cfg.position in ("rope_2d", "rope_half"):
+        has_g = jnp.any(input_ids == cfg.gmask_token_id, axis=1) if cfg.gmask_token_id is not None else jnp.zeros((B,), bool)
+        gpos = _first_index(input_ids == cfg.gmask_token_id, 0) if cfg.gmask_token_id is not None else 0
+        mpos = _first_index(input_ids == cfg.mask_token_id, ctx[:, 0] - 1) if cfg.mask_token_id is not None else ctx[:, 0] - 1
+        mask_pos = (jnp.where(has_g, gpos, mpos)[:, None] - first_real)
+        if cfg.position == "rope_half":  # 1-D mode: only [MASK] rows (not [gMASK]) pin Part B to the mask
+            pos = jnp.where((t >= ctx) & ~has_g[:, None], mask_pos, t - first_real)
+            return jnp.where(real, pos, 0).astype(jnp.int32)
+        pos = jnp.where(t < ctx, t - first_real, mask_pos)
+        block = jnp.where(t < ctx, 0, t - ctx + 1)
+        return jnp.stack([jnp.where(real, pos, 0), jnp.where(real, block, 0)], axis=1).astype(jnp.int32)
+    # glm learned 2-D: Part A counts up; the i-th <sop> segment of Part B takes the position of the i-th mask.
+    mask_ids = _glm_mask_ids(cfg)
+    base = jnp.where(real, t - first_real, 0)
+    if cfg.bos_token_id is None or not mask_ids:
+        return jnp.stack([base, jnp.zeros_like(base)], axis=1).astype(jnp.int32)
+    in_b = t >= ctx
+    is_sop = (input_ids == cfg.bos_token_id) & in_b
+    seg = jnp.cumsum(is_sop, axis=1)                                   # 1.. within Part B
+    is_mask = _is_any(input_ids, mask_ids) & ~in_b
+    mask_sorted = jnp.sort(jnp.where(is_mask, t, T), axis=1)           # mask indices in order
+    seg_mask = jnp.take_along_axis(mask_sorted, jnp.clip(seg - 1, 0, T - 1), axis=1)
+    seg_mask = jnp.where(seg_mask >= T, ctx - 1, seg_mask) - first_real
+    start = _cummax(jnp.where(is_sop, t, 0))
+    pos = jnp.where(in_b & (seg > 0), seg_mask, base)
+    block = jnp.where(in_b & (seg > 0), t - start + 1, 0)
+    return jnp.stack([jnp.where(real, pos, 0), jnp.where(real, block, 0)], axis=1).astype(jnp.int32)
+
+
+def _cummax(x_BT):
+    import jax
+    return jax.lax.cummax(x_BT, axis=1)

@@ -1,0 +1,193 @@
+"""The GLM language model: embeddings, layers (a Python loop or nn.scan), final norm, output projection."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from glm_jax.model.block import ACT, Block
+from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, param
+from glm_jax.model.masks import default_allowed, default_positions
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerBody(nn.Module):
+    """One layer in the (carry, scanned inputs) form shared by the loop and nn.scan."""
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x_BTD, xs, position_ids, allowed_BTS, cache_index):
+        block = Block
+        if self.cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+        y, new_cache = block(self.cfg, name="block")(x_BTD, position_ids, allowed_BTS, xs.get("prefix"),
+                                                     xs.get("cache"), cache_index)
+        ys = {"hidden": x_BTD}
+        if new_cache is not None:
+            ys["cache"] = new_cache
+        return y, ys
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: prefix ids 0..P-1 → per-layer keys and values [L, 2, P, K, H]."""
+    cfg: object
+
+    @nn.compact
+    def __call__(self):
+        c = self.cfg
+        width = c.prefix_width
+        emb_w = (c.prefix_embed_size or width) if c.prefix_projection else width
+        e = param(self, "embedding", (c.pre_seq_len, emb_w), ("prefix", "prefix_embed"),
+                  nn.initializers.normal(0.02), c.param_dtype).astype(jnp.float32)
+        if c.prefix_projection:
+            kw = dict(dtype="float32", param_dtype=c.param_dtype)
+            h = Dense((emb_w,), (c.prefix_hidden_size,), ("prefix_embed", "embed"), True, name="trans_0", **kw)(e)
+            e = Dense((c.prefix_hidden_size,), (width,), ("embed", "prefix_embed"), True, name="trans_2", **kw)(jnp.tanh(h))
+        e = e.reshape(c.pre_seq_len, c.num_layers, 2, c.num_kv_heads, c.head_dim)
+        return e.transpose(1, 2, 0, 3, 4)
+
+
+class GLMModel(nn.Module):
+    cfg: object
+
+    def setup(self):
+        c = self.cfg
+        self.embed = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), c.param_dtype)
+        if c.position == "learned_2d":
+            self.pos_embed = Embed(c.max_position_embeddings + 1, c.hidden_size, ("positions", "embed"), c.param_dtype)
+            if c.block_position_encoding:
+                self.block_pos_embed = Embed(c.max_position_embeddings + 1, c.hidden_size, ("positions", "embed"),
+                                             c.param_dtype)
+        if c.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(c)
+        if c.scan_layers:
+            self.layers = nn.scan(LayerBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(c)
+        else:
+            self.layers = [LayerBody(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        if c.final_norm:
+            self.final_norm = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), False,
+                                 dtype=c.dtype, param_dtype=c.param_dtype)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *,
+                 segment_ids=None, cache=None, cache_index=None, return_hidden=False):
+        """Logits [B, T, V] in float32. With `cache` ({"k","v"}: [L, B, S, K, H]) the caller passes a dense
+        attention_mask [B, T, S] and position_ids, and gets (logits, new_cache)."""
+        c = self.cfg
+        dt = dtype_of(c.dtype)
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        if position_ids is None:
+            position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
+        position_ids = jnp.asarray(position_ids)
+        allowed = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
+
+        x = self.embed(input_ids)
+        if c.position == "learned_2d":
+            pos = position_ids if position_ids.ndim == 3 else position_ids[:, None]
+            x = x + self.pos_embed(pos[:, 0])
+            if c.block_position_encoding:
+                x = x + self.block_pos_embed(pos[:, 1])
+        x = constrain(x.astype(dt), ACT)
+
+        xs = {}
+        if c.pre_seq_len:
+            kv = self.prefix_encoder()                                    # [L, 2, P, K, H]
+            B = input_ids.shape[0]
+            kv = jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (B,) + kv.shape[2:])
+            xs["prefix"] = (kv[:, 0], kv[:, 1])
+        if cache is not None:
+            xs["cache"] = (cache["k"], cache["v"])
+
+        if c.scan_layers:
+            x, ys = self.layers(x, xs, position_ids, allowed, cache_index)
+        else:
+            outs = []
+            for i, layer in enumerate(self.layers):
+                x, y = layer(x, jax.tree.map(lambda a: a[i], xs), position_ids, allowed, cache_index)
+                outs.append(y)
+            ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        last = x
+        if c.final_norm:
+            x = self.final_norm(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding.astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        logits = constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        if cache is not None:
+            k, v = ys["cache"]
+            return logits, {"k": k, "v": v}
+        if return_hidden:
+            return logits, {"layer_inputs": ys["hidden"], "last": last, "final": x}
+        return logits
+
+
+class Embed(nn.Module):
+    num: int
+    dim: int
+    axes: tuple
+    param_dtype: str = "float32"
+
+    def setup(self):
+        self.embedding = param(self, "embedding", (self.num, self.dim), self.axes, nn.initializers.normal(0.02),
+                               self.param_dtype)
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding, ids, axis=0)
+
+
+def _init_args(cfg):
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return ids
+
+
+@functools.lru_cache(maxsize=32)
+def _boxed_shapes(cfg):
+    model = GLMModel(cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _init_args(cfg)))["params"]
+
+
+def param_shapes(cfg):
+    """The params pytree as jax.ShapeDtypeStruct leaves; allocates nothing."""
+    return nn.meta.unbox(_boxed_shapes(cfg))
+
+
+def param_axes(cfg):
+    """The params pytree with a tuple of logical axis names at each leaf."""
+    from glm_jax.sharding import logical_axes
+    return logical_axes(_boxed_shapes(cfg))
+
+
+def init_params(cfg, rng):
+    return nn.meta.unbox(GLMModel(cfg).init(rng, _init_args(cfg))["params"])
+
+
+def stack_layers(params, num_layers):
+    """{'layers_0': t, 'layers_1': t, ...} → {'layers': t stacked on a leading axis} (the nn.scan layout)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a) if not hasattr(a[0], "__array__") or isinstance(a[0], jax.Array)
+                                 else __import__("numpy").stack(a),
+                                 *[params[f"layers_{i}"] for i in range(num_layers)])
+    return out
+
+
+def unstack_layers(params):
+    """Inverse of stack_layers."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
+    return out
