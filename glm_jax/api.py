@@ -28,10 +28,11 @@ class GLM:
                            _opt(prefix_len))
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None):
-        """[B, T + max_new_tokens]: the prompt followed by new tokens (greedy unless do_sample), KV-cached."""
+                 top_k=0, top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None, return_logits=False):
+        """[B, T + max_new_tokens]: the prompt followed by new tokens (greedy unless do_sample), KV-cached.
+        Rows that reach an eos continue with the pad id. return_logits: also the per-step logits."""
         return _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                         eos_token_id, pad_token_id)
+                         eos_token_id, pad_token_id, return_logits)
 
 
 def _opt(x):

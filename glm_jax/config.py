@@ -96,6 +96,20 @@ class GLMConfig:
         import jax
         return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(self)))
 
+    def to_dict(self) -> dict:
+        """Every field, JSON-serialisable (the original config.json included under hf_config)."""
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "GLMConfig":
+        names = {f.name for f in dataclasses.fields(GLMConfig)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown GLMConfig field(s): {sorted(unknown)}")
+        return GLMConfig(**{**d, "eos_token_id": tuple(d.get("eos_token_id") or ())})
+
     # ------------------------------------------------------------------ presets
     @staticmethod
     def preset(name: str, **overrides) -> "GLMConfig":

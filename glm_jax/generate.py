@@ -44,9 +44,9 @@ def _next_position(pos_last):
                       jnp.where(in_block, pos_last[:, 1] + 1, 0)], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new", "do_sample", "top_k"))
+@functools.partial(jax.jit, static_argnames=("module", "max_new", "do_sample", "top_k", "keep_logits"))
 def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, rng, temperature, top_p, *,
-            max_new, do_sample, top_k):
+            max_new, do_sample, top_k, keep_logits=False):
     c = module.cfg
     B, T = ids_BT.shape
     S = T + max_new
@@ -59,8 +59,13 @@ def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, 
     out = jnp.full((B, max_new), pad_id, jnp.int32)
     pos_last = pos[..., -1]
 
+    V = logits.shape[-1]
+    scores = jnp.zeros((B, max_new if keep_logits else 0, V), jnp.float32)
+
     def step(state):
-        i, out, cache, key_valid, pos_last, last_logits, done, rng = state
+        i, out, cache, key_valid, pos_last, last_logits, done, rng, scores = state
+        if keep_logits:
+            scores = scores.at[:, i].set(last_logits)
         rng, sub = jax.random.split(rng)
         tok = sample_logits(last_logits, sub, do_sample, temperature, top_k, top_p)
         tok = jnp.where(done, pad_id, tok)
@@ -72,17 +77,19 @@ def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, 
         step_allowed = (key_valid & (jnp.arange(S)[None] <= idx))[:, None, :]
         logits, cache = module.apply({"params": params}, tok[:, None], step_allowed, p[..., None],
                                      cache=cache, cache_index=idx)
-        return i + 1, out, cache, key_valid, p, logits[:, -1], done, rng
+        return i + 1, out, cache, key_valid, p, logits[:, -1], done, rng, scores
 
     def cond(state):
         return (state[0] < max_new) & ~jnp.all(state[6])
 
-    init = (jnp.int32(0), out, cache, key_valid, pos_last, logits[:, -1], jnp.zeros((B,), bool), rng)
-    return jax.lax.while_loop(cond, step, init)[1]
+    init = (jnp.int32(0), out, cache, key_valid, pos_last, logits[:, -1], jnp.zeros((B,), bool), rng, scores)
+    final = jax.lax.while_loop(cond, step, init)
+    return final[1], final[8]
 
 
 def generate(lm, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0, top_k=0,
-             top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None):
+             top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None, return_logits=False):
+    """See GLM.generate. With return_logits, also the raw logits [B, max_new_tokens, V] each step decoded from."""
     c = lm.config
     ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
     if ids.ndim == 1:
@@ -99,7 +106,8 @@ def generate(lm, input_ids, attention_mask=None, max_new_tokens=32, do_sample=Fa
     pos = default_positions(c, ids, mask)
     allowed = default_allowed(c, ids, mask)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    new = _decode(lm.module, lm.params, ids, mask, pos, allowed, eos_arr, jnp.int32(pad), jax.random.PRNGKey(seed),
+    new, scores = _decode(lm.module, lm.params, ids, mask, pos, allowed, eos_arr, jnp.int32(pad), jax.random.PRNGKey(seed),
                   jnp.float32(temperature), jnp.float32(top_p), max_new=int(max_new_tokens), do_sample=bool(do_sample),
-                  top_k=int(top_k))
-    return np.concatenate([np.asarray(ids), np.asarray(new)], axis=1)
+                  top_k=int(top_k), keep_logits=bool(return_logits))
+    out = np.concatenate([np.asarray(ids), np.asarray(new)], axis=1)
+    return (out, np.asarray(scores)) if return_logits else out
