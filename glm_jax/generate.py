@@ -25,13 +25,13 @@ def sample_logits(logits_BV, rng, do_sample, temperature, top_k, top_p):
     if top_k and top_k < V:
         kth = jax.lax.top_k(x, top_k)[0][:, -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
-    if top_p < 1.0:
-        order = jnp.argsort(-x, axis=-1)
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
-        remove_sorted = (cum - jax.nn.softmax(sorted_x, axis=-1)) > top_p   # keep the first token over top_p
-        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
-        x = jnp.where(remove, -jnp.inf, x)
+    # top-p (traced, so always applied; top_p >= 1 keeps everything): drop tokens once the mass before them
+    # already exceeds top_p, so the token that crosses it stays
+    order = jnp.argsort(-x, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1)
+    remove_sorted = ((jnp.cumsum(probs, axis=-1) - probs) > top_p) & (top_p < 1.0)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
+    x = jnp.where(remove, -jnp.inf, x)
     return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
 
 
