@@ -226,8 +226,9 @@ def _chatglm2_from_hf(d):
     kv = d.get("kv_channels") or d["hidden_size"] // n
     g = d.get("multi_query_group_num", n) if d.get("multi_query_attention", True) else n
     ratio = float(d.get("rope_ratio", 1))
-    # chatglm2-6b-32k (no add_qkv_bias key semantics change) interpolates positions; chatglm3/glm-4 scale the base.
-    interpolate = d.get("rope_interpolation", False)
+    # chatglm2-6b-32k divides positions by rope_ratio; chatglm3-6b-32k and GLM-4 multiply the base by it. The
+    # config.json files look alike, so the 32k ChatGLM2 is recognised by its name (or an explicit flag).
+    interpolate = bool(d.get("rope_interpolation", "chatglm2-6b-32k" in str(d.get("_name_or_path", ""))))
     pre = d.get("pre_seq_len") or 0
     return dict(
         vocab_size=d.get("padded_vocab_size", d.get("vocab_size")), hidden_size=d["hidden_size"],

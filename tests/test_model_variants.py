@@ -105,3 +105,19 @@ def test_param_shapes_allocates_nothing_at_real_size():
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
     assert 9.3e9 < n < 9.5e9  # GLM-4-9B has 9.40B parameters
     assert shapes["layers_0"]["block"]["attn"]["k"]["kernel"].shape == (4096, 2, 128)
+
+
+def test_chatglm2_32k_position_interpolation_is_recognised():
+    """chatglm2-6b-32k divides positions by rope_ratio (not the base): positions 16·p then act like p."""
+    import glm_jax
+    from glm_jax.model.positions import apply_rope
+    d = glm_jax.GLMConfig.preset("chatglm2_6b").to_hf()
+    d.update(rope_ratio=16, _name_or_path="THUDM/chatglm2-6b-32k")
+    c32 = glm_jax.GLMConfig.from_hf(d)
+    assert c32.rope_position_scale == 16 and c32.rope_base == 10000.0
+    c3 = glm_jax.GLMConfig.from_hf({**d, "_name_or_path": "THUDM/chatglm3-6b-32k"})
+    assert c3.rope_position_scale == 1 and c3.rope_base == 160000.0
+    base = glm_jax.GLMConfig.preset("chatglm2_6b")
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 2, 128))
+    p = jnp.array([[0, 1, 5, 9]])
+    np.testing.assert_allclose(apply_rope(x, 16 * p, c32), apply_rope(x, p, base), atol=1e-6)
