@@ -42,6 +42,12 @@ def load_sentencepiece(path: str):
     return sp
 
 
+def sp_piece_id(sp, piece: str) -> int | None:
+    """Id of a sentencepiece piece, None when the model does not have it."""
+    pid = sp.piece_to_id(piece)
+    return None if pid == sp.unk_id() and piece != sp.id_to_piece(pid) else pid
+
+
 def special_pattern(tokens: Iterable[str]) -> re.Pattern | None:
     """Regex matching any of `tokens`, longest first (leftmost-longest like transformers' trie)."""
     tokens = sorted(set(tokens), key=len, reverse=True)
@@ -96,8 +102,13 @@ def check_messages(messages: Sequence[dict]) -> list[dict]:
     return list(messages)
 
 
+def _rebuild(cls, init_args: dict):
+    return cls(**init_args)
+
+
 class GLMTokenizer:
-    """Common interface. Subclasses set the attributes below and implement the `_`-hooks."""
+    """Common interface. Subclasses set the attributes below and implement the `_`-hooks.
+    Copies (copy/deepcopy, worker processes) rebuild the tokenizer from its constructor arguments."""
 
     chat_format: str = ""
     special_tokens: dict[str, int]  # name -> id
@@ -106,6 +117,11 @@ class GLMTokenizer:
     vocab_size: int  # number of ids, appended special tokens included
     prefix_ids: list[int] = []  # what encode(..., add_special_tokens=True) puts before the text
     suffix_ids: list[int] = []  # ... and after it
+
+    _init_args: dict = {}  # constructor arguments, set by each subclass
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), dict(self._init_args)))
 
     # ---- text <-> ids
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -1,0 +1,94 @@
+"""load_tokenizer: pick the family from the files in a folder and build its tokenizer."""
+from __future__ import annotations
+
+import os
+
+from glm_jax.tokenizers.base import GLMTokenizer, read_tokenizer_config
+
+CHAT_FORMATS = ("chatglm", "chatglm2", "chatglm3", "glm4")
+_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model",
+          "glm4": "tokenizer.model"}
+
+
+def _infer_format(folder: str, cfg: dict, model_file: str | None) -> str:
+    name = os.path.basename(model_file or "")
+    if name in ("vocab.json", "merges.txt"):
+        return "gpt2"
+    if name == "ice_text.model" or (not model_file and os.path.isfile(os.path.join(folder, "ice_text.model"))):
+        return "chatglm"
+    model = model_file or os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(model):
+        from glm_jax.tokenizers.glm4 import is_tiktoken_file
+
+        if is_tiktoken_file(model):
+            return "glm4"
+        name = " ".join(str(cfg.get(k, "")) for k in ("name_or_path", "_name_or_path")).lower()
+        found = [f for f in ("chatglm3", "chatglm2") if f in name]
+        if len(found) == 1:
+            return found[0]
+        raise ValueError(f"{model}: a sentencepiece tokenizer.model is used by both ChatGLM2 and ChatGLM3 and "
+                         f"tokenizer_config.json does not say which; pass chat_format='chatglm2' or 'chatglm3'")
+    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+        return "gpt2"
+    raise FileNotFoundError(f"{folder}: no tokenizer file found (expected ice_text.model, tokenizer.model, "
+                            f"or vocab.json + merges.txt)")
+
+
+def _glm4_special_ids(cfg: dict) -> dict[str, int] | None:
+    added = cfg.get("added_tokens_decoder")
+    if not isinstance(added, dict) or not added:
+        return None
+    try:
+        return {str(v["content"]): int(k) for k, v in added.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"tokenizer_config.json: malformed added_tokens_decoder ({e})") from e
+
+
+def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTokenizer:
+    """Tokenizer of a folder, or of a tokenizer file (its folder's tokenizer_config.json is read too).
+
+    chat_format: "chatglm" (ChatGLM-6B), "chatglm2", "chatglm3", "glm4", or None to infer it from the files
+    (ChatGLM2 vs ChatGLM3 from tokenizer_config.json's name_or_path). "gpt2" loads a GPT-2-style BPE
+    (vocab.json + merges.txt, original GLM; no chat template). Extra keyword arguments go to the class
+    (e.g. num_image_tokens, encode_special_tokens, template_variant).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: tokenizer folder not found")
+    model_file = None if os.path.isdir(path) else path
+    folder = path if model_file is None else os.path.dirname(path) or "."
+    cfg = read_tokenizer_config(folder)
+    if chat_format is None:
+        chat_format = _infer_format(folder, cfg, model_file)
+    elif chat_format not in CHAT_FORMATS + ("gpt2",):
+        raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {CHAT_FORMATS} or None")
+    if chat_format == "gpt2":
+        from glm_jax.tokenizers.gpt2 import GPT2BPETokenizer
+
+        return GPT2BPETokenizer.from_folder(folder, **kwargs)
+    vocab_file = model_file or os.path.join(folder, _FILES[chat_format])
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"{vocab_file}: missing; chat_format={chat_format!r} needs {_FILES[chat_format]}")
+    if chat_format == "chatglm":
+        from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
+
+        opts = {"num_image_tokens": cfg.get("num_image_tokens", 20000),  # 20000: the class default
+                "remove_space": bool(cfg.get("remove_space", False)),
+                "do_lower_case": bool(cfg.get("do_lower_case", False))}
+        return ChatGLMTokenizer(vocab_file, **{**opts, **kwargs})
+    from glm_jax.tokenizers.glm4 import is_tiktoken_file
+
+    tiktoken_file = is_tiktoken_file(vocab_file)
+    if tiktoken_file != (chat_format == "glm4"):
+        kind = "a tiktoken rank file" if tiktoken_file else "not a tiktoken rank file"
+        raise ValueError(f"{vocab_file}: is {kind}, which does not fit chat_format={chat_format!r}")
+    if chat_format == "glm4":
+        from glm_jax.tokenizers.glm4 import GLM4Tokenizer
+
+        return GLM4Tokenizer(vocab_file, **{"special_tokens": _glm4_special_ids(cfg), **kwargs})
+    from glm_jax.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
+
+    if chat_format == "chatglm2":
+        return ChatGLM2Tokenizer(vocab_file, **kwargs)
+    opts = {"encode_special_tokens": bool(cfg.get("encode_special_tokens", False))}
+    return ChatGLM3Tokenizer(vocab_file, **{**opts, **kwargs})
