@@ -45,6 +45,7 @@ class GLMConfig:
     block_position_encoding: bool = True  # glm: the second (block) position table
     # attention / mlp / output
     qkv_bias: bool = True
+    qkv_per_head: bool = False            # checkpoint layout only: fused qkv rows grouped per head [q_h|k_h|v_h]
     out_bias: bool = False
     mlp: str = "swiglu"                   # "swiglu" | "gelu_erf" | "gelu_tanh"
     mlp_bias: bool = False
@@ -213,7 +214,7 @@ def _chatglm_from_hf(d):
         norm_eps=d.get("layernorm_epsilon", 1e-5), residual_from_norm=True, residual_alpha=math.sqrt(2 * 28),
         position="rope_2d" if two_d else "rope_half", rope_dim=(h // n) // 2 if two_d else h // n,
         rope_fp16_freqs=True, max_position_embeddings=d.get("max_sequence_length", 2048),
-        qkv_bias=True, out_bias=True, mlp="gelu_tanh", mlp_bias=True,
+        qkv_bias=True, qkv_per_head=True, out_bias=True, mlp="gelu_tanh", mlp_bias=True,
         tie_word_embeddings=d.get("tie_word_embeddings", True), mask_rule="chatglm",
         bos_token_id=d.get("bos_token_id"), mask_token_id=d.get("mask_token_id"),
         gmask_token_id=d.get("gmask_token_id"), pad_token_id=d.get("pad_token_id"), eos_token_id=_eos(d),
@@ -224,7 +225,8 @@ def _chatglm_from_hf(d):
 def _chatglm2_from_hf(d):
     n = d["num_attention_heads"]
     kv = d.get("kv_channels") or d["hidden_size"] // n
-    g = d.get("multi_query_group_num", n) if d.get("multi_query_attention", True) else n
+    mqa = d.get("multi_query_attention", True)
+    g = d.get("multi_query_group_num", n) if mqa else n
     ratio = float(d.get("rope_ratio", 1))
     # chatglm2-6b-32k divides positions by rope_ratio; chatglm3-6b-32k and GLM-4 multiply the base by it. The
     # config.json files look alike, so the 32k ChatGLM2 is recognised by its name (or an explicit flag).
@@ -239,7 +241,7 @@ def _chatglm2_from_hf(d):
         final_norm=d.get("post_layer_norm", True), position="rope_interleaved", rope_dim=kv // 2,
         rope_base=10000.0 if interpolate else 10000.0 * ratio, rope_position_scale=ratio if interpolate else 1.0,
         max_position_embeddings=d.get("seq_length", 32768),
-        qkv_bias=bool(d.get("add_qkv_bias", False) or d.get("add_bias_linear", False)),
+        qkv_bias=bool(d.get("add_qkv_bias", False) or d.get("add_bias_linear", False)), qkv_per_head=not mqa,
         out_bias=bool(d.get("add_bias_linear", False)), mlp="swiglu", mlp_bias=bool(d.get("add_bias_linear", False)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), mask_rule="causal",
         pad_token_id=d.get("pad_token_id"), eos_token_id=_eos(d),
@@ -296,6 +298,7 @@ def _to_hf_chatglm(c):
 def _to_hf_chatglm2(c):
     out = {"padded_vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
            "num_attention_heads": c.num_heads, "multi_query_group_num": c.num_kv_heads, "kv_channels": c.head_dim,
+           "multi_query_attention": not c.qkv_per_head,
            "ffn_hidden_size": c.ffn_size, "layernorm_epsilon": c.norm_eps, "seq_length": c.max_position_embeddings,
            "rmsnorm": c.norm == "rmsnorm", "post_layer_norm": c.final_norm,
            "apply_residual_connection_post_layernorm": c.residual_from_norm,

@@ -60,7 +60,8 @@ class GLMModel(nn.Module):
         c = self.cfg
         self.embed = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), c.param_dtype)
         if c.position == "learned_2d":
-            self.pos_embed = Embed(c.max_position_embeddings + 1, c.hidden_size, ("positions", "embed"), c.param_dtype)
+            rows = c.max_position_embeddings + (1 if c.block_position_encoding else 0)
+            self.pos_embed = Embed(rows, c.hidden_size, ("positions", "embed"), c.param_dtype)
             if c.block_position_encoding:
                 self.block_pos_embed = Embed(c.max_position_embeddings + 1, c.hidden_size, ("positions", "embed"),
                                              c.param_dtype)
