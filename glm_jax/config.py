@@ -189,6 +189,22 @@ def _rope_theta_and_factor(d):
     return float(theta), float(factor)
 
 
+# Command-token ids of the released GLM tokenizers (spec GLM_BLANK_INFILLING §1.12), keyed by padded vocab size
+# (and width, where GLM-RoBERTa and GLM-2B/10B share a vocab size): (pad/eos, sop, eop, [MASK], [sMASK], [gMASK]).
+_GLM_TOKENS = {
+    (30592, None): (0, 30522, 30523, 103, None, None),            # BERT wordpiece (GLM-Base/Large/Doc/410M/515M)
+    (50304, "roberta"): (2, 50265, 50266, 50264, None, None),     # GLM-RoBERTa
+    (50304, "gpt2"): (50256, 50257, 50258, 50260, 50264, 50263),  # GLM-2B, GLM-10B
+    (50048, None): (50000, 50006, 50007, 50003, 50008, 50009),    # GLM-Large-Chinese, GLM-10B-Chinese (HF ids)
+}
+
+
+def _glm_default_tokens(d):
+    v = d.get("vocab_size")
+    key = (v, ("gpt2" if d.get("hidden_size", 1024) >= 2048 else "roberta") if v == 50304 else None)
+    return _GLM_TOKENS.get(key)
+
+
 def _glm_from_hf(d):
     h = d.get("hidden_size", 1024)
     n = d.get("num_attention_heads", 16)
@@ -199,9 +215,16 @@ def _glm_from_hf(d):
         position="learned_2d", rope_dim=0, max_position_embeddings=p,
         block_position_encoding=d.get("block_position_encoding", True), qkv_bias=True, out_bias=True,
         mlp=d.get("gelu_variant", "gelu_erf"), mlp_bias=True, tie_word_embeddings=True, mask_rule="glm",
-        mask_token_id=d.get("mask_token_id"), gmask_token_id=d.get("gmask_token_id"),
-        smask_token_id=d.get("smask_token_id"), bos_token_id=d.get("sop_token_id"),
-        pad_token_id=d.get("pad_token_id"), eos_token_id=_eos(d))
+        **_glm_tokens(d))
+
+
+def _glm_tokens(d):
+    """Special ids from config.json when it names them, else those of the released tokenizer of that vocab."""
+    pad, sop, eop, mask, smask, gmask = _glm_default_tokens(d) or (None,) * 6
+    return dict(mask_token_id=d.get("mask_token_id", mask), smask_token_id=d.get("smask_token_id", smask),
+                gmask_token_id=d.get("gmask_token_id", gmask), bos_token_id=d.get("sop_token_id", sop),
+                pad_token_id=d.get("pad_token_id", pad),
+                eos_token_id=_eos(d) or tuple(t for t in (eop, pad) if t is not None))
 
 
 def _chatglm_from_hf(d):

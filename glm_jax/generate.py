@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.model.layers import dtype_of
-from glm_jax.model.masks import default_allowed, default_positions
+from glm_jax.model.masks import context_length, default_allowed, default_positions
 
 
 def sample_logits(logits_BV, rng, do_sample, temperature, top_k, top_p):
@@ -103,8 +103,10 @@ def generate(lm, input_ids, attention_mask=None, max_new_tokens=32, do_sample=Fa
         else:
             attention_mask = jnp.ones_like(ids)
     mask = jnp.asarray(np.asarray(attention_mask), jnp.int32)
-    pos = default_positions(c, ids, mask)
-    allowed = default_allowed(c, ids, mask)
+    # GLM generates after <sop> with the context bidirectional (the tokenizer's build_inputs_for_generation)
+    sep = context_length(c, ids, None) if c.mask_rule == "glm" else None
+    pos = default_positions(c, ids, mask, sep)
+    allowed = default_allowed(c, ids, mask, sep)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     new, scores = _decode(lm.module, lm.params, ids, mask, pos, allowed, eos_arr, jnp.int32(pad), jax.random.PRNGKey(seed),
                   jnp.float32(temperature), jnp.float32(top_p), max_new=int(max_new_tokens), do_sample=bool(do_sample),

@@ -118,6 +118,18 @@ def test_glm_original_default_positions_and_loss():
     np.testing.assert_array_equal(pos[:, 1][real], d["position_ids"][:, 1][real])
     logits = lm(d["input_ids"])  # sep found at the first <sop>, positions by the layout rule
     assert max_diff(logits, d["logits"], real) <= 1e-4
+    # the HF generation batch (right-padded context + sop + 3 tokens): padding mask only, the rest by the rule
+    gmask = np.ones(d["gen_input_ids"].shape, np.int32)
+    gmask[:, :7] = d["gen_context_padding_mask"]
+    g = lm(d["gen_input_ids"], attention_mask=gmask, prefix_len=[7, 7])
+    assert max_diff(g, d["gen_logits"], gmask.astype(bool)) <= 1e-4
+    # greedy generation from the context + <sop>: each step equals the full forward's argmax at that point
+    ctx = d["gen_input_ids"][:, :8]
+    out, steps = lm.generate(ctx, attention_mask=gmask[:, :8], max_new_tokens=3, eos_token_id=[-1],
+                             return_logits=True)
+    full = lm(out, attention_mask=np.concatenate([gmask[:, :8], np.ones((2, 3), np.int32)], 1), prefix_len=[7, 7])
+    assert np.abs(np.asarray(full)[:, 7:10] - steps).max() <= 1e-4
+    np.testing.assert_array_equal(out[:, 8:], np.argmax(steps, -1))
     labels = np.where(d["labels"] < 0, 0, d["labels"])
     ce = optax.softmax_cross_entropy_with_integer_labels(jax.numpy.asarray(logits), labels)
     loss = float((ce * d["loss_mask"]).sum() / d["loss_mask"].sum())
