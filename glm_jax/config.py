@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Optional
+from typing import Optional
 
 FAMILIES = ("glm", "chatglm", "chatglm2", "glm-hf", "glm4")
 

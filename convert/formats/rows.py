@@ -127,3 +127,23 @@ def layer_rows(hf_prefix, jax_prefix, names):
         to_jax, to_hf = tr if tr else (None, None)
         rows.append(Row(hfk, jxk, to_jax, to_hf, when or (lambda cfg: True), per_layer=True))
     return rows
+
+
+def megatron_layer_rows(hf_prefix, qkv):
+    """The per-layer rows that GLM and ChatGLM-6B share (Megatron naming, biases everywhere, GELU MLP); only the
+    fused-qkv row layout differs, passed as `qkv` = ((w_to_jax, w_to_hf), (b_to_jax, b_to_hf))."""
+    (w, b) = qkv
+    return layer_rows(hf_prefix, "layers_{l}/block/", [
+        ("input_layernorm.weight", "input_norm/scale", None, None),
+        ("input_layernorm.bias", "input_norm/bias", None, None),
+        ("attention.query_key_value.weight", ("attn/q/kernel", "attn/k/kernel", "attn/v/kernel"), w, None),
+        ("attention.query_key_value.bias", ("attn/q/bias", "attn/k/bias", "attn/v/bias"), b, None),
+        ("attention.dense.weight", "attn/o/kernel", linear(NH, D), None),
+        ("attention.dense.bias", "attn/o/bias", None, None),
+        ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),
+        ("post_attention_layernorm.bias", "mlp_norm/bias", None, None),
+        ("mlp.dense_h_to_4h.weight", "mlp/up/kernel", linear(D, F), None),
+        ("mlp.dense_h_to_4h.bias", "mlp/up/bias", None, None),
+        ("mlp.dense_4h_to_h.weight", "mlp/down/kernel", linear(F, D), None),
+        ("mlp.dense_4h_to_h.bias", "mlp/down/bias", None, None),
+    ])

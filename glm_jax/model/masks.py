@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 def _first_index(hit_BT, default):
     """Index of the first True per row, or `default` ([B] or scalar) where there is none."""
-    T = hit_BT.shape[1]
     idx = jnp.argmax(hit_BT, axis=1)
     return jnp.where(jnp.any(hit_BT, axis=1), idx, jnp.broadcast_to(default, idx.shape)).astype(jnp.int32)
 

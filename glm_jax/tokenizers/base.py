@@ -14,16 +14,19 @@ CHAT_ROLES = ("system", "user", "assistant", "observation")
 def read_tokenizer_config(folder: str) -> dict:
     """tokenizer_config.json of `folder` as a dict ({} when the file is absent)."""
     path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return {}
+    return read_json_object(path) if os.path.isfile(path) else {}
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file that must hold an object, with errors that name the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+            data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a valid JSON file ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_sentencepiece(path: str):

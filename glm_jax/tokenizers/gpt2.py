@@ -1,10 +1,9 @@
 """GPT-2-style byte-level BPE (vocab.json + merges.txt), as used by the original English GLM models."""
 from __future__ import annotations
 
-import json
 import os
 
-from glm_jax.tokenizers.base import GLMTokenizer, as_id_list, special_pattern, split_special
+from glm_jax.tokenizers.base import GLMTokenizer, as_id_list, read_json_object, special_pattern, split_special
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -19,17 +18,6 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 class GPT2BPETokenizer(GLMTokenizer):
@@ -97,7 +85,7 @@ class GPT2BPETokenizer(GLMTokenizer):
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p}: not found (a GPT-2 BPE needs vocab.json and merges.txt)")
-        vocab = _read_json(vocab_path)
+        vocab = read_json_object(vocab_path)
         merges = []
         with open(merges_path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -108,7 +96,7 @@ class GPT2BPETokenizer(GLMTokenizer):
                     raise ValueError(f"{merges_path}, line {lineno}: expected two tokens, got {line.strip()!r}")
                 merges.append((parts[0], parts[1]))
         added_path = os.path.join(folder, "added_tokens.json")
-        added = _read_json(added_path) if os.path.isfile(added_path) else {}
+        added = read_json_object(added_path) if os.path.isfile(added_path) else {}
         return cls(vocab, merges, {str(k): int(v) for k, v in added.items()}, source=vocab_path)
 
     def _pieces(self, text: str) -> list[tuple[str, bool]]:

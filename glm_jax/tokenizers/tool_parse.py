@@ -57,21 +57,24 @@ def _has_tools(history) -> bool:
     return bool(history) and history[0].get("role") == "system" and "tools" in history[0]
 
 
-def chatglm3_process_response(output: str, history: list):
-    """ChatGLM3 model.process_response -> (response, new_history); a tool call gives {name, parameters}."""
+def _model_process_response(output: str, history: list, parse_call):
+    """The model classes' process_response: (response, new_history); with tools, a call gives {name, parameters}."""
     content, history = "", copy.deepcopy(history)
     for metadata, content in _segments(output):
+        history.append({"role": "assistant", "metadata": metadata,
+                        "content": content.strip() if not metadata.strip() else content})
         if not metadata.strip():
-            content = content.strip()
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            content = content.replace("[[训练时间]]", "2023年")
+            content = content.strip().replace("[[训练时间]]", "2023年")
+        elif _has_tools(history):
+            content = {"name": metadata.strip(), "parameters": parse_call(content)}
         else:
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            if _has_tools(history):
-                content = {"name": metadata.strip(), "parameters": parse_tool_call_code(_code_block_body(content))}
-            else:
-                content = {"name": metadata.strip(), "content": content}
+            content = {"name": metadata.strip(), "content": content}
     return content, history
+
+
+def chatglm3_process_response(output: str, history: list):
+    """ChatGLM3 model.process_response; a tool call is Python code `tool_call(k=v, ...)` in a code block."""
+    return _model_process_response(output, history, lambda c: parse_tool_call_code(_code_block_body(c)))
 
 
 def chatglm3_openai_process_response(output: str, use_tool: bool = False):
@@ -89,20 +92,8 @@ def chatglm3_openai_process_response(output: str, use_tool: bool = False):
 
 
 def glm4_process_response(output: str, history: list):
-    """GLM-4 model.process_response -> (response, new_history); a tool call's arguments are JSON."""
-    content, history = "", copy.deepcopy(history)
-    for metadata, content in _segments(output):
-        if not metadata.strip():
-            content = content.strip()
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            content = content.replace("[[训练时间]]", "2023年")
-        else:
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            if _has_tools(history):
-                content = {"name": metadata.strip(), "parameters": json.loads(content)}
-            else:
-                content = {"name": metadata.strip(), "content": content}
-    return content, history
+    """GLM-4 model.process_response; a tool call's arguments are JSON."""
+    return _model_process_response(output, history, json.loads)
 
 
 _BROWSER_SEARCH = re.compile(r'search\("(.+?)"\s*,\s*recency_days\s*=\s*(\d+)\)')
