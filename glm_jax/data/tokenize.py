@@ -81,13 +81,16 @@ def train_bundled_sentencepiece(cache_dir=None, **overrides) -> pathlib.Path:
     import sentencepiece as spm
     opts = {**BUNDLED_OPTIONS, **overrides}
     files = bundled_files()
-    h = hashlib.sha256(repr(sorted(opts.items())).encode() + repr(BUNDLED_CONTROL).encode())
+    h = hashlib.sha256(b"iter-v2" + repr(sorted(opts.items())).encode() + repr(BUNDLED_CONTROL).encode())
     for f in files:
         h.update(f.name.encode() + f.read_bytes())
     path = default_cache_dir(cache_dir) / "sentencepiece" / f"bundled-{h.hexdigest()[:16]}.model"
     if not path.exists():
         buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(input=",".join(str(f) for f in files), model_writer=buf,
+        # Lines go in through an iterator, not as file names: the trainer records input file paths
+        # in the model proto, which would make the bytes depend on where the checkout lives.
+        lines = (line for f in files for line in f.read_text(encoding="utf-8").splitlines())
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=buf,
                                        control_symbols=list(BUNDLED_CONTROL), **opts)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
