@@ -1,0 +1,283 @@
+"""glm-generate: answer one prompt, or chat interactively, with a GLM checkpoint (DESIGN §3.3).
+
+    glm-generate PATH --prompt TEXT [--max-new-tokens N] [--do-sample --temperature T --top-k K --top-p P]
+    glm-generate PATH --chat [--system TEXT] [--tools FILE]      # lines from stdin; /reset, /exit or EOF
+
+Tokens are printed as they decode (glm_jax.stream). With --tools the reply is printed once it is complete:
+a tool call as one JSON line {"name": ..., "parameters": ...}, anything else as text.
+Exit codes: 0 ok; 2 bad input (one stderr line starting "error:"); 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import traceback
+
+CHATGLM3_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one `error:` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one "error:" line instead of argparse's usage + message
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from glm_jax.tokenizers import CHAT_FORMATS
+    p = _Parser(prog="glm-generate", description="Generate text with a GLM checkpoint (any family).")
+    p.add_argument("path", help="checkpoint folder (Hugging Face PyTorch/safetensors, or glm-convert to-jax output)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="answer this one prompt and exit")
+    mode.add_argument("--chat", action="store_true", help="interactive chat on stdin (/reset, /exit)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: PATH)")
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, help="prompt format (default: inferred from the tokenizer)")
+    p.add_argument("--system", metavar="TEXT", help="system message (chatglm3, glm4)")
+    p.add_argument("--tools", metavar="FILE", help="JSON list of function schemas offered to the model (chatglm3, glm4)")
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt as-is, with the family's prefix tokens")
+    p.add_argument("--show-prompt-ids", action="store_true", help="debug: print each prompt's token ids to stderr")
+    return p
+
+
+def check_args(a) -> None:
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    if a.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {a.temperature}")
+    if a.top_k < 0:
+        raise UsageError(f"--top-k must be 0 (off) or positive, got {a.top_k}")
+    if not 0 < a.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.raw and (a.chat or a.system is not None or a.tools):
+        raise UsageError("--raw works with --prompt only, without --system or --tools")
+
+
+def check_model_folder(path: pathlib.Path) -> None:
+    """Cheap checks (config.json, weight files) before the tokenizer and the weights are read."""
+    from glm_jax import checkpoint
+    if not path.is_dir():
+        raise UsageError(f"{path}: model folder not found")
+    if (path / "glm_jax.json").is_file():
+        return
+    checkpoint.config_from_folder(path)
+    checkpoint.find_weight_files(path)
+
+
+def read_tools(file: str, chat_format: str) -> list:
+    """The --tools list in the family's form: GLM-4 {"type": "function", "function": schema}, ChatGLM3 bare schemas."""
+    from glm_jax.tokenizers.templates import GLM4_BUILTIN_TOOLS
+    try:
+        tools = json.loads(pathlib.Path(file).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"{file}: cannot read tools file ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(tools, list) or not tools:
+        raise UsageError(f"{file}: expected a non-empty JSON list of function schemas")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
+        if chat_format == "glm4" and isinstance(t, dict) and t.get("type") in GLM4_BUILTIN_TOOLS:
+            out.append(t)
+            continue
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise UsageError(f"{file}: tool {i} is not a function schema with a \"name\" string")
+        out.append({"type": "function", "function": fn} if chat_format == "glm4" else fn)
+    return out
+
+
+def system_messages(tok, system: str | None, tools: list | None) -> list[dict]:
+    if system is None and not tools:
+        return []
+    if tok.chat_format not in ("chatglm3", "glm4"):
+        raise UsageError(f"--system and --tools need a chat format with a system role (chatglm3, glm4); "
+                         f"this tokenizer's format is {tok.chat_format}")
+    if not tools:
+        return [{"role": "system", "content": system}]
+    if tok.chat_format == "chatglm3":
+        return [{"role": "system", "content": CHATGLM3_TOOL_SYSTEM if system is None else system, "tools": tools}]
+    return [{"role": "system", "content": system, "tools": tools}]
+
+
+def prompt_ids(tok, messages: list[dict] | None, raw_text: str | None = None) -> list[int]:
+    if raw_text is not None:
+        return tok.encode(raw_text, add_special_tokens=True)
+    from glm_jax.tokenizers import CHAT_FORMATS
+    if tok.chat_format not in CHAT_FORMATS:
+        raise UsageError(f"a {tok.chat_format} tokenizer has no chat template; use --raw")
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise UsageError(f"cannot build a {tok.chat_format} prompt: {e}") from None
+
+
+def format_response(tok, text: str, history: list | None = None) -> str:
+    """What to print for a finished reply: one JSON line for a tool call, else the reply's content."""
+    if tok.chat_format in ("chatglm3", "glm4"):
+        parsed = tok.parse_response(text, history)
+    else:
+        parsed = tok.parse_response(text)
+    if "parameters" in parsed:
+        return json.dumps({"name": parsed["name"], "parameters": parsed["parameters"]}, ensure_ascii=False)
+    if "name" in parsed:  # metadata without a parsable call: show it as text
+        return f"{parsed['name']}\n{parsed.get('content', '')}".strip()
+    return str(parsed.get("content", ""))
+
+
+def next_history(tok, messages: list[dict], text: str) -> list[dict]:
+    """The conversation with the reply appended, the way the family's chat() keeps it."""
+    if tok.chat_format in ("chatglm3", "glm4"):
+        try:
+            return tok.process_response(text, messages)[1]
+        except ValueError:  # a tool call whose arguments do not parse: keep the text as it is
+            return messages + [{"role": "assistant", "metadata": "", "content": text.strip()}]
+    return messages + [{"role": "assistant", "content": tok.parse_response(text)["content"]}]
+
+
+class Session:
+    """The loaded model and tokenizer with the generation options; `reply` runs one turn."""
+
+    def __init__(self, lm, tok, args, out=None, err=None):
+        self.lm, self.tok, self.args = lm, tok, args
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.stops = sorted(set(tok.stop_token_ids) | set(lm.config.eos_token_id))
+        self.tools = None
+        self.system: list[dict] = []
+
+    def _check_ids(self, ids: list[int]) -> None:
+        vocab = self.lm.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"{self.args.tokenizer or self.args.path}: the tokenizer gives id {bad[0]}, outside the "
+                             f"model's vocabulary of {vocab} ids; does the tokenizer belong to {self.args.path}?")
+
+    def reply(self, ids: list[int], stream: bool) -> str:
+        """Decode after `ids`, printing pieces as they come when `stream`; returns the reply text."""
+        from glm_jax.stream import TextStream, stream_generate
+        self._check_ids(ids)
+        if self.args.show_prompt_ids:
+            print("prompt_ids: " + json.dumps(ids), file=self.err, flush=True)
+        a = self.args
+        ts = TextStream(self.tok)
+        for t in stream_generate(self.lm, ids, a.max_new_tokens, a.do_sample, a.temperature, a.top_k, a.top_p,
+                                 a.seed, stop_token_ids=self.stops):
+            if t in self.stops:
+                break
+            piece = ts.push(t)
+            if stream and piece:
+                self.out.write(piece)
+                self.out.flush()
+        return self.tok.decode(ts.ids)
+
+    def answer(self, messages: list[dict] | None, raw_text: str | None = None) -> str:
+        """One turn: print the reply (streamed, or formatted at the end with --tools); return its text."""
+        streaming = not self.tools
+        text = self.reply(prompt_ids(self.tok, messages, raw_text), stream=streaming)
+        if not streaming:
+            self.out.write(format_response(self.tok, text, self.system))
+        self.out.write("\n")
+        self.out.flush()
+        return text
+
+    def chat(self, stdin) -> None:
+        history: list[dict] = []
+        tty = stdin.isatty()
+        if tty:
+            print("glm-generate chat: /reset clears the history, /exit or Ctrl-D quits", file=self.err)
+        while True:
+            if tty:
+                self.out.write(">>> ")
+                self.out.flush()
+            line = stdin.readline()
+            if not line:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/exit":
+                break
+            if text == "/reset":
+                history = []
+                print("(history cleared)", file=self.err, flush=True)
+                continue
+            messages = self.system + history + [{"role": "user", "content": text}]
+            reply = self.answer(messages)
+            history = next_history(self.tok, messages, reply)[len(self.system):]
+
+
+def load(args):
+    """(model, tokenizer, tools) with every bad-input failure turned into UsageError."""
+    from glm_jax.config import ConfigError
+    from glm_jax.tokenizers import load_tokenizer
+    path = pathlib.Path(args.path)
+    try:
+        check_model_folder(path)
+    except (ConfigError, ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    tok_dir = args.tokenizer or args.path
+    try:
+        tok = load_tokenizer(tok_dir, chat_format=args.chat_format)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"tokenizer: {e}") from None
+    tools = read_tools(args.tools, tok.chat_format) if args.tools else None
+    if tools and tok.chat_format not in ("chatglm3", "glm4"):
+        raise UsageError(f"--tools needs the chatglm3 or glm4 chat format; this tokenizer's format is {tok.chat_format}")
+    import glm_jax
+    try:
+        lm = glm_jax.from_pretrained(path, dtype=args.dtype)
+    except (ConfigError, ValueError, OSError, KeyError) as e:
+        msg = str(e)
+        raise UsageError(msg if str(path) in msg else f"{path}: cannot load the model: {msg}") from None
+    return lm, tok, tools
+
+
+def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        lm, tok, tools = load(args)
+        session = Session(lm, tok, args, stdout, stderr)
+        session.tools = tools
+        session.system = system_messages(tok, args.system, tools)
+        if args.chat:
+            session.chat(stdin)
+        elif args.raw:
+            session.answer(None, raw_text=args.prompt)
+        else:
+            session.answer(session.system + [{"role": "user", "content": args.prompt}])
+        return 0
+    except UsageError as e:
+        print(f"error: {e}".splitlines()[0], file=stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except Exception:  # noqa: BLE001 - internal error: traceback, exit 1
+        traceback.print_exc(file=stderr)
+        print("error: internal error (see the traceback above)", file=stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
