@@ -1,0 +1,65 @@
+"""Glue between glm-train and the data pipeline (glm_jax.data.make_pipeline).
+
+Each process builds the pipeline for the rows of the global batch that its devices hold: the pipeline's
+`shard_index::shard_count` split hands every process a disjoint share of the global sample indices, and
+`parallel.global_batch` assembles the global batch with jax.make_array_from_process_local_data. Because every
+random draw derives from (seed, global sample index), a run on several processes sees the same samples as a
+run on one (in another row order), provided the objective is drawn per sample (`data.mixture_per=sample`,
+or the causal objective); with the reference's per-batch draw each process draws for its own share.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from train.config import TrainConfigError
+
+DEVICE_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "prefix_len", "segment_ids")
+EVAL_SEED_OFFSET = 1_000_003   # eval batches: the same corpus drawn with another seed
+
+
+def process_rows(sharding, global_rows: int) -> tuple[int, int]:
+    """[lo, hi): the rows of the global batch that this process's devices hold (one contiguous block)."""
+    idx = sharding.addressable_devices_indices_map((global_rows,))
+    spans = sorted({(s[0].start or 0, s[0].stop if s[0].stop is not None else global_rows) for s in idx.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise TrainConfigError("this process's devices hold a non-contiguous part of the batch; "
+                               "order the mesh so that each process's devices are adjacent")
+    return lo, hi
+
+
+def data_config(tc: dict, rows: int, shard_index: int, shard_count: int, eval_split: bool = False) -> dict:
+    extra = dict(tc["data"])
+    for k in ("objective", "seq_len", "batch_size", "seed", "shard_index", "shard_count"):
+        if k in extra:
+            raise TrainConfigError(f"data.{k}: set the top-level key {k!r} instead"
+                                   if k not in ("shard_index", "shard_count") else
+                                   f"data.{k} is set by glm-train from the mesh and process index")
+    seed = tc["seed"] + (EVAL_SEED_OFFSET if eval_split else 0)
+    return dict(objective=tc["objective"], seq_len=tc["seq_len"], batch_size=rows, seed=seed,
+                shard_index=shard_index, shard_count=shard_count, **extra)
+
+
+def make_batches(tc: dict, rows: int, shard_index: int, shard_count: int, eval_split: bool = False):
+    """An iterator of numpy batches with get_state()/set_state() (a glm_jax.data Pipeline)."""
+    from glm_jax.data.pipeline import make_pipeline
+    try:
+        return make_pipeline(data_config(tc, rows, shard_index, shard_count, eval_split))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise TrainConfigError(f"data: {e}") from None
+
+
+def to_device_dict(batch: dict, nan_at=None) -> dict:
+    """The keys the step reads, with loss_mask as float32 (optionally poisoned with a NaN, for tests)."""
+    out = {k: np.asarray(batch[k]) for k in DEVICE_KEYS if k in batch}
+    out["loss_mask"] = out["loss_mask"].astype(np.float32)
+    if nan_at:
+        out["loss_mask"] = out["loss_mask"].copy()
+        out["loss_mask"][0, 0] = np.nan
+    return out
+
+
+def vocab_size(pipeline) -> int:
+    tok = pipeline.tokenizer
+    v = getattr(tok, "vocab_size", None)
+    return int(v() if callable(v) else v) if v is not None else 0

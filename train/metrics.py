@@ -1,0 +1,176 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, loss.png, and a progress bar or log lines.
+
+Only process 0 writes. On resume, metrics.jsonl keeps the lines up to the restored step, so the file reads as
+one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+# bf16 dense peak per chip (the MFU denominator), by jax device_kind
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12}
+
+
+def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
+    """(FLOP/s per device, where the figure came from)."""
+    if override > 0:
+        return override, "config"
+    kind = jax.devices()[0].device_kind
+    for k in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(k):
+            return PEAK_FLOPS[k], f"table ({kind})"
+    return measure_matmul_peak(), "measured float32 matmul"
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 10, dtype="float32") -> float:
+    """FLOP/s of one device's jnp matmul (best of `repeats`)."""
+    import jax.numpy as jnp
+    x = jax.device_put(jnp.ones((n, n), dtype) * 0.01, jax.devices()[0])
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def _summary_writer():
+    """tensorboardX.SummaryWriter, imported without pulling in torch (tensorboardX imports it when it can,
+    which costs seconds and is needed only for torch tensors)."""
+    import sys
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None   # makes `import torch` inside tensorboardX raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _clean(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+class Reporter:
+    def __init__(self, output_dir, total_steps: int, start_step: int, progress: str = "auto", plot_every_s: float = 10.0):
+        self.dir = pathlib.Path(output_dir)
+        self.main = jax.process_index() == 0
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.plot_every_s = plot_every_s
+        self._last_plot = 0.0
+        self.bar = None
+        self.tb = None
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if self.path.exists():  # keep the lines of steps that the restored checkpoint covers
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= start_step:
+                    kept.append(line)
+                    if "loss" in rec:
+                        self.history.append(rec)
+                    if "eval_loss" in rec:
+                        self.eval_history.append(rec)
+            self.path.write_text("".join(x + "\n" for x in kept))
+        self.fh = open(self.path, "a")
+        self.tb = _summary_writer()(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        mode = progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, rec: dict) -> None:
+        if not self.main:
+            return
+        rec = {k: (_clean(v) if isinstance(v, (float, np.floating)) else v) for k, v in rec.items()}
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+        step = rec["step"]
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, step)
+        self.history.append(rec)
+        f = lambda k, spec: "nan" if rec.get(k) is None else format(rec[k], spec)  # noqa: E731
+        line = (f"step {step}: loss {f('loss', '.4f')}  acc {f('accuracy', '.3f')}  grad_norm {f('grad_norm', '.3f')}"
+                f"  lr {f('learning_rate', '.2e')}  {f('tokens_per_second', ',.0f')} tok/s  "
+                f"mfu {100 * (rec.get('mfu') or 0):.1f}%" + (f"  skipped {rec['skipped_steps']}"
+                                                              if rec.get("skipped_steps") else ""))
+        if "eval_loss" in rec:
+            self.eval_history.append(rec)
+            line += f"  eval_loss {f('eval_loss', '.4f')}"
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f("loss", ".4f"))
+        if self.mode == "lines" or self.bar is not None:
+            self.say(line)
+        if time.time() - self._last_plot > self.plot_every_s:
+            self.plot()
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def say(self, msg: str, always: bool = False) -> None:
+        """A line on the terminal (process 0); `always` lines (warnings, stops) print even with progress=none."""
+        if not self.main or (self.mode == "none" and not always):
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def plot(self) -> None:
+        if not self.main or not self.history:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        pts = [(r["step"], r["loss"]) for r in self.history if r.get("loss") is not None]
+        if pts:
+            ax.plot(*zip(*pts), label="train loss")
+        ev = [(r["step"], r["eval_loss"]) for r in self.eval_history if r.get("eval_loss") is not None]
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats / loss token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.dir / "loss.png.tmp"
+        fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        tmp.replace(self.dir / "loss.png")
+        self._last_plot = time.time()
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        self.plot()
+        self.fh.close()
+        self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,313 @@
+"""The training loop: model and state on the mesh, resume, steps, logging, eval, checkpoints, SIGTERM."""
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+
+from glm_jax.config import ConfigError, GLMConfig
+from glm_jax.sharding import axis_rules
+from train import data as data_lib
+from train import parallel, step as step_lib
+from train.checkpointing import Checkpointer, gather_json
+from train.config import TrainConfigError, warmup_steps
+from train.metrics import Reporter, device_peak_flops
+
+COMPUTE_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
+
+
+# ---------------------------------------------------------------- model
+def model_config(tc: dict):
+    """(GLMConfig, path of a pretrained checkpoint folder or None)."""
+    name, over = tc["model"], dict(tc["model_overrides"])
+    compute = {k: tc[k] for k in COMPUTE_KEYS}
+    try:
+        p = pathlib.Path(name)
+        if p.is_dir():
+            if (p / "glm_jax.json").is_file():   # written by `glm-convert to-jax`
+                cfg = GLMConfig.from_dict(json.loads((p / "glm_jax.json").read_text())["config"])
+            else:
+                from glm_jax import checkpoint
+                cfg = checkpoint.config_from_folder(p)
+            return cfg.replace(**over, **compute), name
+        return GLMConfig.preset(name).replace(**over, **compute), None
+    except (ConfigError, TypeError, KeyError, ValueError) as e:
+        raise TrainConfigError(f"model={name}: {e}") from None
+
+
+def load_pretrained(path, cfg, overrides):
+    import glm_jax
+    from glm_jax.checkpoint import CheckpointFormatError
+    try:
+        lm = glm_jax.from_pretrained(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                                     scan_layers=cfg.scan_layers, **overrides)
+    except (ConfigError, CheckpointFormatError, OSError) as e:
+        raise TrainConfigError(f"model={path}: {e}") from None
+    return lm.params
+
+
+# ---------------------------------------------------------------- the run
+def state_layout(tc: dict, cfg, mesh) -> dict:
+    """Optimizer, frozen mask, the train step function, and the state's shardings and abstract shapes."""
+    from glm_jax.model.transformer import GLMModel, param_shapes
+    pshapes = param_shapes(cfg)
+    frozen = step_lib.frozen_mask(pshapes, tc["freeze"])
+    if tc["freeze"] and not any(jax.tree.leaves(frozen)):
+        raise TrainConfigError(f"freeze={tc['freeze']} matches no parameter; paths look like "
+                               f"{', '.join(list(_paths(pshapes))[:3])}")
+    tx = step_lib.make_optimizer(tc, pshapes, frozen)
+    p_sh = parallel.param_shardings(cfg, pshapes, mesh)
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), pshapes)
+    state_sh = {"step": parallel.replicated(mesh), "params": p_sh,
+                "opt_state": parallel.like_params_shardings(abstract["opt_state"], pshapes, p_sh, mesh)}
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
+    schedule = step_lib.make_schedule(tc, warmup_steps(tc))
+    train_step = step_lib.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh)
+    return {"tx": tx, "frozen": frozen, "state_sh": state_sh, "abstract": abstract, "train_step": train_step}
+
+
+class Run:
+    """Everything one training run holds: mesh, jitted functions, state, data, outputs."""
+
+    def __init__(self, tc: dict):
+        self.tc = tc
+        self.cfg, self.pretrained = model_config(tc)
+        if self.cfg.position == "learned_2d" and tc["seq_len"] > self.cfg.max_position_embeddings:
+            raise TrainConfigError(f"seq_len {tc['seq_len']} exceeds the model's {self.cfg.max_position_embeddings} "
+                                   "learned positions")
+        self.mesh = parallel.build_mesh(tc["mesh"])
+        parallel.check_batch_divisible(tc["batch_size"], tc["grad_accum"], self.mesh)
+        from glm_jax.model.transformer import GLMModel
+        self.module = GLMModel(self.cfg)
+        self.setup_state()
+        self.setup_data()
+
+    @contextlib.contextmanager
+    def ctx(self):
+        with jax.set_mesh(self.mesh), axis_rules():
+            yield
+
+    def setup_state(self):
+        tc, cfg, mesh = self.tc, self.cfg, self.mesh
+        from glm_jax.model.transformer import init_params
+        lay = state_layout(tc, cfg, mesh)
+        self.tx, self.frozen, self.state_sh, self.abstract = lay["tx"], lay["frozen"], lay["state_sh"], lay["abstract"]
+        out = pathlib.Path(tc["output_dir"])
+        if out.exists() and not out.is_dir():
+            raise TrainConfigError(f"output_dir {out} exists and is not a folder")
+        self.checkpointer = Checkpointer(out, tc["keep_checkpoints"], tc["async_checkpointing"])
+        self.start_step, self.meta = 0, None
+        latest = self.checkpointer.latest_step()
+        loaded = None
+        if latest is None and self.pretrained:   # (outside the rules context: loading builds param boxes)
+            loaded = load_pretrained(self.pretrained, cfg, tc["model_overrides"])
+        with self.ctx():
+            if latest is not None:
+                self.state, self.meta = self.checkpointer.restore(latest, self.abstract)
+                self._check_meta(self.meta)
+                self.start_step = int(self.meta["step"])
+            elif self.pretrained:
+                params = jax.device_put(loaded, self.state_sh["params"])
+                del loaded
+                self.state = jax.jit(lambda p: step_lib.init_state(p, self.tx), out_shardings=self.state_sh)(params)
+            else:
+                init = lambda k: step_lib.init_state(init_params(cfg, k), self.tx)  # noqa: E731
+                self.state = jax.jit(init, out_shardings=self.state_sh)(jax.random.PRNGKey(tc["seed"]))
+        self.train_step = lay["train_step"]
+        self.metric_sh = parallel.replicated(mesh)
+        self.step_fn = None  # jitted lazily, once the batch shardings are known
+        self.eval_fn = jax.jit(step_lib.make_eval_step(self.module, tc["loss_chunk"]), out_shardings=self.metric_sh)
+
+    def _check_meta(self, meta):
+        saved = {k: v for k, v in meta.get("config", {}).items() if k != "hf_config"}
+        now = {k: v for k, v in self.cfg.to_dict().items() if k != "hf_config"}
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise TrainConfigError(f"{self.tc['output_dir']} holds a run of another model (fields {diff} differ); "
+                                   "use a new output_dir")
+
+    def setup_data(self):
+        tc, mesh = self.tc, self.mesh
+        B = tc["batch_size"]
+        self.batch_sh_one = parallel.batch_sharding(mesh, 1, (B,))
+        lo, hi = data_lib.process_rows(self.batch_sh_one, B)
+        rows = hi - lo
+        self.data = data_lib.make_batches(tc, rows, lo // rows, B // rows)
+        self.eval_data = None
+        if tc["eval_every"]:
+            self.eval_data = data_lib.make_batches(tc, rows, lo // rows, B // rows, eval_split=True)
+            self.eval_state0 = self.eval_data.get_state()
+        v = data_lib.vocab_size(self.data)
+        if v > self.cfg.vocab_size:
+            raise TrainConfigError(f"the tokenizer has {v} ids but the model's vocab_size is {self.cfg.vocab_size}")
+        if self.meta is not None:
+            states = self.meta.get("data_states") or [self.meta["data_state"]]
+            if len(states) != jax.process_count():
+                raise TrainConfigError(f"the checkpoint was written by {len(states)} processes, this run has "
+                                       f"{jax.process_count()}; resume with the same process count")
+            self.data.set_state(states[jax.process_index()])
+
+    def device_batch(self, local: dict):
+        if self.step_fn is None:
+            shapes = {k: jax.ShapeDtypeStruct((self.tc["batch_size"],) + v.shape[1:], v.dtype) for k, v in local.items()}
+            self.batch_sh = parallel.batch_shardings(self.mesh, shapes)
+            self.step_fn = jax.jit(self.train_step, in_shardings=(self.state_sh, self.batch_sh),
+                                   out_shardings=(self.state_sh, self.metric_sh), donate_argnums=(0,))
+        return parallel.global_batch(local, self.batch_sh, self.tc["batch_size"])
+
+    def save(self, step: int) -> None:
+        states = gather_json(self.data.get_state())
+        meta = {"step": step, "updates": int(self.state["step"]), "config": self.cfg.to_dict(),
+                "data_state": states[0], "data_states": states,
+                "train_config": json.loads(json.dumps(self.tc, default=repr)),   # (a Python-API tokenizer object)
+                "process_count": jax.process_count()}
+        self.checkpointer.save(step, self.state, meta)
+
+    def evaluate(self) -> dict:
+        self.eval_data.set_state(self.eval_state0)
+        tot = {"ce": 0.0, "correct": 0.0, "count": 0.0}
+        with self.ctx():
+            for _ in range(self.tc["eval_batches"]):
+                local = data_lib.to_device_dict(next(self.eval_data))
+                sums = jax.device_get(self.eval_fn(self.state["params"], self.device_batch(local)))
+                for k in tot:
+                    tot[k] += float(sums[k])
+        n = max(tot["count"], 1.0)
+        return {"eval_loss": tot["ce"] / n, "eval_accuracy": tot["correct"] / n}
+
+
+def _paths(tree):
+    from flax import traverse_util
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+class _Stop:
+    """SIGTERM → finish the current step, save a checkpoint, exit 0 (all processes agree on the step)."""
+
+    def __init__(self):
+        self.flag = False
+        self.old = {}
+        for sig in (signal.SIGTERM,):
+            self.old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.array([int(self.flag)], np.int32))))
+
+    def restore(self):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def use_compilation_cache(path: str) -> None:
+    """Persistent XLA compilation cache in `path` (a restart, resume or rerun skips recompiling)."""
+    if not path:
+        return
+    path = str(pathlib.Path(path).expanduser())
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        try:   # jax decides once per process whether to use the cache: make it look again
+            from jax._src import compilation_cache
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):
+            pass
+
+
+def train(tc: dict) -> dict:
+    """Runs (or resumes) training; returns a summary dict."""
+    use_compilation_cache(tc["compilation_cache_dir"])
+    stop = _Stop()
+    run = Run(tc)
+    steps, log_every = tc["steps"], tc["log_every"]
+    rep = Reporter(tc["output_dir"], steps, run.start_step, tc["progress"], tc["plot_every_seconds"])
+    n_dev = run.mesh.devices.size
+    tokens_per_step = tc["batch_size"] * tc["seq_len"]
+    flops_per_step = step_lib.flops_per_token(run.cfg, tc["seq_len"]) * tokens_per_step
+    peak, peak_src = device_peak_flops(tc["peak_flops"])
+    if run.start_step >= min(steps, tc["stop_at"] or steps):
+        rep.say(f"{tc['output_dir']} is already at step {run.start_step}: nothing to do (raise steps= to go on)",
+                always=True)
+    elif run.start_step:
+        rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
+    rep.say(f"model {tc['model']}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
+            f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
+            f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})")
+    step, pending, last_loss = run.start_step, [], None
+    t_start = t_mark = time.perf_counter()
+    steps_since, first = 0, True
+    nan_steps = set(tc["debug_nan_steps"])
+    stop_at = tc["stop_at"] or steps
+    try:
+        while step < min(steps, stop_at):
+            local = data_lib.to_device_dict(next(run.data), nan_at=(step + 1) in nan_steps)
+            with run.ctx():
+                batch = run.device_batch(local)
+                run.state, m = run.step_fn(run.state, batch)
+            step += 1
+            steps_since += 1
+            pending.append(m)
+            rep.advance()
+            do_eval = run.eval_data is not None and step % tc["eval_every"] == 0
+            do_ckpt = step % tc["checkpoint_every"] == 0
+            extra = {}
+            if do_eval:   # eval (and checkpoint) time is not counted in tokens_per_second
+                jax.block_until_ready(run.state)
+                t_pause = time.perf_counter()
+                extra = run.evaluate()
+                t_mark += time.perf_counter() - t_pause
+            if step % log_every == 0 or step == steps or do_eval:
+                vals = jax.device_get(pending)
+                dt = max(time.perf_counter() - t_mark, 1e-9)
+                nsteps = steps_since or len(vals)
+                rec = _summarise(step, vals, tokens_per_step * nsteps / dt, flops_per_step * nsteps / dt / (peak * n_dev))
+                for i, v in enumerate(vals):
+                    if v["skipped"]:
+                        rep.say(f"warning: step {step - len(vals) + i + 1}: non-finite loss or gradient "
+                                f"(loss {float(v['loss'])}); the update was skipped", always=True)
+                rep.log({**rec, **extra})
+                last_loss = rec["loss"]
+                pending, t_mark, steps_since = [], time.perf_counter(), 0
+            if first:  # the first step includes compilation: time steady-state steps from here
+                jax.block_until_ready(m)
+                rep.say(f"compiled and ran step {step} in {time.perf_counter() - t_start:.1f}s")
+                first, t_mark, steps_since = False, time.perf_counter(), 0
+            if do_ckpt:
+                jax.block_until_ready(run.state)
+                t_pause = time.perf_counter()
+                run.save(step)
+                t_mark += time.perf_counter() - t_pause
+            if stop.requested():
+                rep.say(f"SIGTERM: saving a checkpoint at step {step} and stopping", always=True)
+                break
+        run.save(step)
+    finally:
+        run.checkpointer.close()
+        rep.close()
+        stop.restore()
+        close = getattr(run.data, "close", None)
+        if close:
+            close()
+    return {"step": step, "loss": last_loss, "output_dir": tc["output_dir"]}
+
+
+def _summarise(step, vals, tps, mfu) -> dict:
+    ok = [v for v in vals if not v["skipped"]]
+    mean = lambda k: float(np.mean([float(v[k]) for v in ok])) if ok else float("nan")  # noqa: E731
+    rec = {"step": step, "loss": mean("loss"), "accuracy": mean("accuracy"), "grad_norm": mean("grad_norm"),
+           "learning_rate": float(vals[-1]["learning_rate"]), "tokens_per_second": tps, "mfu": mfu,
+           "loss_tokens": float(np.mean([float(v["loss_tokens"]) for v in vals])),
+           "skipped_steps": int(sum(int(v["skipped"]) for v in vals))}
+    if any(float(v["z_loss"]) for v in ok):
+        rec["z_loss"] = mean("z_loss")
+    return rec
