@@ -47,10 +47,12 @@ def cast_params(params, cfg: GLMConfig):
 
 def from_pretrained(path, dtype: str = "float32", **overrides) -> GLM:
     """Load a checkpoint folder of any family (HF PyTorch: .bin / safetensors, single or sharded; or a folder
-    written by `glm-convert to-jax`). `dtype` sets both compute and param dtype; overrides set other fields."""
+    written by `glm-convert to-jax`; or a glm-train output_dir, whose latest complete step is read).
+    `dtype` sets both compute and param dtype; overrides set other fields."""
     from glm_jax import checkpoint
     p = pathlib.Path(path)
-    if (p / "glm_jax.json").is_file():
+    is_train_run = (p / "checkpoints").is_dir() or ((p / "params").is_dir() and (p / "meta").is_dir())
+    if (p / "glm_jax.json").is_file() or is_train_run:   # to-jax folder, glm-train run dir, or one step of it
         from convert.jax_io import load_jax
         cfg, params = load_jax(p)
         cfg = cfg.replace(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype), **overrides)

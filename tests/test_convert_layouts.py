@@ -176,6 +176,15 @@ def test_load_jax_reads_a_glm_train_run(tmp_path):
     assert max_diff(GLM(cfg, cast_params(params, cfg))(d["input_ids"], **inputs), d["logits"], real) <= 1e-4
 
 
+def test_from_pretrained_reads_a_glm_train_run(tmp_path):
+    import glm_jax
+    name = "chatglm2-6b"
+    lm = glm_jax.from_pretrained(_train_run(tmp_path, name, False))   # latest complete step (7), not the zeros of 3
+    d = io(name)
+    inputs, real = reference_inputs(name, d)
+    assert max_diff(lm(d["input_ids"], **inputs), d["logits"], real) <= 1e-4
+
+
 # ------------------------------------------------------------------ --mesh, --dtype, re-sharding
 def test_mesh_chunks_params_as_shards(tmp_path):
     import orbax.checkpoint as ocp
