@@ -14,7 +14,7 @@ import optax
 from flax import linen as nn
 from flax import traverse_util
 
-from glm_jax.model.layers import dtype_of
+from glm_jax.model.layers import dtype_of, matmul
 
 EMBED_PATH = ("embed", "embedding")   # the word-embedding table (GLM-130B gradient shrink applies here)
 
@@ -85,8 +85,7 @@ def _head_sums(cfg, h_BTD, w, targets_BT, mask_BT):
     an argmax, which XLA:TPU compiles several times slower at large vocab x long sequence).
     """
     dt = dtype_of(cfg.dtype)
-    spec = "btd,vd->btv" if cfg.tie_word_embeddings else "btd,dv->btv"
-    logits_BTV = jnp.einsum(spec, h_BTD.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    logits_BTV = matmul(h_BTD.astype(dt), w.astype(dt), transpose_w=cfg.tie_word_embeddings).astype(jnp.float32)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
     max_BT = jnp.max(logits_BTV, axis=-1)
     m_BT = jax.lax.stop_gradient(max_BT)

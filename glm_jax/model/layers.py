@@ -1,6 +1,8 @@
 """Small building blocks: logically partitioned params, norms, dense projections."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -19,6 +21,21 @@ def param(module: nn.Module, name: str, shape, axes, init, dtype):
 
 def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
+
+
+def matmul(x, w, n_in: int = 1, transpose_w: bool = False):
+    """x [..., in...] · w [in..., out...] (or w [out..., in...] with transpose_w) → [..., out...], as one 2-D
+    matrix product: the leading dims of x and the in/out dims of w are merged first (free reshapes of
+    row-major arrays). The gradient of w is then a product over one contracted dim, not several; XLA:CPU
+    otherwise transposes the [B, T, F] activation gradients for it (1.7x slower MLP backward, measured)."""
+    lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    k = math.prod(ins)
+    outs = w.shape[:w.ndim - n_in] if transpose_w else w.shape[n_in:]
+    w2 = w.reshape(-1, k) if transpose_w else w.reshape(k, -1)
+    dims = ((1,), (1,)) if transpose_w else ((1,), (0,))
+    y = jax.lax.dot_general(x.reshape(-1, k), w2, (dims, ((), ())),
+                            preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+    return y.reshape(lead + outs)
 
 
 class Norm(nn.Module):
@@ -60,9 +77,7 @@ class Dense(nn.Module):
                        nn.initializers.normal(self.init_std), self.param_dtype)
         dt = dtype_of(self.dtype)
         n_in = len(self.in_shape)
-        y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt),
-                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-                                preferred_element_type=jnp.float32 if dt == jnp.float32 else None)
+        y = matmul(x.astype(dt), kernel.astype(dt), n_in)
         if self.use_bias:
             bias = param(self, "bias", self.out_shape, self.axes[n_in:], nn.initializers.zeros, self.param_dtype)
             y = y + bias.astype(y.dtype)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.model.block import ACT, Block
-from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, param
+from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, matmul, param
 from glm_jax.model.masks import default_allowed, default_positions
 
 REMAT_POLICIES = {
@@ -122,7 +122,7 @@ class GLMModel(nn.Module):
         if c.final_norm:
             x = self.final_norm(x)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding.astype(dt), preferred_element_type=jnp.float32)
+            logits = matmul(x, self.embed.embedding.astype(dt), transpose_w=True)
         else:
             logits = self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
