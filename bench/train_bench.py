@@ -6,6 +6,11 @@ Rows, all at the default config's batch and sequence length (train/configs/defau
   jax  glm-hf   - our model configured exactly as transformers' GlmForCausalLM at the same sizes
   torch glm-hf  - transformers GlmForCausalLM (same GlmConfig), forward + backward + clip + torch.optim.AdamW
 
+Every row trains on the same kind of batch: loss on a random 30% of the positions (blank infilling puts it on
+Part B only). transformers projects every position to the vocabulary and drops the rest in its loss; glm-train
+projects only the loss positions (loss_select, packed into n/4, n/2 or n slots per batch shard) -- same loss,
+less work. Model FLOP/s below count the full projection for every row alike (the conventional MFU count).
+
 Achieved FLOP/s counts model flops (6·matmul params + 12·L·T·N·H per token; train/step.py flops_per_token)
 and is given as a fraction of this CPU's float32 matmul peak, measured in the same run with jnp (and with
 torch for the torch row's own reference).
@@ -101,21 +106,27 @@ def torch_config(cfg):
 
 
 def torch_runner(cfg, B, T):
-    """A callable running one PyTorch GlmForCausalLM train step; returns the loss."""
+    """A callable running one PyTorch GlmForCausalLM train step on the same kind of batch as the jax rows
+    (random tokens and targets, loss on a random 30% of positions: labels -100 elsewhere); returns the loss."""
+    import numpy as np
     import torch
     from transformers import GlmForCausalLM
     torch.manual_seed(0)
     model = GlmForCausalLM(torch_config(cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.randint(0, 8000, (B, T))
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(0, 8000, (B, T)))
+    labels = torch.tensor(np.where(rng.random((B, T)) < 0.3, rng.integers(0, 8000, (B, T)), -100))
 
     def step():
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return float(loss.detach())
     step()
     return step
 

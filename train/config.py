@@ -39,8 +39,9 @@ DEFAULTS: dict = {
     "weight_decay": 0.1,             # decoupled (AdamW); never on norms, biases or embeddings
     "grad_clip": 1.0,                # global-norm clip; 0 = off
     "grad_accum": 1,                 # microbatches per step (batch_size must divide)
-    "z_loss": 0.0,
-    "loss_chunk": 0,                 # >0: the output projection + loss in blocks of this many positions (memory)                   # coefficient of mean(logsumexp(logits)^2) over loss tokens
+    "z_loss": 0.0,                   # coefficient of mean(logsumexp(logits)^2) over loss tokens
+    "loss_select": True,             # output projection only at loss positions (packed per batch shard; exact)
+    "loss_chunk": 0,                 # >0: the output projection + loss in blocks of this many positions (memory)
     "embedding_grad_shrink": 1.0,    # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     "freeze": [],                    # param path patterns (fnmatch on 'layers_0/attn/q/kernel'); frozen = untouched
     # numerics and memory

@@ -7,6 +7,7 @@ state. Legend: B batch rows, A microbatches, T length, V vocab.
 from __future__ import annotations
 
 import fnmatch
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -95,13 +96,115 @@ def _head_sums(cfg, h_BTD, w, targets_BT, mask_BT):
                       jnp.sum((tgt_BT >= max_BT) * mask_BT)])
 
 
-def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0):
+def batch_shards(B: int) -> int:
+    """How many pieces the mesh in context cuts the batch dim into (the activation_batch rule), 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    from glm_jax.sharding import logical_to_spec
+    axes = logical_to_spec(("activation_batch",), (B,), mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
+
+
+def _head_grads(cfg, z_loss, h, w, targets, mask):
+    """(_head_sums's sums, d/dh, d/dw of sums[0] + z_loss·sums[1]) for one block, gradients written out:
+    dlogits = mask·((1 + 2·z_loss·lse)·softmax - onehot). Computing them here, in the forward pass, means no
+    [.., V] logits are kept for the backward pass and the one-hot is never materialized."""
+    dt = dtype_of(cfg.dtype)
+    tied = cfg.tie_word_embeddings
+    hd, wd = h.astype(dt), w.astype(dt)
+    logits = matmul(hd, wd, transpose_w=tied).astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    mx = jnp.max(logits, axis=-1)
+    lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[..., None]), axis=-1))
+    hit = jnp.arange(logits.shape[-1]) == targets[..., None]
+    tgt = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    sums = jnp.stack([jnp.sum((lse - tgt) * mask), jnp.sum(jnp.square(lse) * mask), jnp.sum((tgt >= mx) * mask)])
+    scale = (mask * (1.0 + 2.0 * z_loss * lse))[..., None]
+    dlogits = (scale * jnp.exp(logits - lse[..., None]) - jnp.where(hit, mask[..., None], 0.0)).astype(dt)
+    dh = matmul(dlogits, wd, transpose_w=not tied)
+    D, V = h.shape[-1], logits.shape[-1]
+    h2, d2 = hd.reshape(-1, D), dlogits.reshape(-1, V)
+    one = (((0,), (0,)), ((), ()))
+    acc = jnp.float32 if dt == jnp.float32 else None
+    dw = (jax.lax.dot_general(d2, h2, one, preferred_element_type=acc) if tied
+          else jax.lax.dot_general(h2, d2, one, preferred_element_type=acc))
+    return sums, dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+def _packed(cfg, h_BTD, targets_BT, mask_BT, fn, full):
+    """fn over the positions with a non-zero loss_mask only, with static shapes; `full` over all of them.
+
+    Each batch shard's B/G·T = n positions are packed (jnp.nonzero, in order) into the smallest of n/4, n/2
+    or n slots that holds every shard's loss positions (lax.switch: one branch runs); empty slots get weight 0.
+    fn(h [G, C, D], targets, mask, idx [G, C] or None) is summed the same way as over all positions (another
+    summation order). Packing stays inside a shard, so no activation crosses devices.
+    """
+    B, T, D = h_BTD.shape
+    G = batch_shards(B)
+    n = B * T // G
+    caps = sorted({c for c in (n // 4, n // 2) if c >= 8} | {n})
+    if len(caps) == 1:
+        return full()
+    group = lambda x: x.reshape((G, n) + x.shape[2:])  # noqa: E731
+    h, t, m = group(h_BTD), group(targets_BT), group(mask_BT)
+    count_G = jnp.sum(m != 0, axis=1)
+
+    def packed(C):
+        def run(h, t, m):
+            if C == n:
+                return full()
+            idx = jax.vmap(lambda row: jnp.nonzero(row != 0, size=C, fill_value=0)[0])(m)
+            take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+            valid = jnp.arange(C)[None] < count_G[:, None]
+            return fn(take(h), take(t), jnp.where(valid, take(m), 0.0), idx)
+        return run
+    branch = sum((jnp.max(count_G) > c).astype(jnp.int32) for c in caps[:-1])
+    return jax.lax.switch(branch, [packed(c) for c in caps], h, t, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def fused_head(cfg, z_loss, h_BTD, w, targets_BT, mask_BT):
+    """The output projection + loss sums [CE·mask, lse²·mask, correct·mask] at the loss positions only (packed,
+    see _packed). Differentiable for the objective sums[0] + z_loss·sums[1] (its gradients are computed in
+    the forward pass, _head_grads); the cotangent of sums[0] scales them, the other sums are reports."""
+    return _packed(cfg, h_BTD, targets_BT, mask_BT, lambda h, t, m, idx: _head_sums(cfg, h, w, t, m),
+                   lambda: _head_sums(cfg, h_BTD, w, targets_BT, mask_BT))
+
+
+def _fused_head_fwd(cfg, z_loss, h_BTD, w, targets_BT, mask_BT):
+    B, T, D = h_BTD.shape
+
+    def some(h, t, m, idx):
+        sums, dh, dw = _head_grads(cfg, z_loss, h, w, t, m)
+        G = idx.shape[0]
+        dh_full = jnp.zeros((G, B * T // G, D), dh.dtype).at[jnp.arange(G)[:, None], idx].add(dh)
+        return sums, dh_full.reshape(B, T, D), dw
+    sums, dh, dw = _packed(cfg, h_BTD, targets_BT, mask_BT, some,
+                           lambda: _head_grads(cfg, z_loss, h_BTD, w, targets_BT, mask_BT))
+    return sums, (dh, dw)
+
+
+def _fused_head_bwd(cfg, z_loss, res, g):
+    dh, dw = res
+    return (g[0] * dh).astype(dh.dtype), (g[0] * dw).astype(dw.dtype), None, None
+
+
+fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
+
+def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select: bool = True):
     """Sums over the (micro)batch: CE·mask, z-loss term, correct predictions, loss tokens.
 
     The output projection and the loss are computed here from the model's final hidden states (the model's own
     logits are then dead code that XLA removes), so that with `chunk` > 0 the [B, T, V] logits are never held
     whole: blocks of `chunk` positions are projected and reduced one after another, and recomputed in the
     backward pass (jax.checkpoint) -- a long sequence with a 150k vocabulary needs GBs per row otherwise.
+    With `select` (and no chunking) the projection runs only at the positions that carry loss (see
+    fused_head): blank infilling puts loss on Part B alone, so most logits would be thrown away.
     """
     cfg = module.cfg
     ids, pos, prefix_len, seg = model_inputs(cfg, batch)
@@ -116,6 +219,8 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0):
         split = lambda x: jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
         body = jax.checkpoint(lambda acc, xs: (acc + _head_sums(cfg, xs[0], w, xs[1], xs[2]), None))
         out, _ = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (split(h_BTD), split(targets_BT), split(mask_BT)))
+    elif select:
+        out = fused_head(cfg, float(z_loss), h_BTD, w, targets_BT, mask_BT)
     else:
         out = _head_sums(cfg, h_BTD, w, targets_BT, mask_BT)
     sums = {"ce": out[0], "z": out[1], "correct": out[2], "count": jnp.sum(mask_BT)}
@@ -134,11 +239,12 @@ def _microbatches(batch, A: int):
 def make_train_step(module, tx, tc: dict, schedule, frozen, grad_shardings=None):
     A = tc["grad_accum"]
     clip, alpha, zc, chunk = tc["grad_clip"], tc["embedding_grad_shrink"], tc["z_loss"], tc["loss_chunk"]
+    select = tc.get("loss_select", True)
 
     def grads_of(params, batch):
         # frozen params are constants: no gradient is computed for them at all
         p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, params, frozen)
-        (_, sums), g = jax.value_and_grad(lambda q: loss_sums(module, q, batch, zc, chunk), has_aux=True)(p)
+        (_, sums), g = jax.value_and_grad(lambda q: loss_sums(module, q, batch, zc, chunk, select), has_aux=True)(p)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         if grad_shardings is not None:
             g = jax.lax.with_sharding_constraint(g, grad_shardings)
