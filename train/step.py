@@ -272,13 +272,18 @@ def make_train_step(module, tx, tc: dict, schedule, frozen, grad_shardings=None)
             scale = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: g * scale, grads)
         lr = schedule(state["step"])
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = jax.tree.map(lambda p, u, f: p if f else (p - lr * u).astype(p.dtype), params, updates, frozen)
         loss = sums["ce"] / count
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["z"])
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": keep(new_params, params),
-                     "opt_state": keep(new_opt, opt_state)}
+
+        def apply(params, opt_state):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            new_params = jax.tree.map(lambda p, u, f: p if f else (p - lr * u).astype(p.dtype),
+                                      params, updates, frozen)
+            return new_params, new_opt
+        # a non-finite step leaves params and optimizer state as they were (a branch, not a select between old
+        # and new: the donated buffers are then updated in place instead of copied first)
+        new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), params, opt_state)
+        new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": new_params, "opt_state": new_opt}
         metrics = {"loss": loss, "accuracy": sums["correct"] / count, "grad_norm": grad_norm,
                    "learning_rate": lr, "z_loss": sums["z"] / count, "loss_tokens": sums["count"],
                    "skipped": 1 - ok.astype(jnp.int32)}
