@@ -205,7 +205,8 @@ class Producer:
         r, j = self.plan.rows[key]
         self._read(r.jax)
         nxt = self.next.get(key)
-        if nxt in self.plan.rows and nxt not in self.kept and self.plan.entries[nxt].nbytes < PREFETCH_MAX:
+        if (nxt in self.plan.rows and nxt not in self.kept and self.plan.entries[nxt].nbytes < PREFETCH_MAX
+                and self.plan.entries[key].nbytes < PREFETCH_MAX):
             self._read(self.plan.rows[nxt][0].jax)     # overlap the next row's read with this one's work
         outs = r.save(self.cfg, [np.asarray(self.reads.pop(p).result()) for p in r.jax])
         for k, o in zip(r.hf, outs):

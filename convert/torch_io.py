@@ -127,6 +127,9 @@ def st_header(entries: list, metadata: Optional[dict]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
+BIG = 256 << 20       # tensors at least this large are never in memory together with another one
+
+
 class _Behind:
     """Runs one write in a background thread while the caller produces the next tensor (two tensors at most)."""
 
@@ -135,10 +138,15 @@ class _Behind:
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-convert-write")
         self.last = None
 
-    def __call__(self, nbytes, fn, *args, big=256 << 20):
+    def __call__(self, nbytes, fn, *args):
         self.wait()
         self.last = self.pool.submit(fn, *args)
-        if nbytes >= big:              # a very large tensor is not kept while the next one is made
+        if nbytes >= BIG:              # a very large tensor is not kept while the next one is made
+            self.wait()
+
+    def before(self, nbytes):
+        """Call before making a tensor: a very large one is not made while another is still being written."""
+        if nbytes >= BIG:
             self.wait()
 
     def wait(self):
@@ -181,6 +189,7 @@ def write_safetensors(path, entries: list, metadata: Optional[dict], produce: Ca
             os.ftruncate(fd, off)
             _pwrite(fd, head, 0)
             for e in production_order("safetensors", entries):
+                behind.before(e.nbytes)
                 behind(e.nbytes, _pwrite, fd, _bytes(produce(e.key), e), offsets[e.key])
     finally:
         os.close(fd)
@@ -250,6 +259,7 @@ def write_bin(path, entries: list, produce: Callable):
         w.write_record("byteorder", "little", len("little"))
         with _Behind() as behind:
             for i, e in enumerate(entries):
+                behind.before(e.nbytes)
                 raw = np.frombuffer(_bytes(produce(e.key), e), dtype=np.uint8)
                 with warnings.catch_warnings():   # read-only source arrays: torch only reads them here
                     warnings.simplefilter("ignore", UserWarning)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Callable
 
 import numpy as np
@@ -41,20 +43,63 @@ def expand(rows, cfg):
 
 
 def c(a):
-    """Contiguous copy. A transposed view (possibly with its second axis split) is copied in slabs of 16 source
-    rows, which keeps the reads in cache: 2.5-6x faster than np.ascontiguousarray on large matrices."""
+    """Contiguous copy. A transposed view (possibly with its second axis split) is copied by copy_2d, which
+    keeps the reads in cache: 2-4x faster than np.ascontiguousarray on large matrices."""
     a = np.asarray(a)
     if a.flags.c_contiguous or a.ndim < 2 or a.size < (1 << 16) or not a.itemsize or a.strides[0] != a.itemsize:
         return np.ascontiguousarray(a)
-    src = a.view(f"u{a.itemsize}") if a.itemsize in (1, 2, 4, 8) else a
+    src = _raw(a)
     try:
         src.shape = (a.shape[0], -1)            # [cols of the source, rows of the source]; raises if not a view
     except AttributeError:
         return np.ascontiguousarray(a)
     out = np.empty(src.shape, src.dtype)
-    for j in range(0, src.shape[1], 16):
-        out[:, j:j + 16] = src[:, j:j + 16]
+    copy_2d(out, src)
     return out.view(a.dtype).reshape(a.shape)
+
+
+def _raw(a):
+    return a.view(f"u{a.itemsize}") if a.itemsize in (1, 2, 4, 8) else a
+
+
+def copy_2d(out, src):
+    """out[...] = src for a 2-D transposed view src: square tiles when the output is tall (its rows are long
+    runs of the source), slabs of 16 output columns when it is wide (measured on [27392, 4096] and
+    [4096, 27392] bf16: 0.22 s and 0.31 s, against 0.46 s and 0.31 s for slabs alone). Large copies are split
+    across the CPU's cores (numpy releases the GIL while copying): 1.7-2x on 2 cores."""
+    out, src = _raw(out), _raw(src)
+    R, C = src.shape
+    parts = min(os.cpu_count() or 1, 4) if src.nbytes >= PARALLEL_BYTES else 1
+    if parts > 1:
+        tall = R >= C
+        step = -(-(R if tall else C) // parts)
+        step += -step % (256 if tall else 16)
+        cut = [slice(i, i + step) for i in range(0, R if tall else C, step)]
+        jobs = [(out[c], src[c]) if tall else (out[:, c], src[:, c]) for c in cut]
+        for f in [_pool().submit(_copy_2d, o, s) for o, s in jobs]:
+            f.result()
+    else:
+        _copy_2d(out, src)
+
+
+PARALLEL_BYTES = 32 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    import concurrent.futures
+    return concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1, 4), thread_name_prefix="glm-convert-copy")
+
+
+def _copy_2d(out, src):
+    R, C = src.shape
+    if R >= C:
+        for i in range(0, R, 256):
+            for j in range(0, C, 256):
+                out[i:i + 256, j:j + 256] = src[i:i + 256, j:j + 256]
+    else:
+        for j in range(0, C, 16):
+            out[:, j:j + 16] = src[:, j:j + 16]
 
 
 # ---------------------------------------------------------------- transforms
@@ -127,7 +172,14 @@ def gate_up():
         return [c(g.T), c(u.T)]
 
     def to_hf(cfg, a):
-        return [c(np.concatenate([a[0], a[1]], axis=1).T)]
+        g, u = (np.asarray(x) for x in a)
+        out = np.empty((g.shape[1] + u.shape[1], g.shape[0]), g.dtype)
+        for rows, k in ((out[:g.shape[1]], g), (out[g.shape[1]:], u)):
+            if k.size >= (1 << 16) and k.flags.c_contiguous and k.ndim == 2:
+                copy_2d(rows, k.T)
+            else:
+                rows[...] = k.T
+        return [out]
     return to_jax, to_hf
 
 
