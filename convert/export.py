@@ -22,6 +22,7 @@ import numpy as np
 
 from convert import torch_io
 from convert.formats import LAYOUTS, keymap
+from convert.formats.rows import copy_2d
 from convert.importer import DTYPES, PREFIX, SHAPE_ONLY
 from convert.torch_io import Entry
 from glm_jax.config import ConfigError, GLMConfig
@@ -31,6 +32,7 @@ _PREFIX_FIELDS = {"prefix_projection", "prefix_hidden_size", "prefix_embed_size"
 _FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 DEFAULT_SHARD = "5GB"
+BLOCK_BYTES = 32 << 20         # a large identity/linear row is read in blocks of about this size
 PREFETCH_MAX = 256 << 20       # the next row is read ahead only when smaller than this (bounds memory)
 
 
@@ -203,6 +205,10 @@ class Producer:
             v = self.plan.buffers[key]
             return self._compute(v[1]) if isinstance(v, tuple) else v
         r, j = self.plan.rows[key]
+        if (len(r.jax) == 1 and len(r.hf) == 1 and r.jax[0] not in self.reads
+                and self.plan.entries[key].nbytes >= torch_io.BIG
+                and (r.to_hf is None or hasattr(r.to_hf, "linear_in"))):
+            return self._blocks(r)
         self._read(r.jax)
         nxt = self.next.get(key)
         if (nxt in self.plan.rows and nxt not in self.kept and self.plan.entries[nxt].nbytes < PREFETCH_MAX
@@ -213,6 +219,26 @@ class Producer:
             if k != key:
                 self.kept[k] = o
         return outs[j]
+
+    def _blocks(self, r):
+        """A large identity or linear row read in blocks of first-axis rows straight into its output (which
+        is then the only full-size array: reading a whole tensor first costs ~1.5x its size, a transpose 1x)."""
+        p = r.jax[0]
+        shape, dtype = self.store.shape(p), self.store.dtype(p)
+        step = max(1, BLOCK_BYTES // max(1, int(np.prod(shape[1:])) * dtype.itemsize))
+        if r.to_hf is None:
+            out = np.empty(shape, dtype)
+            for a0 in range(0, shape[0], step):
+                out[a0:a0 + step] = self.store.read_rows(p, a0, a0 + step)
+            return out
+        i = int(np.prod(r.to_hf.linear_in(self.cfg)))
+        o = int(np.prod(shape)) // i
+        per = i // shape[0]                       # in-features per index of the first axis
+        out = np.empty((o, i), dtype)
+        for a0 in range(0, shape[0], step):
+            blk = self.store.read_rows(p, a0, a0 + step).reshape(-1, o)
+            copy_2d(out[:, a0 * per:a0 * per + blk.shape[0]], blk.T)
+        return out
 
     def __call__(self, key):
         a = self.kept.pop(key) if key in self.kept else self._compute(key)

@@ -190,6 +190,13 @@ class ParamStore:
     def read(self, path) -> np.ndarray:
         return self.read_async(path).result()
 
+    def read_rows(self, path, start, stop) -> np.ndarray:
+        """Rows [start, stop) of the first axis only."""
+        name, idx = self._locate(path)
+        t = self._store(name)
+        t = t if idx is None else t[idx]
+        return np.asarray(t[start:min(stop, t.shape[0])].read().result())
+
     def read_async(self, path):
         """A tensorstore future of the array (so the next read can overlap with other work)."""
         name, idx = self._locate(path)

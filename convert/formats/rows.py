@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Callable
 
 import numpy as np
@@ -65,33 +63,10 @@ def _raw(a):
 def copy_2d(out, src):
     """out[...] = src for a 2-D transposed view src: square tiles when the output is tall (its rows are long
     runs of the source), slabs of 16 output columns when it is wide (measured on [27392, 4096] and
-    [4096, 27392] bf16: 0.22 s and 0.31 s, against 0.46 s and 0.31 s for slabs alone). Large copies are split
-    across the CPU's cores (numpy releases the GIL while copying): 1.7-2x on 2 cores."""
+    [4096, 27392] bf16: 0.20 s and 0.26 s, against 0.46 s and 0.31 s for slabs alone). Splitting the copy
+    across two threads halved its time but raised to-torch's peak RSS by 0.4-0.55 GB (measured), so it is
+    one thread."""
     out, src = _raw(out), _raw(src)
-    R, C = src.shape
-    parts = min(os.cpu_count() or 1, 4) if src.nbytes >= PARALLEL_BYTES else 1
-    if parts > 1:
-        tall = R >= C
-        step = -(-(R if tall else C) // parts)
-        step += -step % (256 if tall else 16)
-        cut = [slice(i, i + step) for i in range(0, R if tall else C, step)]
-        jobs = [(out[c], src[c]) if tall else (out[:, c], src[:, c]) for c in cut]
-        for f in [_pool().submit(_copy_2d, o, s) for o, s in jobs]:
-            f.result()
-    else:
-        _copy_2d(out, src)
-
-
-PARALLEL_BYTES = 32 << 20
-
-
-@functools.lru_cache(maxsize=1)
-def _pool():
-    import concurrent.futures
-    return concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1, 4), thread_name_prefix="glm-convert-copy")
-
-
-def _copy_2d(out, src):
     R, C = src.shape
     if R >= C:
         for i in range(0, R, 256):
@@ -113,6 +88,7 @@ def linear(in_shape_fn, out_shape_fn):
         (k,) = a
         i = int(np.prod(in_shape_fn(cfg)))
         return [c(k.reshape(i, -1).T)]
+    to_hf.linear_in = in_shape_fn       # lets a reader build a large one block by block (export.Producer)
     return to_jax, to_hf
 
 
