@@ -20,6 +20,7 @@ error. The output is built in a hidden sibling of DST and renamed at the end, so
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pathlib
 import shutil
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
     _quiet()
     if argv is None:
         _reuse_freed_memory()
+        # the imports (jax, orbax, tensorstore, torch) make ~1M objects and trip the cyclic collector hundreds
+        # of times: 5.4 s of start-up, 3.5 s with a larger first threshold (measured); still collected.
+        gc.set_threshold(50_000, 20, 100)
     from glm_jax.checkpoint import CheckpointFormatError
     from glm_jax.config import ConfigError
     t0 = time.time()
