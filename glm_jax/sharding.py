@@ -58,6 +58,11 @@ def _mesh_size(mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def shards_along(name: str, dim: int, mesh, rules=RULES) -> int:
+    """How many pieces the rules cut an array dim with logical name `name` (size `dim`) into on `mesh`."""
+    return _mesh_size(mesh, logical_to_spec((name,), (dim,), mesh, rules)[0])
+
+
 def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh, rules=RULES) -> P:
     """PartitionSpec for one array; a mesh axis is dropped where it does not divide the dimension or is used twice."""
     table = dict(rules)

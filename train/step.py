@@ -85,29 +85,32 @@ def _head_sums(cfg, h_BTD, w, targets_BT, mask_BT):
     by the log-sum-exp and the accuracy ("the target's logit is the largest", ties count as correct: a max, not
     an argmax, which XLA:TPU compiles several times slower at large vocab x long sequence).
     """
-    dt = dtype_of(cfg.dtype)
-    logits_BTV = matmul(h_BTD.astype(dt), w.astype(dt), transpose_w=cfg.tie_word_embeddings).astype(jnp.float32)
-    logits_BTV = nn.with_logical_constraint(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+    logits_BTV = _logits(cfg, h_BTD, w)
     max_BT = jnp.max(logits_BTV, axis=-1)
-    m_BT = jax.lax.stop_gradient(max_BT)
-    lse_BT = m_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - m_BT[..., None]), axis=-1))
     tgt_BT = jnp.sum(logits_BTV * jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32), axis=-1)
-    return jnp.stack([jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(jnp.square(lse_BT) * mask_BT),
-                      jnp.sum((tgt_BT >= max_BT) * mask_BT)])
+    return _sums(logits_BTV, max_BT, tgt_BT, mask_BT)[0]
+
+
+def _logits(cfg, h, w):
+    """float32 logits [..., V] of hidden states h [..., D] (w: the tied embedding [V, D] or lm_head [D, V])."""
+    dt = dtype_of(cfg.dtype)
+    logits = matmul(h.astype(dt), w.astype(dt), transpose_w=cfg.tie_word_embeddings).astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def _sums(logits, mx, tgt, mask):
+    """([CE·mask, lse²·mask, correct·mask] sums, lse) from the logits, their max and the target logits."""
+    m = jax.lax.stop_gradient(mx)
+    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
+    sums = jnp.stack([jnp.sum((lse - tgt) * mask), jnp.sum(jnp.square(lse) * mask), jnp.sum((tgt >= mx) * mask)])
+    return sums, lse
 
 
 def batch_shards(B: int) -> int:
     """How many pieces the mesh in context cuts the batch dim into (the activation_batch rule), 1 without one."""
+    from glm_jax.sharding import shards_along
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    from glm_jax.sharding import logical_to_spec
-    axes = logical_to_spec(("activation_batch",), (B,), mesh)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    return n
+    return 1 if mesh.empty else shards_along("activation_batch", B, mesh)
 
 
 def _head_grads(cfg, z_loss, h, w, targets, mask):
@@ -117,13 +120,9 @@ def _head_grads(cfg, z_loss, h, w, targets, mask):
     dt = dtype_of(cfg.dtype)
     tied = cfg.tie_word_embeddings
     hd, wd = h.astype(dt), w.astype(dt)
-    logits = matmul(hd, wd, transpose_w=tied).astype(jnp.float32)
-    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
-    mx = jnp.max(logits, axis=-1)
-    lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[..., None]), axis=-1))
+    logits = _logits(cfg, hd, wd)
     hit = jnp.arange(logits.shape[-1]) == targets[..., None]
-    tgt = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    sums = jnp.stack([jnp.sum((lse - tgt) * mask), jnp.sum(jnp.square(lse) * mask), jnp.sum((tgt >= mx) * mask)])
+    sums, lse = _sums(logits, jnp.max(logits, axis=-1), jnp.sum(jnp.where(hit, logits, 0.0), axis=-1), mask)
     scale = (mask * (1.0 + 2.0 * z_loss * lse))[..., None]
     dlogits = (scale * jnp.exp(logits - lse[..., None]) - jnp.where(hit, mask[..., None], 0.0)).astype(dt)
     dh = matmul(dlogits, wd, transpose_w=not tied)
@@ -196,6 +195,7 @@ def _fused_head_bwd(cfg, z_loss, res, g):
 
 fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
 
+
 def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select: bool = True):
     """Sums over the (micro)batch: CE·mask, z-loss term, correct predictions, loss tokens.
 
@@ -239,7 +239,7 @@ def _microbatches(batch, A: int):
 def make_train_step(module, tx, tc: dict, schedule, frozen, grad_shardings=None):
     A = tc["grad_accum"]
     clip, alpha, zc, chunk = tc["grad_clip"], tc["embedding_grad_shrink"], tc["z_loss"], tc["loss_chunk"]
-    select = tc.get("loss_select", True)
+    select = tc["loss_select"]
 
     def grads_of(params, batch):
         # frozen params are constants: no gradient is computed for them at all
@@ -292,9 +292,9 @@ def make_train_step(module, tx, tc: dict, schedule, frozen, grad_shardings=None)
     return train_step
 
 
-def make_eval_step(module, chunk: int = 0):
+def make_eval_step(module, chunk: int = 0, select: bool = True):
     def eval_step(params, batch):
-        _, sums = loss_sums(module, params, batch, chunk=chunk)
+        _, sums = loss_sums(module, params, batch, chunk=chunk, select=select)
         return {k: sums[k] for k in ("ce", "correct", "count")}
     return eval_step
 

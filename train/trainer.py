@@ -121,7 +121,7 @@ class Run:
         self.train_step = lay["train_step"]
         self.metric_sh = parallel.replicated(mesh)
         self.step_fn = None  # jitted lazily, once the batch shardings are known
-        self.eval_fn = jax.jit(step_lib.make_eval_step(self.module, tc["loss_chunk"]), out_shardings=self.metric_sh)
+        self.eval_fn = jax.jit(step_lib.make_eval_step(self.module, tc["loss_chunk"], tc["loss_select"]), out_shardings=self.metric_sh)
 
     def _check_meta(self, meta):
         saved = {k: v for k, v in meta.get("config", {}).items() if k != "hf_config"}

@@ -30,6 +30,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, dtype):
     ctx = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
     return ctx.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dtype)
 
+
 class Attention(nn.Module):
     cfg: object
 
