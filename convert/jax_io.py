@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import pathlib
 import re
@@ -31,6 +32,7 @@ from glm_jax.config import ConfigError, GLMConfig
 
 JSON_NAME = "glm_jax.json"
 CHUNK_BYTES = 16 << 20
+RAW_MIN_BYTES = 1 << 20   # arrays at least this large: chunk files written by us through O_DIRECT, not by tensorstore
 USE_OCDBT = False     # one zarr folder per leaf: measured faster than OCDBT for one-pass conversion
 FORMAT = "glm-jax"
 _TS_CONTEXT = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
@@ -103,15 +105,52 @@ def _stream_handler(progress):
                 info=info, arg=arg, global_shape=a.shape, local_shape=chunk or _chunk(a), dtype=a.dtype,
                 use_ocdbt=use_ocdbt, process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=use_ocdbt)).json
             t = await ts.open(ts.Spec(spec), create=True, open=True, context=ctx)
-            await t.write(a, can_reference_source_data_indefinitely=True)
+            files = _raw_chunk_files(t, a)
+            if files is not None:   # the chunk files tensorstore would write, through O_DIRECT (see direct.py)
+                await asyncio.to_thread(_write_chunks, files, a, tuple(t.chunk_layout.write_chunk.shape))
+            else:
+                await t.write(a, can_reference_source_data_indefinitely=True)
             if progress is not None:
                 progress(a.nbytes)
 
     return StreamHandler(deepcopy_host_arrays=False)
 
 
-def _chunk(a, limit=CHUNK_BYTES):
-    """On-disk chunk: whole rows of the first axis, at most `limit` bytes (reads and writes go chunk by chunk)."""
+def _raw_chunk_files(t, a):
+    """{chunk grid index: file path} when `t` is an uncompressed, unfiltered, C-order zarr v2 array in local files
+    with the same dtype as `a` (each chunk file is then the chunk's raw bytes, padded to the full chunk shape);
+    None otherwise, or for small arrays (tensorstore writes those)."""
+    if a.nbytes < RAW_MIN_BYTES or a.ndim == 0:
+        return None
+    js = t.spec().to_json()
+    md, kv = js.get("metadata", {}), js.get("kvstore", {})
+    if (js.get("driver") != "zarr" or kv.get("driver") != "file" or md.get("compressor") is not None
+            or md.get("filters") is not None or md.get("order", "C") != "C"
+            or np.dtype(t.dtype.numpy_dtype) != a.dtype or a.dtype.byteorder == ">"):
+        return None
+    sep = md.get("dimension_separator", ".")
+    chunks = tuple(md["chunks"])
+    root = pathlib.Path(kv["path"])
+    grid = [range(-(-n // c)) for n, c in zip(a.shape, chunks)]
+    return {ix: root / sep.join(map(str, ix)) for ix in itertools.product(*grid)}
+
+
+def _write_chunks(files, a, chunks):
+    from convert import direct
+    for ix, path in files.items():
+        sl = tuple(slice(i * c, (i + 1) * c) for i, c in zip(ix, chunks))
+        part = a[sl]
+        if part.shape != chunks:                       # an edge chunk is stored at full size, padded with zeros
+            full = np.zeros(chunks, a.dtype)
+            full[tuple(slice(0, n) for n in part.shape)] = part
+            part = full
+        direct.write_whole(path, np.ascontiguousarray(part).reshape(-1).view(np.uint8))
+
+
+def _chunk(a, limit=None):
+    """On-disk chunk: whole rows of the first axis, at most `limit` (CHUNK_BYTES) bytes (reads and writes go chunk
+    by chunk)."""
+    limit = CHUNK_BYTES if limit is None else limit
     if a.ndim == 0 or a.nbytes <= limit:
         return a.shape
     row = a.nbytes // a.shape[0]
@@ -219,7 +258,10 @@ class ParamStore:
     def _context(self, ocdbt):
         if not hasattr(self, "_ctx"):
             from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-            self._ctx = ts_utils.get_ts_context(use_ocdbt=ocdbt)
+            import tensorstore as ts
+            # chunk files are mapped, not read(): no copy into freshly allocated buffers (~4x faster reads)
+            self._ctx = ts.Context(ts.Context.Spec({"file_io_mode": {"mode": "memmap"}}),
+                                   parent=ts_utils.get_ts_context(use_ocdbt=ocdbt))
         return self._ctx
 
 

@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import pickle
 import struct
@@ -21,6 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from convert import direct
 from glm_jax.checkpoint import _ST_DTYPES, ST_NAMES  # noqa: F401 - one table of safetensors dtype names
 
 # The safetensors library sorts tensors by dtype (this order, largest first), then by name.
@@ -165,13 +165,6 @@ class _Behind:
             self.pool.shutdown(wait=True)
 
 
-def _pwrite(fd, data, offset, piece=8 << 20):
-    """Positioned write in 8 MB pieces (on some VMs one huge write() is several times slower)."""
-    mv = memoryview(data).cast("B")
-    for i in range(0, len(mv), piece):
-        os.pwrite(fd, mv[i:i + piece], offset + i)
-
-
 def production_order(fmt: str, entries: list) -> list:
     """The order tensors are computed in: largest first for safetensors (written in place at their offsets), so
     the biggest buffers are allocated first and later ones reuse them; file order for .bin (a sequential zip)."""
@@ -183,16 +176,11 @@ def write_safetensors(path, entries: list, metadata: Optional[dict], produce: Ca
     offsets, off = {}, len(head)
     for e in entries:
         offsets[e.key], off = off, off + e.nbytes
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with _Behind() as behind:
-            os.ftruncate(fd, off)
-            _pwrite(fd, head, 0)
-            for e in production_order("safetensors", entries):
-                behind.before(e.nbytes)
-                behind(e.nbytes, _pwrite, fd, _bytes(produce(e.key), e), offsets[e.key])
-    finally:
-        os.close(fd)
+    with direct.File(path, off) as f, _Behind() as behind:
+        f.write(0, head)
+        for e in production_order("safetensors", entries):
+            behind.before(e.nbytes)
+            behind(e.nbytes, f.write, offsets[e.key], _bytes(produce(e.key), e))
 
 
 # ------------------------------------------------------------------ torch.save archive
