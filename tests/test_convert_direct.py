@@ -65,7 +65,13 @@ def _tree():
             "e": rng.standard_normal((64, 8)).astype(np.float32),                 # whole chunks only
             "b": rng.standard_normal((1000,)).astype(np.float16),                 # 1-D, edge chunk
             "i": rng.integers(-5, 5, (9, 4)).astype(np.int32),
-            "s": np.float32(3.5)}                                                 # 0-d: tensorstore writes it
+            "s": np.float32(3.5),                                                 # 0-d: tensorstore writes it
+            "m": _lazy(rng.standard_normal((10, 11, 6)).astype(np.float32), chunk=(5, 4, 6))}   # a --mesh layout
+
+
+def _lazy(a, chunk):
+    """A leaf with its own on-disk chunk (as `glm-convert to-jax --mesh` gives), split along two axes."""
+    return jax_io.Lazy(a.shape, a.dtype, lambda: a, order=-1, chunk=chunk)
 
 
 def _files(folder: pathlib.Path) -> dict:
@@ -83,15 +89,17 @@ def test_chunk_files_equal_tensorstores(tmp_path, monkeypatch):
     real = jax_io._write_chunks
     monkeypatch.setattr(jax_io, "_write_chunks", lambda *a: (calls.append(a[0]), real(*a)))
     jax_io.save_params(tmp_path / "raw", _tree())
-    assert sum(len(c) for c in calls) > len(calls) == 4          # 4 arrays by us, in several chunks
+    assert sum(len(c) for c in calls) > len(calls) == 5          # 5 arrays by us, in several chunks
+    assert any(len(k) > 1 and k[1] > 0 for c in calls for k in c)              # a chunk grid along a second axis too
     ts_files, raw_files = _files(tmp_path / "ts"), _files(tmp_path / "raw")
     assert sorted(raw_files) == sorted(ts_files) and any(k.endswith(".0.0") for k in ts_files)
     for k in ts_files:
         assert raw_files[k] == ts_files[k], k
     store = jax_io.ParamStore(tmp_path / "raw")
     for k, v in _tree().items():
+        v = v.fetch() if isinstance(v, jax_io.Lazy) else np.asarray(v)
         got = store.read(k)
-        assert got.dtype == v.dtype and got.tobytes() == np.asarray(v).tobytes(), k
+        assert got.dtype == v.dtype and got.tobytes() == v.tobytes(), k
 
 
 @pytest.mark.parametrize("view", ["tall", "wide", "second-axis-split", "per-head", "not-transposed"])
