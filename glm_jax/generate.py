@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.model.layers import dtype_of
 from glm_jax.model.masks import context_length, default_allowed, default_positions
+from glm_jax.model.transformer import init_cache
 
 
 def sample_logits(logits_BV, rng, do_sample, temperature, top_k, top_p):
@@ -50,9 +50,7 @@ def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, 
     c = module.cfg
     B, T = ids_BT.shape
     S = T + max_new
-    dt = dtype_of(c.dtype)
-    shape = (c.num_layers, B, S, c.num_kv_heads, c.head_dim)
-    cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    cache = init_cache(c, B, S)
     allowed = jnp.zeros((B, T, S), bool).at[:, :, :T].set(allowed_BTT)
     logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache=cache, cache_index=0)
     key_valid = jnp.concatenate([mask_BT.astype(bool), jnp.zeros((B, max_new), bool)], axis=1)

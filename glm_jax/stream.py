@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.generate import _next_position, sample_logits
-from glm_jax.model.layers import dtype_of
 from glm_jax.model.masks import default_allowed, default_positions
+from glm_jax.model.transformer import init_cache
 
 CACHE_MULTIPLE = 256
 PROMPT_MULTIPLE = 64
@@ -37,8 +37,7 @@ def _prefill(module, params, ids_BT, mask_BT, n_real, rng, temperature, top_p, *
     logits at n_real - 1. Returns (token [B], cache, key_valid [B, S], position of the last real token, rng)."""
     c = module.cfg
     B, T = ids_BT.shape
-    shape = (c.num_layers, B, cache_len, c.num_kv_heads, c.head_dim)
-    cache = {"k": jnp.zeros(shape, dtype_of(c.dtype)), "v": jnp.zeros(shape, dtype_of(c.dtype))}
+    cache = init_cache(c, B, cache_len)
     pos = default_positions(c, ids_BT, mask_BT)
     allowed = jnp.zeros((B, T, cache_len), bool).at[:, :, :T].set(default_allowed(c, ids_BT, mask_BT))
     logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache=cache, cache_index=0)

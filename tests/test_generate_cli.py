@@ -61,7 +61,7 @@ def test_stream_stops_sampling_and_compiles_once():
                                                   jnp.asarray((ids_p != 0).astype(np.int32)), n,
                                                   jax.random.PRNGKey(0), one, one, cache_len=256, **opts)
     nxt = stream._step(lm.module, lm.params, cache, valid, tok, pos, n, rng, one, one, **opts)[0]
-    assert cache["k"].is_deleted() and cache["v"].is_deleted()
+    assert all(a.is_deleted() for a in jax.tree.leaves(cache))     # every layer's k and v
     assert [int(tok[0]), int(nxt[0])] == greedy[:2]
     assert (stream._prefill._cache_size(), stream._step._cache_size()) == sizes
     # sampling follows lm.generate's rng sequence

@@ -136,23 +136,22 @@ def test_glm_original_default_positions_and_loss():
     assert abs(loss - float(d["pretrain_loss"])) <= 1e-4
 
 
-def test_glm_original_incremental_decoding():
-    """KV-cached decoding of row 1 from its first 9 tokens gives the reference's incremental logits."""
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_glm_original_incremental_decoding(per_layer):
+    """KV-cached decoding of row 1 from its first 9 tokens gives the reference's incremental logits, with the
+    cache as per-layer arrays (what generate uses) and stacked."""
     d = io("glm-original")
     lm = load("glm-original")
     row, n = int(d["incr_row"]), int(d["incr_context_len"])
     ids = d["input_ids"][row:row + 1]
-    from glm_jax.generate import _decode
-    import jax
-    import jax.numpy as jnp
+    from glm_jax.model.transformer import init_cache
     pos = d["position_ids"][row:row + 1]
     T = ids.shape[1]
     allowed = (np.arange(T)[None, :] < d["sep"][row]) | (np.arange(T)[None, :] <= np.arange(T)[:, None])
     # teacher-forced: feed the context, then tokens n..n+3 one at a time through the cache
     cfg = lm.config
     S = n + 4
-    shape = (cfg.num_layers, 1, S, cfg.num_kv_heads, cfg.head_dim)
-    cache = {"k": jnp.zeros(shape), "v": jnp.zeros(shape)}
+    cache = init_cache(cfg, 1, S, per_layer=per_layer)
     a = np.zeros((1, n, S), bool)
     a[0, :, :n] = allowed[:n, :n]
     logits, cache = lm.module.apply({"params": lm.params}, ids[:, :n], a, pos[..., :n], cache=cache, cache_index=0)

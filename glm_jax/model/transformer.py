@@ -81,8 +81,10 @@ class GLMModel(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *,
                  segment_ids=None, cache=None, cache_index=None, return_hidden=False):
-        """Logits [B, T, V] in float32. With `cache` ({"k","v"}: [L, B, S, K, H]) the caller passes a dense
-        attention_mask [B, T, S] and position_ids, and gets (logits, new_cache)."""
+        """Logits [B, T, V] in float32. With `cache` ({"k","v"}: [L, B, K, S, H], or per-layer tuples of L
+        [B, K, S, H] arrays; `init_cache` makes one) the caller passes a dense attention_mask [B, T, S] and position_ids, and gets
+        (logits, new_cache) in the same form. Per-layer tuples let XLA update each layer's cache in place
+        (a stacked one is sliced and re-stacked every step)."""
         c = self.cfg
         dt = dtype_of(c.dtype)
         input_ids = jnp.asarray(input_ids)
@@ -107,17 +109,26 @@ class GLMModel(nn.Module):
             B = input_ids.shape[0]
             kv = jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (B,) + kv.shape[2:])
             xs["prefix"] = (kv[:, 0], kv[:, 1])
+        per_layer = cache is not None and isinstance(cache["k"], (tuple, list))
         if cache is not None:
-            xs["cache"] = (cache["k"], cache["v"])
+            kv = (cache["k"], cache["v"])
+            xs["cache"] = tuple(map(jnp.stack, kv)) if per_layer and c.scan_layers else kv
 
         if c.scan_layers:
             x, ys = self.layers(x, xs, position_ids, allowed, cache_index)
+            if per_layer:
+                ys["cache"] = tuple(tuple(a) for a in ys["cache"])
         else:
             outs = []
             for i, layer in enumerate(self.layers):
-                x, y = layer(x, jax.tree.map(lambda a: a[i], xs), position_ids, allowed, cache_index)
+                xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else jax.tree.map(lambda a: a[i], v)
+                      for k, v in xs.items()}
+                x, y = layer(x, xi, position_ids, allowed, cache_index)
                 outs.append(y)
+            cache_out = [y.pop("cache") for y in outs] if per_layer else None
             ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            if per_layer:
+                ys["cache"] = tuple(zip(*cache_out))
         last = x
         if c.final_norm:
             x = self.final_norm(x)
@@ -151,6 +162,15 @@ class Embed(nn.Module):
 def _init_args(cfg):
     ids = jnp.zeros((1, 4), jnp.int32)
     return ids
+
+
+def init_cache(cfg, batch: int, length: int, per_layer: bool = True) -> dict:
+    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B, K, S, H] arrays (or stacked [L, B, K, S, H])."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    dt = dtype_of(cfg.dtype)
+    if per_layer:
+        return {n: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for n in ("k", "v")}
+    return {n: jnp.zeros((cfg.num_layers,) + shape, dt) for n in ("k", "v")}
 
 
 @functools.lru_cache(maxsize=32)
