@@ -11,6 +11,8 @@ import mmap
 import os
 import threading
 
+import numpy as np
+
 ALIGN = 4096          # offset, length and buffer alignment O_DIRECT needs (a multiple of any logical block size)
 PIECE = 8 << 20       # staging buffer: one O_DIRECT write
 
@@ -96,13 +98,11 @@ _local = threading.local()
 
 def address(buf) -> int:
     """The memory address of a buffer's first byte."""
-    import numpy as np
     return np.frombuffer(buf, np.uint8).ctypes.data if len(buf) else 0
 
 
 def empty(shape, dtype):
     """np.empty whose data starts on a 4 KB boundary, so that whole-array O_DIRECT writes need no staging copy."""
-    import numpy as np
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(n + ALIGN, np.uint8)

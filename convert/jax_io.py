@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from convert import direct
 from glm_jax.checkpoint import CheckpointFormatError
 from glm_jax.config import ConfigError, GLMConfig
 
@@ -136,7 +137,6 @@ def _raw_chunk_files(t, a):
 
 
 def _write_chunks(files, a, chunks):
-    from convert import direct
     for ix, path in files.items():
         sl = tuple(slice(i * c, (i + 1) * c) for i, c in zip(ix, chunks))
         part = a[sl]

@@ -125,7 +125,7 @@ def test_chatglm2_32k_position_interpolation_is_recognised():
 
 @pytest.mark.parametrize("name", ["chatglm2-6b-ptuning-v2", "transformers-glm4"])
 def test_greedy_generation_with_scanned_layers(name):
-    """generate on a scan_layers model (the KV cache goes through the scan stacked, then back per layer)
+    """generate on a scan_layers model (its KV cache stacked [L, B, K, S, H], consumed by the scan as is)
     reproduces the reference's greedy ids and cached step logits."""
     import glm_jax
     d = io(name)

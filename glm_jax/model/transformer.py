@@ -81,10 +81,10 @@ class GLMModel(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *,
                  segment_ids=None, cache=None, cache_index=None, return_hidden=False):
-        """Logits [B, T, V] in float32. With `cache` ({"k","v"}: [L, B, K, S, H], or per-layer tuples of L
-        [B, K, S, H] arrays; `init_cache` makes one) the caller passes a dense attention_mask [B, T, S] and position_ids, and gets
-        (logits, new_cache) in the same form. Per-layer tuples let XLA update each layer's cache in place
-        (a stacked one is sliced and re-stacked every step)."""
+        """Logits [B, T, V] in float32. With `cache` (from `init_cache`: {"k","v"} stacked [L, B, K, S, H], or
+        without scan_layers per-layer tuples of L [B, K, S, H] arrays, which XLA updates in place instead of
+        slicing and re-stacking) the caller passes a dense attention_mask [B, T, S] and position_ids, and gets
+        (logits, new_cache) in the same form."""
         c = self.cfg
         dt = dtype_of(c.dtype)
         input_ids = jnp.asarray(input_ids)
@@ -111,13 +111,12 @@ class GLMModel(nn.Module):
             xs["prefix"] = (kv[:, 0], kv[:, 1])
         per_layer = cache is not None and isinstance(cache["k"], (tuple, list))
         if cache is not None:
-            kv = (cache["k"], cache["v"])
-            xs["cache"] = tuple(map(jnp.stack, kv)) if per_layer and c.scan_layers else kv
+            if per_layer and c.scan_layers:
+                raise ValueError("scan_layers models take a stacked [L, B, K, S, H] cache (init_cache gives one)")
+            xs["cache"] = (cache["k"], cache["v"])
 
         if c.scan_layers:
             x, ys = self.layers(x, xs, position_ids, allowed, cache_index)
-            if per_layer:
-                ys["cache"] = tuple(tuple(a) for a in ys["cache"])
         else:
             outs = []
             for i, layer in enumerate(self.layers):
@@ -164,10 +163,13 @@ def _init_args(cfg):
     return ids
 
 
-def init_cache(cfg, batch: int, length: int, per_layer: bool = True) -> dict:
-    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B, K, S, H] arrays (or stacked [L, B, K, S, H])."""
+def init_cache(cfg, batch: int, length: int, per_layer=None) -> dict:
+    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B, K, S, H] arrays, or stacked [L, B, K, S, H].
+    By default in the form the model consumes as is: stacked for scan_layers, per layer otherwise."""
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dt = dtype_of(cfg.dtype)
+    if per_layer is None:
+        per_layer = not cfg.scan_layers
     if per_layer:
         return {n: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for n in ("k", "v")}
     return {n: jnp.zeros((cfg.num_layers,) + shape, dt) for n in ("k", "v")}
