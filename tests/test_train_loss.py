@@ -1,9 +1,10 @@
 """The train loss (output projection only at loss positions, packed per batch shard) against transformers.
 
 Reference: transformers' GlmForCausalLM with labels = -100 where loss_mask is 0, i.e. its cross entropy over the
-loss positions, and the gradients of that loss (torch autograd). The loss masks are drawn at densities that
-land in each packing bucket (n/4, n/2, all n positions of a batch shard), on one device and on a (2,2,2) mesh
-where the batch is cut into 4 shards that each pack their own positions.
+loss positions, and the gradients of that loss (torch autograd). Each case puts a set number of loss positions
+in every batch shard so that it lands in a known packing bucket (train.step.pack_caps: n/8, ..., 3n/4, all n
+positions of a shard), at a bucket's edge or just past one, on one device and on a (2,2,2) mesh where the batch
+is cut into 4 shards that each pack their own positions.
 """
 import numpy as np
 import pytest
@@ -40,21 +41,37 @@ def _torch_reference(model, tokens, targets, mask, z_loss=0.0):
     return float(loss.detach()), {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
 
 
+# (eighths of a shard's n positions that carry loss in its fullest shard, the bucket that must run: its slots in
+# eighths of n); the other shards get 1 to that many loss positions
+CASES = {"eighth-bucket-full": (1, 1), "past-quarter": (2.125, 3), "half-full": (4, 4), "past-half": (4.125, 6),
+         "all-slots": (7, 8)}
+
+
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)], ids=["1-device", "mesh-2x2x2"])
-@pytest.mark.parametrize("density,z_loss", [(0.1, 0.0), (0.4, 0.0), (0.9, 0.0), (0.4, 0.1)],
-                         ids=["quarter-bucket", "half-bucket", "full", "half-bucket-z-loss"])
-def test_selected_loss_and_grads_match_transformers(glm_pair, mesh_shape, density, z_loss):
+@pytest.mark.parametrize("case,z_loss", [(c, 0.0) for c in CASES] + [("past-quarter", 0.1)],
+                         ids=list(CASES) + ["past-quarter-z-loss"])
+def test_selected_loss_and_grads_match_transformers(glm_pair, mesh_shape, case, z_loss):
     import jax
     import jax.numpy as jnp
     from glm_jax.sharding import axis_rules, make_mesh
-    from train.step import batch_shards, loss_sums
+    from train.step import batch_shards, loss_sums, pack_caps
     model, lm = glm_pair
-    rng = np.random.default_rng(int(density * 10))
+    eighths, bucket = CASES[case]
+    rng = np.random.default_rng(len(case))
     B, T = 8, 32
+    G = 1 if mesh_shape is None else 4
+    n = B * T // G
+    worst = int(eighths * n / 8)
+    counts = [worst] + list(rng.integers(1, worst + 1, G - 1))
+    mask = np.zeros((G, n), np.float32)
+    for g, c in enumerate(counts):
+        mask[g, rng.permutation(n)[:c]] = 1.0
+    mask = mask.reshape(B, T)
     tokens = rng.integers(2, 320, (B, T))
     targets = rng.integers(2, 320, (B, T))
-    mask = (rng.random((B, T)) < density).astype(np.float32)
-    mask[0, :2] = 1.0                                  # never an empty batch
+    caps = pack_caps(n)
+    assert caps == [n * k // 8 for k in (1, 2, 3, 4, 6, 8)]
+    assert min(c for c in caps if c >= worst) == n * bucket // 8   # the case lands in the bucket it is meant for
     ref_loss, ref_grads = _torch_reference(model, tokens, targets, mask, z_loss)
     batch = {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(targets, jnp.int32),
              "loss_mask": jnp.asarray(mask), "position_ids": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
@@ -69,10 +86,7 @@ def test_selected_loss_and_grads_match_transformers(glm_pair, mesh_shape, densit
         mesh = make_mesh(*mesh_shape)
         with jax.set_mesh(mesh), axis_rules():
             (value, shards), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lm.params)
-    assert int(shards) == (1 if mesh_shape is None else 4)
-    n = B * T // int(shards)                          # the case really lands in the bucket it is named after
-    worst = (mask.reshape(int(shards), n) != 0).sum(1).max()
-    assert {0.1: worst <= n // 4, 0.4: n // 4 < worst <= n // 2, 0.9: worst > n // 2}[density]
+    assert int(shards) == G
     assert abs(float(value) - ref_loss) <= 1e-4 * max(1.0, abs(ref_loss))
     # spot-check gradients through every kind of parameter: head, MLP, attention, embedding, norm
     ours = {"lm_head.weight": np.asarray(grads["lm_head"]["kernel"]).T,
