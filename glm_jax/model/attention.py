@@ -11,6 +11,26 @@ from glm_jax.model.positions import apply_rope
 NEG = -1e30  # finite: a fully blocked row gets uniform weights instead of NaN
 
 
+@jax.custom_vjp
+def softmax(x):
+    """Softmax over the last axis, with its gradient written out: p·(g - Σ g·p), one reduction. Autodiff of
+    jax.nn.softmax compiles to about 3x slower code on XLA:CPU (measured fwd+bwd on [8, 4, 128, 128])."""
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(x):
+    p = softmax(x)
+    return p, p
+
+
+def _softmax_bwd(p, g):
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def attend(q_BTNH, k, v, allowed_BTS, dtype, kv_first=False):
     """softmax(q·k/sqrt(H)) · v with float32 scores; query head n uses kv group n // (N/K). k, v: [B, S, K, H],
     or [B, K, S, H] with kv_first (the KV cache's layout).
@@ -28,7 +48,7 @@ def attend(q_BTNH, k, v, allowed_BTS, dtype, kv_first=False):
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
     scores = scores / jnp.sqrt(jnp.float32(H))
     scores = jnp.where(allowed_BTS[:, None, None], scores, NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
+    probs = softmax(scores).astype(dtype).reshape(B, K, G * T, S)
     ctx = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
     return ctx.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dtype)
 

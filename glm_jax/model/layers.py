@@ -1,6 +1,7 @@
 """Small building blocks: logically partitioned params, norms, dense projections."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -52,13 +53,50 @@ class Norm(nn.Module):
         x = x_BTD.astype(jnp.float32)
         if self.kind == "layernorm":
             bias = param(self, "bias", (d,), ("norm",), nn.initializers.zeros, self.param_dtype)
-            mean = jnp.mean(x, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            y = norm(x, scale, bias, float(self.eps))
         else:
-            var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-            y = x * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+            y = norm(x, scale, None, float(self.eps))
         return y.astype(dtype_of(self.dtype))
+
+
+def _normalize(x, eps, center):
+    """(x̂, 1/σ) of float32 x over its last axis: LayerNorm's (x - mean)/σ, or RMSNorm's x/rms without center."""
+    if center:
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def norm(x, scale, bias, eps):
+    """LayerNorm (bias given) or RMSNorm (bias None) of float32 x over its last axis, float32 out.
+
+    The gradient is written out (dx = (ĝ - mean(ĝ) - x̂·mean(ĝ·x̂))/σ with ĝ = g·scale; no mean(ĝ) for RMSNorm):
+    two row reductions in one pass, where autodiff of the formula gives five, which is 2x the time on CPU."""
+    xh, _ = _normalize(x, eps, bias is not None)
+    y = xh * scale.astype(jnp.float32)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def _norm_fwd(x, scale, bias, eps):
+    xh, rstd = _normalize(x, eps, bias is not None)
+    y = xh * scale.astype(jnp.float32)
+    return (y if bias is None else y + bias.astype(jnp.float32)), (xh, rstd, scale, bias)
+
+
+def _norm_bwd(eps, res, g):
+    xh, rstd, scale, bias = res
+    lead = tuple(range(g.ndim - 1))
+    gh = g * scale.astype(jnp.float32)
+    dx = gh - xh * jnp.mean(gh * xh, axis=-1, keepdims=True)
+    if bias is not None:
+        dx = dx - jnp.mean(gh, axis=-1, keepdims=True)
+    dscale = jnp.sum(g * xh, axis=lead).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(g, axis=lead).astype(bias.dtype)
+    return dx * rstd, dscale, dbias
+
+
+norm.defvjp(_norm_fwd, _norm_bwd)
 
 
 class Dense(nn.Module):
