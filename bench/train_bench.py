@@ -8,8 +8,8 @@ Rows, all at the default config's batch and sequence length (train/configs/defau
 
 Every row trains on the same kind of batch: loss on a random 30% of the positions (blank infilling puts it on
 Part B only). transformers projects every position to the vocabulary and drops the rest in its loss; glm-train
-projects only the loss positions (loss_select, packed into n/8, n/4, 3n/8, n/2, 3n/4 or n slots per batch
-shard): same loss, less work. Model FLOP/s below count the full projection for every row alike (the conventional MFU count).
+projects only the loss positions (loss_select, packed into n/8, 3n/16, ..., n/2, 3n/4 or n slots per batch
+shard, train/step.py pack_caps): same loss, less work. Model FLOP/s below count the full projection for every row alike (the conventional MFU count).
 
 Achieved FLOP/s counts model flops (6·matmul params + 12·L·T·N·H per token; train/step.py flops_per_token)
 and is given as a fraction of this CPU's float32 matmul peak, measured in the same run with jnp (and with

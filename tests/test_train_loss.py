@@ -41,27 +41,29 @@ def _torch_reference(model, tokens, targets, mask, z_loss=0.0):
     return float(loss.detach()), {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
 
 
-# (eighths of a shard's n positions that carry loss in its fullest shard, the bucket that must run: its slots in
-# eighths of n); the other shards get 1 to that many loss positions
-CASES = {"eighth-bucket-full": (1, 1), "past-quarter": (2.125, 3), "half-full": (4, 4), "past-half": (4.125, 6),
-         "all-slots": (7, 8)}
+# every shard's loss positions are packed into the smallest bucket that holds the fullest shard's; the cases sit
+# at a bucket's edge or one past it. n = 256 positions per shard on one device, 64 on the mesh (4 shards)
+CAPS = {256: [32, 48, 64, 80, 96, 112, 128, 192, 256], 64: [8, 16, 24, 32, 48, 64]}
+CASES = {"smallest-full": (0, 0), "past-smallest": (0, 1), "half-full": (-3, 0), "past-half": (-3, 1),
+         "largest-but-one-full": (-2, 0), "past-all-but-one": (-2, 1)}   # (bucket index, positions past its edge)
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)], ids=["1-device", "mesh-2x2x2"])
-@pytest.mark.parametrize("case,z_loss", [(c, 0.0) for c in CASES] + [("past-quarter", 0.1)],
-                         ids=list(CASES) + ["past-quarter-z-loss"])
+@pytest.mark.parametrize("case,z_loss", [(c, 0.0) for c in CASES] + [("past-smallest", 0.1)],
+                         ids=list(CASES) + ["past-smallest-z-loss"])
 def test_selected_loss_and_grads_match_transformers(glm_pair, mesh_shape, case, z_loss):
     import jax
     import jax.numpy as jnp
     from glm_jax.sharding import axis_rules, make_mesh
     from train.step import batch_shards, loss_sums, pack_caps
     model, lm = glm_pair
-    eighths, bucket = CASES[case]
     rng = np.random.default_rng(len(case))
     B, T = 8, 32
     G = 1 if mesh_shape is None else 4
     n = B * T // G
-    worst = int(eighths * n / 8)
+    assert pack_caps(n) == CAPS[n]
+    i, past = CASES[case]
+    worst = CAPS[n][i] + past                          # the fullest shard; the others get 1 to that many
     counts = [worst] + list(rng.integers(1, worst + 1, G - 1))
     mask = np.zeros((G, n), np.float32)
     for g, c in enumerate(counts):
@@ -69,9 +71,6 @@ def test_selected_loss_and_grads_match_transformers(glm_pair, mesh_shape, case, 
     mask = mask.reshape(B, T)
     tokens = rng.integers(2, 320, (B, T))
     targets = rng.integers(2, 320, (B, T))
-    caps = pack_caps(n)
-    assert caps == [n * k // 8 for k in (1, 2, 3, 4, 6, 8)]
-    assert min(c for c in caps if c >= worst) == n * bucket // 8   # the case lands in the bucket it is meant for
     ref_loss, ref_grads = _torch_reference(model, tokens, targets, mask, z_loss)
     batch = {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(targets, jnp.int32),
              "loss_mask": jnp.asarray(mask), "position_ids": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
