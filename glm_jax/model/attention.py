@@ -33,24 +33,30 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 def attend(q_BTNH, k, v, allowed_BTS, dtype, kv_first=False):
     """softmax(q·k/sqrt(H)) · v with float32 scores; query head n uses kv group n // (N/K). k, v: [B, S, K, H],
-    or [B, K, S, H] with kv_first (the KV cache's layout).
+    or [B·K, S, H] with kv_first (the KV cache's layout: batch and kv head flattened, batch-major).
 
     Laid out as batched matrix products over (batch, kv group) with the group's G query heads stacked along the
-    query axis ([B, K, G·T, H] · [B, K, S, H]), which XLA:CPU runs as plain batched GEMMs (fwd+bwd 1.1-1.5x
+    query axis ([B·K, G·T, H] · [B·K, S, H]), which XLA:CPU runs as plain batched GEMMs (fwd+bwd 1.1-1.5x
     faster than a 5-D einsum with the heads as batch dims, measured at B=8, T=128)."""
     B, T, N, H = q_BTNH.shape
     if not kv_first:
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    K, S = k.shape[1], k.shape[2]
+        k, v = (flat_heads(a) for a in (k, v))
+    K, S = k.shape[0] // B, k.shape[1]
     G = N // K
-    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
     v = v.astype(dtype)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
+    scores = jnp.einsum("nqh,nsh->nqs", q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
     scores = scores / jnp.sqrt(jnp.float32(H))
     scores = jnp.where(allowed_BTS[:, None, None], scores, NEG)
-    probs = softmax(scores).astype(dtype).reshape(B, K, G * T, S)
-    ctx = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
+    probs = softmax(scores).astype(dtype).reshape(B * K, G * T, S)
+    ctx = jnp.einsum("nqs,nsh->nqh", probs, v, preferred_element_type=jnp.float32 if dtype == jnp.float32 else None)
     return ctx.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dtype)
+
+
+def flat_heads(x_BTKH):
+    """[B, T, K, H] -> [B·K, T, H], the KV cache's layout."""
+    B, T, K, H = x_BTKH.shape
+    return x_BTKH.transpose(0, 2, 1, 3).reshape(B * K, T, H)
 
 
 class Attention(nn.Module):
@@ -71,18 +77,21 @@ class Attention(nn.Module):
         new_cache = None
         kv_first = cache is not None
         if cache is not None:  # write this step's keys/values at cache_index, attend over the whole cache
-            ck, cv = cache     # [B, K, S, H]: attention reads it as is (no per-step transpose of the cache)
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), cache_index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), cache_index, axis=2)
+            # [B·K, S, H]: attention's batched products read the updated cache as is. With a [B, K, S, H] cache
+            # XLA:CPU flattens it for them, fuses the update into that reshape and into the new cache separately,
+            # and copies the whole cache for each: 4 copies of every layer's k and v per decoded token.
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, flat_heads(k).astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, flat_heads(v).astype(cv.dtype), cache_index, axis=1)
             new_cache = (k, v)
         if prefix_kv is not None:  # P-Tuning v2: P leading keys/values, not rotated, visible to every query
             pk, pv = prefix_kv     # [B, P, K, H]
+            P = pk.shape[1]
             if kv_first:
-                pk, pv = pk.transpose(0, 2, 1, 3), pv.transpose(0, 2, 1, 3)
-            k = jnp.concatenate([pk.astype(k.dtype), k], axis=2 if kv_first else 1)
-            v = jnp.concatenate([pv.astype(v.dtype), v], axis=2 if kv_first else 1)
+                pk, pv = flat_heads(pk), flat_heads(pv)
+            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
             B, T = allowed_BTS.shape[:2]
-            P = pk.shape[2 if kv_first else 1]
             allowed_BTS = jnp.concatenate([jnp.ones((B, T, P), bool), allowed_BTS], axis=2)
         ctx = attend(q, k.astype(dt), v.astype(dt), allowed_BTS, dt, kv_first=kv_first)
         out = Dense((N, H), (D,), ("q_heads", "kv", "embed"), c.out_bias, name="o", **kw)(ctx)

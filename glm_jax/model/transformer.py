@@ -81,8 +81,8 @@ class GLMModel(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *,
                  segment_ids=None, cache=None, cache_index=None, return_hidden=False):
-        """Logits [B, T, V] in float32. With `cache` (from `init_cache`: {"k","v"} stacked [L, B, K, S, H], or
-        without scan_layers per-layer tuples of L [B, K, S, H] arrays, which XLA updates in place instead of
+        """Logits [B, T, V] in float32. With `cache` (from `init_cache`: {"k","v"} stacked [L, B·K, S, H], or
+        without scan_layers per-layer tuples of L [B·K, S, H] arrays, which XLA updates in place instead of
         slicing and re-stacking) the caller passes a dense attention_mask [B, T, S] and position_ids, and gets
         (logits, new_cache) in the same form."""
         c = self.cfg
@@ -112,7 +112,7 @@ class GLMModel(nn.Module):
         per_layer = cache is not None and isinstance(cache["k"], (tuple, list))
         if cache is not None:
             if per_layer and c.scan_layers:
-                raise ValueError("scan_layers models take a stacked [L, B, K, S, H] cache (init_cache gives one)")
+                raise ValueError("scan_layers models take a stacked [L, B·K, S, H] cache (init_cache gives one)")
             xs["cache"] = (cache["k"], cache["v"])
 
         if c.scan_layers:
@@ -164,9 +164,10 @@ def _init_args(cfg):
 
 
 def init_cache(cfg, batch: int, length: int, per_layer=None) -> dict:
-    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B, K, S, H] arrays, or stacked [L, B, K, S, H].
-    By default in the form the model consumes as is: stacked for scan_layers, per layer otherwise."""
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B·K, S, H] arrays (batch and kv head flattened,
+    batch-major), or stacked [L, B·K, S, H]. By default in the form the model consumes as is: stacked for
+    scan_layers, per layer otherwise."""
+    shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
     dt = dtype_of(cfg.dtype)
     if per_layer is None:
         per_layer = not cfg.scan_layers
