@@ -49,17 +49,19 @@ def c(a):
     if a.flags.c_contiguous or a.ndim < 2 or a.size < (1 << 16) or not a.itemsize or a.strides[0] != a.itemsize:
         return np.ascontiguousarray(a)
     src = _raw(a)
-    out = direct.empty(src.shape, src.dtype)
+    shape = src.shape
     try:
         src.shape = (a.shape[0], -1)            # [cols of the source, rows of the source]; raises if not a view
     except AttributeError:
         if a.ndim != 3:
             return np.ascontiguousarray(a)
+        out = direct.empty(shape, src.dtype)
         for n in range(a.shape[1]):             # [D, N, H] from per-head blocks: one transposed copy per head
             copy_2d(out[:, n], src[:, n])
         return out.view(a.dtype)
-    copy_2d(out.reshape(src.shape), src)
-    return out.view(a.dtype)
+    out = direct.empty(src.shape, src.dtype)
+    copy_2d(out, src)
+    return out.view(a.dtype).reshape(a.shape)
 
 
 def _raw(a):
