@@ -15,7 +15,12 @@ Achieved FLOP/s counts model flops (6·matmul params + 12·L·T·N·H per token;
 and is given as a fraction of this CPU's float32 matmul peak, measured in the same run with jnp (and with
 torch for the torch row's own reference).
 
+The process runs with glm-train's host memory setting (host_heap, glm_jax/hostmem.py: freed heap memory kept
+for reuse, so XLA:CPU's per-step temp buffer is not page-faulted in again every step); it applies to both
+frameworks alike. --host-heap system measures with glibc's defaults instead.
+
     .venv/bin/python bench/train_bench.py [--rounds 4] [--steps 3] [--batch 16] [--seq 128] [--threads 2]
+                                          [--host-heap auto|keep|system]
 """
 from __future__ import annotations
 
@@ -138,7 +143,11 @@ def main():
     ap.add_argument("--batch", type=int, default=0, help="0: the default config's batch_size")
     ap.add_argument("--seq", type=int, default=0, help="0: the default config's seq_len")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--host-heap", choices=("auto", "keep", "system"), default="auto",
+                    help="glm-train's host_heap key, applied to this whole process (both frameworks alike)")
     args = ap.parse_args()
+    from glm_jax import hostmem
+    kept = hostmem.apply(args.host_heap)   # as glm-train does, before either framework starts its threads
     import torch
     torch.set_num_threads(args.threads)
     from train.config import build
@@ -165,7 +174,8 @@ def main():
                 losses[name] = run()
                 times[name].append(time.perf_counter() - t)
     print(f"batch {B} x seq {T} = {B * T} tokens/step; float32 matmul peak (best of the run): jax "
-          f"{peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s ({args.threads} threads)")
+          f"{peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s ({args.threads} threads); freed host "
+          f"memory {'kept for reuse' if kept else 'returned to the system'} (host_heap={args.host_heap})")
     rows = []
     for name, c, _ in runners:
         ts = sorted(times[name])

@@ -14,6 +14,7 @@ def test_cli_run_writes_metrics_plot_events_and_checkpoints(tmp_path):
                        env=cli_env(2), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "step 4: loss" in r.stdout
+    assert "freed host memory kept for reuse" in r.stdout   # host_heap=auto on CPU (glm_jax/hostmem.py)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in recs if "loss" in x]
     assert [x["step"] for x in train] == [1, 2, 3, 4]
@@ -40,6 +41,7 @@ def test_cli_bad_input_exits_2_with_one_error_line(tmp_path):
                          (("steps=ten",), "steps"),
                          (("--config", "no_such_file.yaml"), "not found"),
                          (("mesh.tensor=0",), "mesh"),
+                         (("host_heap=never",), "host_heap"),
                          (("model=no_such_preset", f"output_dir={tmp_path}"), "model=no_such_preset")]:
         rc, err = _bad(*args)
         assert rc == 2, (args, err)

@@ -49,6 +49,7 @@ DEFAULTS: dict = {
     "param_dtype": "float32",
     "remat": "none",                 # none | full | dots
     "scan_layers": False,
+    "host_heap": "auto",             # auto | keep | system: keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
     # parallelism
     "mesh": {"data": 1, "fsdp": 1, "tensor": 1},   # -1 on one axis: all remaining devices
     "distributed": {"coordinator": "", "num_processes": 0, "process_id": -1, "cpu_collectives": "gloo",
@@ -82,6 +83,7 @@ CHOICES = {
     "param_dtype": ("float32", "bfloat16", "float16"),
     "remat": ("none", "full", "dots"),
     "progress": ("auto", "bar", "lines", "none"),
+    "host_heap": ("auto", "keep", "system"),
 }
 POSITIVE = ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
 

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
             report = compile_report(tc)
             print(report["verdict"], flush=True)
         else:
+            from glm_jax import hostmem
+            hostmem.apply(tc["host_heap"])   # before the JAX backend starts its threads
             from train.parallel import init_distributed
             init_distributed(tc["distributed"])
             from train.trainer import train

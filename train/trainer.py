@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from glm_jax import hostmem
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.sharding import axis_rules
 from train import data as data_lib
@@ -242,7 +243,8 @@ def train(tc: dict) -> dict:
         rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
     rep.say(f"model {tc['model']}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
             f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
-            f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})")
+            f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
+            + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else ""))
     step, pending, last_loss = run.start_step, [], None
     t_start = t_mark = time.perf_counter()
     steps_since, first = 0, True

@@ -1,0 +1,82 @@
+"""Host memory for XLA:CPU training: keep freed heap memory for reuse instead of fresh pages every step.
+
+Every execution of a compiled XLA:CPU program mallocs one temp buffer for its intermediates and frees it when it
+returns (174 MB for the default glm-train step). glibc serves a block that large with a fresh anonymous mmap and
+unmaps it on free, so every step first-touches the whole buffer again: 35k minor page faults per default step,
+~15% of its wall time on a 2-core host (measured: best step 222-235 ms kept vs 267-300 ms with the system
+defaults, alternating processes). One malloc arena, no mmap and no trimming keeps freed blocks in the heap,
+and the next step reuses them without faulting.
+
+glibc reads these settings when a thread first allocates: they must be set before the JAX backend starts its
+worker threads, which then share the main arena. Threads that already have an arena keep it, so
+keep_freed_heap() refuses once a backend exists.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8     # glibc <malloc.h>
+_ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+MODES = ("auto", "keep", "system")
+_kept = False
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version     # glibc only: musl and others have no such symbol
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _backend_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True    # cannot tell: assume the worker threads exist already
+
+
+def cpu_backend_expected() -> bool:
+    """Whether JAX will run on the CPU: the first of JAX_PLATFORMS (or jax.config.jax_platforms) when set,
+    otherwise true when no TPU, NVIDIA or AMD accelerator device node is visible."""
+    plats = os.environ.get("JAX_PLATFORMS", "")
+    if "jax" in sys.modules:
+        plats = sys.modules["jax"].config.jax_platforms or plats
+    if plats:
+        return plats.split(",")[0].strip().lower() == "cpu"
+    return not any(glob.glob(p) for p in _ACCELERATOR_NODES)
+
+
+def keep_freed_heap() -> bool:
+    """Sets glibc malloc to one arena, no mmap, no trimming (see the module docstring). Returns whether it did:
+    False off glibc, or once the JAX backend has started."""
+    libc = _glibc()
+    if libc is None or _backend_started():
+        return False
+    global _kept
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    _kept = all(libc.mallopt(option, value) == 1 for option, value in settings) or _kept
+    return _kept
+
+
+def kept() -> bool:
+    """Whether keep_freed_heap() has applied in this process."""
+    return _kept
+
+
+def apply(mode: str) -> bool:
+    """glm-train's `host_heap` key: "keep" always, "auto" when JAX will run on the CPU, "system" never."""
+    if mode not in MODES:
+        raise ValueError(f"host_heap must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode == "system" or (mode == "auto" and not cpu_backend_expected()):
+        return False
+    return keep_freed_heap()
