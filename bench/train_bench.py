@@ -33,21 +33,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def jax_matmul_peak(sizes=(1024, 2048), repeats=6) -> float:
-    import jax
-    import jax.numpy as jnp
-    best = 0.0
-    for n in sizes:
-        x = jnp.full((n, n), 0.01, jnp.float32)
-        f = jax.jit(lambda a: a @ a)
-        f(x).block_until_ready()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(x).block_until_ready()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
-    return best
-
-
 def torch_matmul_peak(sizes=(1024, 2048), repeats=6) -> float:
     import torch
     best = 0.0
@@ -151,6 +136,7 @@ def main():
     import torch
     torch.set_num_threads(args.threads)
     from train.config import build
+    from train.metrics import measure_matmul_peak
     from train.step import flops_per_token
     from train.trainer import model_config
     tc = build("default", [])
@@ -158,7 +144,7 @@ def main():
     cfg, _ = model_config(tc)
     from glm_jax.config import GLMConfig
     hf = GLMConfig.from_hf(torch_config(cfg).to_dict())
-    peak_jax, peak_torch = jax_matmul_peak(), torch_matmul_peak()
+    peak_jax, peak_torch = measure_matmul_peak(), torch_matmul_peak()
     runners = [("jax   default (glm_small)", cfg, jax_runner(cfg, B, T)),
                ("jax   glm-hf twin", hf, jax_runner(hf, B, T)),
                ("torch GlmForCausalLM", hf, torch_runner(hf, B, T))]
@@ -167,7 +153,7 @@ def main():
     losses = {}
     for _ in range(args.rounds):
         # the peak is re-measured every round (best kept), as the steps are: a busy moment lowers neither alone
-        peak_jax, peak_torch = max(peak_jax, jax_matmul_peak(repeats=3)), max(peak_torch, torch_matmul_peak(repeats=3))
+        peak_jax, peak_torch = max(peak_jax, measure_matmul_peak(repeats=3)), max(peak_torch, torch_matmul_peak(repeats=3))
         for name, _, run in runners:
             for _ in range(args.steps):
                 t = time.perf_counter()

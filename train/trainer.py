@@ -229,13 +229,14 @@ def train(tc: dict) -> dict:
     """Runs (or resumes) training; returns a summary dict."""
     use_compilation_cache(tc["compilation_cache_dir"])
     stop = _Stop()
+    # before Run starts the data pipeline, whose read threads would share the cores with a measured peak
+    peak, peak_src = device_peak_flops(tc["peak_flops"])
     run = Run(tc)
     steps, log_every = tc["steps"], tc["log_every"]
     rep = Reporter(tc["output_dir"], steps, run.start_step, tc["progress"], tc["plot_every_seconds"])
     n_dev = run.mesh.devices.size
     tokens_per_step = tc["batch_size"] * tc["seq_len"]
     flops_per_step = step_lib.flops_per_token(run.cfg, tc["seq_len"]) * tokens_per_step
-    peak, peak_src = device_peak_flops(tc["peak_flops"])
     if run.start_step >= min(steps, tc["stop_at"] or steps):
         rep.say(f"{tc['output_dir']} is already at step {run.start_step}: nothing to do (raise steps= to go on)",
                 always=True)
