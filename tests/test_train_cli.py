@@ -4,13 +4,18 @@ import subprocess
 
 from test_train_util import CACHE, cli, cli_env
 
-REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second")
+REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
+
+# Model flops per token of the tiny config (D=32, 2 layers, 2 heads of 16, FFN 64, vocab 8192 tied, T=64), counted
+# by hand: 6 x (non-embedding params + the tied output projection) + 12 x L x T x N x H for attention.
+_LAYER = 3 * (32 * 32 + 32) + (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 2 * 32   # q k v, o, up, down, norms
+TINY_FLOPS_PER_TOKEN = 6 * (2 * _LAYER + 2 * 32 + 8192 * 32) + 12 * 2 * 64 * 2 * 16
 
 
 def test_cli_run_writes_metrics_plot_events_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(cli("--config", "tiny", f"output_dir={out}", "steps=4", "checkpoint_every=2", "eval_every=2",
-                           "eval_batches=1", "mesh.data=2", f"compilation_cache_dir={CACHE}"),
+                           "eval_batches=1", "mesh.data=2", "peak_flops=1e9", f"compilation_cache_dir={CACHE}"),
                        env=cli_env(2), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "step 4: loss" in r.stdout
@@ -20,6 +25,8 @@ def test_cli_run_writes_metrics_plot_events_and_checkpoints(tmp_path):
     assert [x["step"] for x in train] == [1, 2, 3, 4]
     for x in train:
         assert all(k in x for k in REQUIRED) and x["loss"] > 0 and x["tokens_per_second"] > 0
+        # MFU: achieved model FLOP/s over the peak of the 2 devices (peak_flops is per device)
+        assert abs(x["mfu"] - x["tokens_per_second"] * TINY_FLOPS_PER_TOKEN / 2e9) <= 1e-9 * x["mfu"]
     assert [x["step"] for x in recs if "eval_loss" in x] == [2, 4]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
