@@ -40,8 +40,8 @@ def build(src: pathlib.Path, layers: int, shard_bytes: int = 2 * 10**9) -> tuple
     import numpy as np
     import safetensors.numpy
     from glm_jax import GLMConfig
-    from glm_jax.presets import PRESETS
-    hf = {**PRESETS["chatglm3_6b"], "num_layers": layers, "torch_dtype": "bfloat16"}
+    from glm_jax.families import presets
+    hf = {**presets()["chatglm3_6b"], "num_layers": layers, "torch_dtype": "bfloat16"}
     cfg = GLMConfig.from_hf(hf)
     src.mkdir(parents=True)
     (src / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
@@ -74,8 +74,8 @@ def build(src: pathlib.Path, layers: int, shard_bytes: int = 2 * 10**9) -> tuple
 def _hf_shapes(cfg) -> dict:
     """HF key → shape for this config, from the key map's own to_hf run on zero-byte stand-ins."""
     import numpy as np
-    from convert.formats import keymap
-    from convert.jax_io import _flatten
+    from glm_jax.families import keymap
+    from glm_jax.checkpoint.orbax import flatten as _flatten
     from glm_jax.model.transformer import param_shapes, unstack_layers
     flat = {}
     _flatten(unstack_layers(param_shapes(cfg)), "", flat)

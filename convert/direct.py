@@ -11,9 +11,8 @@ import mmap
 import os
 import threading
 
-import numpy as np
+from glm_jax.hostbuf import ALIGN, address, empty  # noqa: F401 - aligned buffers live in the library
 
-ALIGN = 4096          # offset, length and buffer alignment O_DIRECT needs (a multiple of any logical block size)
 PIECE = 8 << 20       # staging buffer: one O_DIRECT write
 
 
@@ -94,20 +93,6 @@ class File:
 
 
 _local = threading.local()
-
-
-def address(buf) -> int:
-    """The memory address of a buffer's first byte."""
-    return np.frombuffer(buf, np.uint8).ctypes.data if len(buf) else 0
-
-
-def empty(shape, dtype):
-    """np.empty whose data starts on a 4 KB boundary, so that whole-array O_DIRECT writes need no staging copy."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(n + ALIGN, np.uint8)
-    skip = -address(raw) % ALIGN
-    return raw[skip:skip + n].view(dtype).reshape(shape)
 
 
 def _stage() -> mmap.mmap:

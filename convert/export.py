@@ -21,11 +21,14 @@ import time
 import numpy as np
 
 from convert import torch_io
-from convert.formats import LAYOUTS, keymap
-from convert.formats.rows import copy_2d
-from convert.importer import DTYPES, PREFIX, SHAPE_ONLY
+from convert.importer import DTYPES, SHAPE_ONLY
 from convert.torch_io import Entry
-from glm_jax.config import ConfigError, GLMConfig
+from glm_jax import families
+from glm_jax.checkpoint.orbax import open_jax
+from glm_jax.config import GLMConfig
+from glm_jax.errors import ConfigError
+from glm_jax.families.rows import PREFIX
+from glm_jax.hostbuf import copy_2d
 
 _NOT_MATH = {"family", "hf_config", "dtype", "param_dtype", "scan_layers", "remat"}
 _PREFIX_FIELDS = {"prefix_projection", "prefix_hidden_size", "prefix_embed_size"}
@@ -40,8 +43,8 @@ def target_config(cfg: GLMConfig, layout) -> GLMConfig:
     """cfg in `layout`'s family, refused (ConfigError) unless that family's config.json keeps the same model."""
     if layout in (None, cfg.family):
         return cfg
-    if layout not in LAYOUTS:
-        raise ConfigError(f"--layout {layout!r}: unknown layout; expected one of {', '.join(LAYOUTS)}")
+    if layout not in families.IDS:
+        raise ConfigError(f"--layout {layout!r}: unknown layout; expected one of {', '.join(families.IDS)}")
     try:
         t = GLMConfig.from_hf(cfg.replace(family=layout, hf_config=None).to_hf())
     except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -53,31 +56,6 @@ def target_config(cfg: GLMConfig, layout) -> GLMConfig:
         raise ConfigError(f"--layout {layout}: the math of this {cfg.family} model differs from what a {layout} "
                           f"checkpoint can say: {'; '.join(diff[:4])}")
     return t.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-
-# ------------------------------------------------------------------ buffers the reference code saves
-def standard_buffers(cfg: GLMConfig, dtype: str) -> list:
-    """[(key, key it follows or None for the end, value)] where value is an array or ("alias", key)."""
-    import torch
-    tdt = torch_io._torch_dtype(dtype)
-    dim = cfg.rope_dim
-    if cfg.family == "chatglm":           # fp16-rounded frequencies, one buffer per layer (spec §2.3)
-        inv = (1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))).half().to(tdt)
-        out = [(f"transformer.layers.{l}.attention.rotary_emb.inv_freq", f"transformer.layers.{l}.input_layernorm.bias",
-                _np(inv)) for l in range(cfg.num_layers)]
-        if cfg.tie_word_embeddings:
-            out.append(("lm_head.weight", None, ("alias", "transformer.word_embeddings.weight")))
-        return out
-    if cfg.family == "chatglm2":          # computed in the model dtype, base 10000 whatever rope_ratio (spec §3.3)
-        inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).to(tdt) / dim))
-        return [("transformer.rotary_pos_emb.inv_freq", "transformer.embedding.word_embeddings.weight", _np(inv))]
-    return []
-
-
-def _np(t):
-    import ml_dtypes
-    import torch
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 # ------------------------------------------------------------------ the plan: what goes where
@@ -96,7 +74,7 @@ def make_plan(ck, tcfg: GLMConfig, layout, fmt, max_shard, dtype, ptuning_only=F
     m = ck.manifest
     same = bool(m) and m.get("format") in torch_io.FILE_NAMES and (layout or ck.cfg.family) == ck.cfg.family
     mt = m["tensors"] if same else {}
-    rows = keymap(tcfg, layout)
+    rows = families.keymap(tcfg, layout)
     if ptuning_only:
         rows = [r for r in rows if all(k.startswith(PREFIX) for k in r.hf)]
         if not rows:
@@ -118,7 +96,7 @@ def make_plan(ck, tcfg: GLMConfig, layout, fmt, max_shard, dtype, ptuning_only=F
                 base64.b64decode(b["data"]), torch_io.np_dtype(mt[k]["dtype"])).reshape(mt[k]["shape"])
     elif not ptuning_only:
         emb = next(iter(key_rows))
-        for k, after, v in standard_buffers(tcfg, entries[emb].dtype):
+        for k, after, v in families.get(tcfg.family).buffers(tcfg, entries[emb].dtype):
             buffers[k], anchors[k] = v, after
     for k, v in buffers.items():
         src = entries[v[1]] if isinstance(v, tuple) else Entry(k, torch_io.st_name(v.dtype), v.shape)
@@ -251,7 +229,6 @@ class Producer:
 
 def to_torch(src, dst, *, fmt=None, max_shard=None, layout=None, dtype=None, ptuning_only=False,
              progress=None, on_total=None) -> dict:
-    from convert.jax_io import open_jax
     t0 = time.time()
     ck = open_jax(src)
     fmt = fmt or ("bin" if ptuning_only else "safetensors")
@@ -280,7 +257,7 @@ def _config_json(ck, tcfg, plan, dtype) -> dict:
     if same and not dtype:
         return out
     name = _TORCH_NAMES.get(plan.entries[plan.order[0]].dtype)
-    key = "dtype" if "dtype" in out or tcfg.family in ("glm-hf", "glm4") else "torch_dtype"
+    key = "dtype" if "dtype" in out else families.get(tcfg.family).dtype_key
     if name:
         out[key] = name
     return out

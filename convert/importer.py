@@ -2,7 +2,7 @@
 
 Sources: HF folders of every family (safetensors or .bin, single or sharded), Megatron `mp_rank_XX` folders
 (config from a config.json beside them or `--config`), and a P-Tuning v2 prefix checkpoint on top of a base.
-The key-map rows (convert/formats) turn each HF tensor into params; `glm_jax.checkpoint.iter_params` checks
+The family's key-map rows (glm_jax/families/) turn each HF tensor into params; `glm_jax.checkpoint.iter_params` checks
 missing, extra and mis-shaped keys. Source files are memory-mapped; the pages already used are handed back
 to the kernel as the conversion goes, so resident memory stays near the tensors in flight.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import json
 import os
 import pathlib
 import time
@@ -19,13 +18,15 @@ import types
 import numpy as np
 
 from convert import jax_io, torch_io
-from convert.megatron import MergedReader, pick_files
-from convert.formats import keymap
-from glm_jax.checkpoint import (CheckpointFormatError, config_from_folder, find_weight_files, iter_params,
-                                open_weights)
-from glm_jax.config import ConfigError, GLMConfig
+from glm_jax import families
+from glm_jax.checkpoint.files import find_weight_files, open_weights, read_json_object
+from glm_jax.checkpoint.hf import config_from_folder, iter_params
+from glm_jax.checkpoint.megatron import MergedReader, pick_files
+from glm_jax.checkpoint.orbax import flatten, unflatten
+from glm_jax.config import GLMConfig
+from glm_jax.errors import CheckpointFormatError, ConfigError
+from glm_jax.families.rows import PREFIX
 
-PREFIX = "transformer.prefix_encoder."
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 SHAPE_ONLY = np.dtype([])   # zero bytes per element: runs a row's transform for its shapes only, touching no data
 
@@ -50,18 +51,6 @@ def read_source(src, config=None, ptuning=None) -> Source:
     return s
 
 
-def _read_json(f: pathlib.Path) -> dict:
-    try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{f}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{f}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def _source_config(src, fmt, files, config) -> GLMConfig:
     if config is None and fmt != "megatron":
         return config_from_folder(src)
@@ -72,14 +61,14 @@ def _source_config(src, fmt, files, config) -> GLMConfig:
         if where is None:
             raise ConfigError(f"{src}: a Megatron checkpoint carries no config.json; put the model's GLM config.json "
                               f"beside the mp_rank files or pass --config FILE")
-    d = _read_json(where)
+    d = read_json_object(where)
     if fmt == "megatron":   # the Megatron code computes GELU with the tanh approximation (spec §2.3)
         d = {**d, "gelu_variant": d.get("gelu_variant", "gelu_tanh")}
     try:
         cfg = GLMConfig.from_hf(d)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if fmt == "megatron" and cfg.family != "glm":
+    if fmt == "megatron" and not families.get(cfg.family).reads_megatron:
         raise ConfigError(f"{where}: describes a {cfg.family} model, but Megatron mp_rank checkpoints are original GLM")
     return cfg
 
@@ -93,9 +82,9 @@ def _add_ptuning(s: Source, pdir: pathlib.Path):
     emb = PREFIX + "embedding.weight"
     if emb not in preaders:
         raise CheckpointFormatError(f"{pfiles[0]}: no {emb!r}, so this is not a P-Tuning v2 prefix checkpoint")
-    if s.cfg.family not in ("chatglm", "chatglm2"):
-        raise ConfigError(f"{pfiles[0]}: P-Tuning v2 prefixes belong to chatglm / chatglm2 models, the base is "
-                          f"{s.cfg.family}")
+    if not families.get(s.cfg.family).supports_ptuning:
+        raise ConfigError(f"{pfiles[0]}: P-Tuning v2 prefixes belong to ChatGLM-6B and ChatGLM2/3 models "
+                          f"(chatglm, chatglm2 families), the base is {s.cfg.family}")
     proj = any(k.startswith(PREFIX + "trans.") for k in preaders)
     base = s.cfg.hf_config or s.cfg.to_hf()
     s.cfg = GLMConfig.from_hf({**base, "pre_seq_len": int(preaders[emb].get(emb).shape[0]), "prefix_projection": proj})
@@ -141,9 +130,11 @@ def build_manifest(s: Source) -> dict:
             order += keys
     seen = set(order)
     order += [k for k in s.readers if k not in seen]
-    consumed = {k for r in keymap(s.cfg) for k in r.hf}
-    consumed |= {k[len("glm."):] for k in consumed if k.startswith("glm.")}
-    from convert.formats.chatglm import TIED_ALIASES
+    fam = families.get(s.cfg.family)
+    consumed = {k for r in families.keymap(s.cfg) for k in r.hf}
+    prefix = fam.optional_key_prefix
+    if prefix:
+        consumed |= {k[len(prefix):] for k in consumed if k.startswith(prefix)}
     tensors, buffers = {}, {}
     for k in order:
         dt, shape = tensor_info(s.readers[k], k)
@@ -151,12 +142,12 @@ def build_manifest(s: Source) -> dict:
         if k in consumed:
             continue
         a = s.readers[k].get(k)
-        target = TIED_ALIASES.get(k)
+        target = fam.tied_aliases.get(k)
         if target in s.readers and _same_bytes(a, s.readers[target].get(target)):
             buffers[k] = {"alias": target}
         else:
             buffers[k] = {"data": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
-    index = _read_json(s.index) if s.index else None
+    index = read_json_object(s.index) if s.index else None
     return {"format": s.fmt, "files": files, "index": index, "tensors": tensors, "buffers": buffers,
             "ptuning": s.ptuning}
 
@@ -197,17 +188,19 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
     import jax.numpy as jnp
     from glm_jax.model.transformer import param_shapes, unstack_layers
     cfg = s.cfg.replace(scan_layers=False)
-    rows = keymap(cfg)
+    rows = families.keymap(cfg)
     target = torch_io.np_dtype(DTYPES[dtype]) if dtype else None
     cast = (lambda a: a.astype(target) if a.dtype != target and jnp.issubdtype(a.dtype, jnp.floating) else a) \
         if target is not None else (lambda a: a)
     stream = _RowStream(iter_params(cfg, s.readers, s.where), cast, release)
     shapes, chunks = {}, {}
-    jax_io._flatten(unstack_layers(param_shapes(cfg)), "", shapes)
+    flatten(unstack_layers(param_shapes(cfg)), "", shapes)
     if mesh:
         chunks = mesh_chunks(cfg, shapes, mesh)
     names = {k: k for k in s.readers}
-    names.update({"glm." + k: k for k in s.readers if not k.startswith("glm.")})   # Megatron naming
+    prefix = families.get(cfg.family).optional_key_prefix
+    if prefix:   # keys stored without the family's prefix (Megatron naming)
+        names.update({prefix + k: k for k in s.readers if not k.startswith(prefix)})
     flat, total = {}, 0
     for r in rows:
         src_dtype = tensor_info(s.readers[names[r.hf[0]]], names[r.hf[0]])[0]
@@ -215,7 +208,7 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
         for p in r.jax:
             flat[p] = jax_io.Lazy(shapes[p].shape, dt, (lambda p=p: stream.fetch(p)), order=len(flat), chunk=chunks.get(p))
             total += flat[p].nbytes
-    return jax_io._unflatten(flat), total
+    return unflatten(flat), total
 
 
 def mesh_chunks(cfg, shapes: dict, mesh: dict) -> dict:
@@ -223,7 +216,7 @@ def mesh_chunks(cfg, shapes: dict, mesh: dict) -> dict:
     from glm_jax.model.transformer import param_axes
     from glm_jax.sharding import logical_to_spec
     axes = {}
-    jax_io._flatten(param_axes(cfg), "", axes)
+    flatten(param_axes(cfg), "", axes)
     fake = types.SimpleNamespace(shape=dict(mesh))
     out = {}
     for p, s in shapes.items():

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from convert import direct
-from glm_jax.checkpoint import _ST_DTYPES, ST_NAMES  # noqa: F401 - one table of safetensors dtype names
+from glm_jax.dtypes import ST_DTYPES, np_dtype, st_name, torch_dtype  # noqa: F401 - one table of dtype names
 
 # The safetensors library sorts tensors by dtype (this order, largest first), then by name.
 _ST_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
@@ -43,15 +43,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * np.dtype(_ST_DTYPES[self.dtype]).itemsize
-
-
-def np_dtype(name: str) -> np.dtype:
-    return np.dtype(_ST_DTYPES[name])
-
-
-def st_name(dtype) -> str:
-    return ST_NAMES[np.dtype(dtype)]
+        return self.numel * np.dtype(ST_DTYPES[self.dtype]).itemsize
 
 
 def parse_size(text) -> int:
@@ -192,7 +184,7 @@ class _StorageRef:
     def __init__(self, key, entry):
         import torch
         self.key, self.numel = key, entry.numel
-        tdt = _torch_dtype(entry.dtype)
+        tdt = torch_dtype(entry.dtype)
         name = torch.storage._dtype_to_storage_type_map().get(tdt)
         if name is None:
             raise ValueError(f"tensor {entry.key!r}: dtype {entry.dtype} cannot be written to a .bin file; "
@@ -258,13 +250,6 @@ def write_bin(path, entries: list, produce: Callable):
         del w
         if stream is not None:
             stream.close()
-
-
-def _torch_dtype(name):
-    import torch
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[name]
 
 
 def _bytes(a: np.ndarray, e: Entry) -> memoryview:

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.checkpoint import config_from_folder, load_jax, load_params
+from glm_jax.checkpoint.orbax import is_jax_checkpoint
 from glm_jax.config import GLMConfig
 from glm_jax.generate import generate as _generate
 from glm_jax.model.layers import dtype_of
@@ -49,17 +51,14 @@ def from_pretrained(path, dtype: str = "float32", **overrides) -> GLM:
     """Load a checkpoint folder of any family (HF PyTorch: .bin / safetensors, single or sharded; or a folder
     written by `glm-convert to-jax`; or a glm-train output_dir, whose latest complete step is read).
     `dtype` sets both compute and param dtype; overrides set other fields."""
-    from glm_jax import checkpoint
     p = pathlib.Path(path)
-    is_train_run = (p / "checkpoints").is_dir() or ((p / "params").is_dir() and (p / "meta").is_dir())
-    if (p / "glm_jax.json").is_file() or is_train_run:   # to-jax folder, glm-train run dir, or one step of it
-        from convert.jax_io import load_jax
+    param_dtype = overrides.pop("param_dtype", dtype)
+    if is_jax_checkpoint(p):
         cfg, params = load_jax(p)
-        cfg = cfg.replace(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype), **overrides)
+        cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, **overrides)
     else:
-        cfg = checkpoint.config_from_folder(p)
-        cfg = cfg.replace(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype), **overrides)
-        params = checkpoint.load_params(cfg, p)
+        cfg = config_from_folder(p).replace(dtype=dtype, param_dtype=param_dtype, **overrides)
+        params = load_params(cfg, p)
     if cfg.scan_layers and "layers" not in params:
         params = stack_layers(params, cfg.num_layers)
     return GLM(cfg, cast_params(params, cfg))

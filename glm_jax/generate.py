@@ -102,7 +102,7 @@ def generate(lm, input_ids, attention_mask=None, max_new_tokens=32, do_sample=Fa
             attention_mask = jnp.ones_like(ids)
     mask = jnp.asarray(np.asarray(attention_mask), jnp.int32)
     # GLM generates after <sop> with the context bidirectional (the tokenizer's build_inputs_for_generation)
-    sep = context_length(c, ids, None) if c.mask_rule == "glm" else None
+    sep = context_length(c, ids, None) if c.mask_rule == "sep_at_sop" else None
     pos = default_positions(c, ids, mask, sep)
     allowed = default_allowed(c, ids, mask, sep)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)

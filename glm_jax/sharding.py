@@ -13,6 +13,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from glm_jax.model.transformer import param_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES = (
@@ -81,12 +83,6 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh, 
     return P(*out)
 
 
-def logical_axes(boxed_tree):
-    """Tree of logical-name tuples from a tree of nn.Partitioned / LogicallyPartitioned boxes."""
-    return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * np.ndim(x),
-                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def tree_shardings(axes_tree, shapes_tree, mesh, rules=RULES):
     """NamedShardings for a tree, from its logical names and shapes."""
     return jax.tree.map(lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)),
@@ -95,7 +91,6 @@ def tree_shardings(axes_tree, shapes_tree, mesh, rules=RULES):
 
 def shard_params(params, cfg, mesh, rules=RULES):
     """Place a params tree on the mesh according to the rules table."""
-    from glm_jax.model.transformer import param_axes
     shardings = tree_shardings(param_axes(cfg), params, mesh, rules)
     return jax.tree.map(jax.device_put, params, shardings)
 

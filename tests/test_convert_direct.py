@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from convert import direct, jax_io
+from glm_jax.checkpoint.orbax import ParamStore
 
 
 def _o_direct_works(folder) -> bool:
@@ -95,7 +96,7 @@ def test_chunk_files_equal_tensorstores(tmp_path, monkeypatch):
     assert sorted(raw_files) == sorted(ts_files) and any(k.endswith(".0.0") for k in ts_files)
     for k in ts_files:
         assert raw_files[k] == ts_files[k], k
-    store = jax_io.ParamStore(tmp_path / "raw")
+    store = ParamStore(tmp_path / "raw")
     for k, v in _tree().items():
         v = v.fetch() if isinstance(v, jax_io.Lazy) else np.asarray(v)
         got = store.read(k)
@@ -106,7 +107,7 @@ def test_chunk_files_equal_tensorstores(tmp_path, monkeypatch):
 @pytest.mark.parametrize("split", [False, True])
 def test_transposed_copies_equal_numpys(monkeypatch, view, split):
     """rows.c (tiles, slabs, the two-thread split, per-head copies) against np.ascontiguousarray of the same view."""
-    from convert.formats import rows
+    from glm_jax import hostbuf as rows
     monkeypatch.setattr(rows, "SPLIT_BYTES", 1 if split else 1 << 62)
     rng = np.random.default_rng(3)
     w = rng.standard_normal((700, 3, 40, 9) if view == "per-head" else (1200, 600)).astype(ml_dtypes.bfloat16)

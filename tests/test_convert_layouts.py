@@ -166,7 +166,7 @@ def test_glm_train_run_exports_the_reference_layout(name, scan, tmp_path):
 
 
 def test_load_jax_reads_a_glm_train_run(tmp_path):
-    from convert.jax_io import load_jax
+    from glm_jax.checkpoint import load_jax
     from glm_jax.api import GLM, cast_params
     name = "glm-4-9b-chat-remote"
     cfg, params = load_jax(_train_run(tmp_path, name, True))       # the latest complete step (7), stacked layers
@@ -188,7 +188,7 @@ def test_from_pretrained_reads_a_glm_train_run(tmp_path):
 # ------------------------------------------------------------------ --mesh, --dtype, re-sharding
 def test_mesh_chunks_params_as_shards(tmp_path):
     import orbax.checkpoint as ocp
-    from convert.jax_io import load_jax
+    from glm_jax.checkpoint import load_jax
     src = FIX / "chatglm2-6b/model"
     plain, meshed = _to_jax(src, tmp_path / "plain"), _to_jax(src, tmp_path / "mesh", "--mesh", "1,2,2")
     assert json.loads((meshed / "glm_jax.json").read_text())["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
@@ -205,7 +205,7 @@ def test_dtype_and_resharding(tmp_path):
     name = "chatglm3-6b-32k"
     src = FIX / name / "model"
     j16 = _to_jax(src, tmp_path / "bf16", "--dtype", "bfloat16")
-    from convert.jax_io import load_jax
+    from glm_jax.checkpoint import load_jax
     _, p = load_jax(j16)
     ref = torch.load(src / "pytorch_model.bin", weights_only=True)
     emb = ref["transformer.embedding.word_embeddings.weight"].to(torch.bfloat16).float().numpy()

@@ -109,7 +109,7 @@ def test_jax_copy_gives_golden_logits(name, jax_copies):
 
 @pytest.mark.parametrize("name", [n for n in MODEL_FIXTURES if "model_sharded_safetensors" in folders(n)])
 def test_both_fixture_folders_give_identical_params(name, jax_copies):
-    from convert.jax_io import load_jax
+    from glm_jax.checkpoint import load_jax
     import jax
     c1, p1 = load_jax(jax_copies[name, "model"])
     c2, p2 = load_jax(jax_copies[name, "model_sharded_safetensors"])

@@ -35,7 +35,7 @@ def test_decode_step_copies_no_cache(name, B):
     T, new = 5, 7
     ids = jnp.asarray(np.random.default_rng(0).integers(5, 100, (B, T)), jnp.int32)
     mask = jnp.ones_like(ids)
-    sep = G.context_length(c, ids, None) if c.mask_rule == "glm" else None
+    sep = G.context_length(c, ids, None) if c.mask_rule == "sep_at_sop" else None
     pos, allowed = G.default_positions(c, ids, mask, sep), G.default_allowed(c, ids, mask, sep)
     hlo = G._decode.lower(lm.module, lm.params, ids, mask, pos, allowed, jnp.asarray([-1], jnp.int32),
                           jnp.int32(0), jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1), max_new=new,

@@ -1,12 +1,17 @@
 """Multi-head / grouped-query attention with rotary or learned positions, optional P-Tuning prefix and KV cache."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.model.layers import Dense, constrain, dtype_of
 from glm_jax.model.positions import apply_rope
+
+if TYPE_CHECKING:
+    from glm_jax.config import GLMConfig
 
 NEG = -1e30  # finite: a fully blocked row gets uniform weights instead of NaN
 
@@ -60,7 +65,7 @@ def flat_heads(x_BTKH):
 
 
 class Attention(nn.Module):
-    cfg: object
+    cfg: GLMConfig
 
     @nn.compact
     def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):

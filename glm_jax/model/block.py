@@ -6,17 +6,22 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flax import linen as nn
 
 from glm_jax.model.attention import Attention
 from glm_jax.model.layers import Norm, constrain
 from glm_jax.model.mlp import MLP
 
+if TYPE_CHECKING:
+    from glm_jax.config import GLMConfig
+
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Block(nn.Module):
-    cfg: object
+    cfg: GLMConfig
 
     @nn.compact
     def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):

@@ -20,6 +20,12 @@ def param(module: nn.Module, name: str, shape, axes, init, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype_of(dtype))
 
 
+def logical_axes(boxed_tree):
+    """Tree of logical-name tuples from a tree of nn.Partitioned / LogicallyPartitioned boxes."""
+    return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * jnp.ndim(x),
+                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 

@@ -1,4 +1,4 @@
-"""Default attention masks and position ids, built by each family's own rule (DESIGN §3.1).
+"""Default attention masks and position ids, built by each family's own rule (GLMConfig.mask_rule).
 
 Everything here is jit-able jnp code on [B, T] token ids. `allowed_BTS` is True where a query may attend a key.
 """
@@ -30,9 +30,9 @@ def context_length(cfg, input_ids, prefix_len):
     B, T = input_ids.shape
     if prefix_len is not None:
         return jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (B,))
-    if cfg.mask_rule == "chatglm" and cfg.bos_token_id is not None:
+    if cfg.mask_rule == "prefix_until_sop" and cfg.bos_token_id is not None:
         return _first_index(input_ids == cfg.bos_token_id, T)
-    if cfg.mask_rule == "glm" and cfg.bos_token_id is not None:
+    if cfg.mask_rule == "sep_at_sop" and cfg.bos_token_id is not None:
         return _first_index(input_ids == cfg.bos_token_id, 0)
     return jnp.zeros((B,), jnp.int32)
 
@@ -45,7 +45,7 @@ def default_allowed(cfg, input_ids, attention_mask=None, prefix_len=None, segmen
     else:
         q = jnp.arange(T)[:, None]
         k = jnp.arange(T)[None, :]
-        if cfg.mask_rule == "glm" and prefix_len is None and attention_mask is not None:
+        if cfg.mask_rule == "sep_at_sop" and prefix_len is None and attention_mask is not None:
             allowed = jnp.ones((B, T, T), bool)  # HF GLM: a 2-D mask is a pure key-padding mask
         else:
             sep = context_length(cfg, input_ids, prefix_len)

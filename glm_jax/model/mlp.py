@@ -1,11 +1,16 @@
 """Feed-forward blocks: SwiGLU (ChatGLM2+, Glm, Glm4) or GELU (GLM: erf or tanh; ChatGLM-6B: tanh)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import numpy as np
 from flax import linen as nn
 
 from glm_jax.model.layers import Dense, constrain
+
+if TYPE_CHECKING:
+    from glm_jax.config import GLMConfig
 
 
 def gelu_erf(x):
@@ -15,7 +20,7 @@ def gelu_erf(x):
 
 
 class MLP(nn.Module):
-    cfg: object
+    cfg: GLMConfig
 
     @nn.compact
     def __call__(self, x_BTD):

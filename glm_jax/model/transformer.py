@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import functools
+import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from glm_jax.model.block import ACT, Block
-from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, matmul, param
+from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, logical_axes, matmul, param
 from glm_jax.model.masks import default_allowed, default_positions
+
+if TYPE_CHECKING:   # annotations only: glm_jax.config imports this module for num_params
+    from glm_jax.config import GLMConfig
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -19,7 +25,7 @@ REMAT_POLICIES = {
 
 class LayerBody(nn.Module):
     """One layer in the (carry, scanned inputs) form shared by the loop and nn.scan."""
-    cfg: object
+    cfg: GLMConfig
 
     @nn.compact
     def __call__(self, x_BTD, xs, position_ids, allowed_BTS, cache_index):
@@ -36,7 +42,7 @@ class LayerBody(nn.Module):
 
 class PrefixEncoder(nn.Module):
     """P-Tuning v2: prefix ids 0..P-1 → per-layer keys and values [L, 2, P, K, H]."""
-    cfg: object
+    cfg: GLMConfig
 
     @nn.compact
     def __call__(self):
@@ -54,7 +60,7 @@ class PrefixEncoder(nn.Module):
 
 
 class GLMModel(nn.Module):
-    cfg: object
+    cfg: GLMConfig
 
     def setup(self):
         c = self.cfg
@@ -163,7 +169,7 @@ def _init_args(cfg):
     return ids
 
 
-def init_cache(cfg, batch: int, length: int, per_layer=None) -> dict:
+def init_cache(cfg: GLMConfig, batch: int, length: int, per_layer=None) -> dict:
     """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B·K, S, H] arrays (batch and kv head flattened,
     batch-major), or stacked [L, B·K, S, H]. By default in the form the model consumes as is: stacked for
     scan_layers, per layer otherwise."""
@@ -182,28 +188,37 @@ def _boxed_shapes(cfg):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _init_args(cfg)))["params"]
 
 
-def param_shapes(cfg):
+def param_shapes(cfg: GLMConfig):
     """The params pytree as jax.ShapeDtypeStruct leaves; allocates nothing."""
     return nn.meta.unbox(_boxed_shapes(cfg))
 
 
-def param_axes(cfg):
+def param_count(cfg: GLMConfig) -> int:
+    """Number of parameters (every leaf of the params tree)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def param_axes(cfg: GLMConfig):
     """The params pytree with a tuple of logical axis names at each leaf."""
-    from glm_jax.sharding import logical_axes
     return logical_axes(_boxed_shapes(cfg))
 
 
-def init_params(cfg, rng):
+def init_params(cfg: GLMConfig, rng):
     return nn.meta.unbox(GLMModel(cfg).init(rng, _init_args(cfg))["params"])
 
 
 def stack_layers(params, num_layers):
     """{'layers_0': t, 'layers_1': t, ...} → {'layers': t stacked on a leading axis} (the nn.scan layout)."""
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a) if not hasattr(a[0], "__array__") or isinstance(a[0], jax.Array)
-                                 else __import__("numpy").stack(a),
-                                 *[params[f"layers_{i}"] for i in range(num_layers)])
+    out["layers"] = jax.tree.map(_stack, *[params[f"layers_{i}"] for i in range(num_layers)])
     return out
+
+
+def _stack(*leaves):
+    """Stack per-layer leaves: numpy arrays stay on the host, jax arrays stay jax arrays."""
+    if isinstance(leaves[0], jax.Array) or not hasattr(leaves[0], "__array__"):
+        return jnp.stack(leaves)
+    return np.stack(leaves)
 
 
 def unstack_layers(params):

@@ -21,7 +21,8 @@ import re
 
 import numpy as np
 
-from glm_jax.checkpoint import CheckpointFormatError, TorchFile
+from glm_jax.checkpoint.files import TorchFile
+from glm_jax.errors import CheckpointFormatError
 
 _ROWS = ("word_embeddings.weight", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
 _COLS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
