@@ -56,7 +56,7 @@ def jax_runner(cfg, B, T):
     from train.trainer import state_layout
     from glm_jax.model.transformer import init_params
     tc = build("default", [f"batch_size={B}", f"seq_len={T}", "mesh.data=1"])
-    mesh = parallel.build_mesh(tc["mesh"])
+    mesh = parallel.build_mesh(tc.mesh)
     lay = state_layout(tc, cfg, mesh)
     rng = np.random.default_rng(0)
     two_d = cfg.position in ("learned_2d", "rope_2d")
@@ -137,10 +137,10 @@ def main():
     torch.set_num_threads(args.threads)
     from train.config import build
     from train.metrics import measure_matmul_peak
-    from train.step import flops_per_token
+    from train.flops import flops_per_token
     from train.trainer import model_config
     tc = build("default", [])
-    B, T = args.batch or tc["batch_size"], args.seq or tc["seq_len"]
+    B, T = args.batch or tc.batch_size, args.seq or tc.seq_len
     cfg, _ = model_config(tc)
     from glm_jax.config import GLMConfig
     hf = GLMConfig.from_hf(torch_config(cfg).to_dict())

@@ -44,16 +44,33 @@ def _next_position(pos_last):
                       jnp.where(in_block, pos_last[:, 1] + 1, 0)], axis=1)
 
 
+def prefill(module, params, ids_BT, mask_BT, pos, allowed_BTT, cache_len: int):
+    """Run the prompt into a fresh KV cache of `cache_len` columns: (logits [B, T, V], cache, key_valid [B, S])."""
+    B, T = ids_BT.shape
+    cache = init_cache(module.cfg, B, cache_len)
+    allowed = jnp.zeros((B, T, cache_len), bool).at[:, :, :T].set(allowed_BTT)
+    logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache=cache, cache_index=0)
+    key_valid = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT.astype(bool))
+    return logits, cache, key_valid
+
+
+def feed_token(module, params, cache, key_valid, tok_B, pos_last, idx):
+    """The decode step: write token `tok_B` [B] at cache column `idx` and attend over the valid columns up to it.
+    Returns (logits [B, V] for the next token, cache, key_valid, the token's position)."""
+    S = key_valid.shape[1]
+    key_valid = key_valid.at[:, idx].set(True)
+    p = _next_position(pos_last)
+    allowed = (key_valid & (jnp.arange(S)[None] <= idx))[:, None, :]
+    logits, cache = module.apply({"params": params}, tok_B[:, None], allowed, p[..., None], cache=cache,
+                                 cache_index=idx)
+    return logits[:, -1], cache, key_valid, p
+
+
 @functools.partial(jax.jit, static_argnames=("module", "max_new", "do_sample", "top_k", "keep_logits"))
 def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, rng, temperature, top_p, *,
             max_new, do_sample, top_k, keep_logits=False):
-    c = module.cfg
     B, T = ids_BT.shape
-    S = T + max_new
-    cache = init_cache(c, B, S)
-    allowed = jnp.zeros((B, T, S), bool).at[:, :, :T].set(allowed_BTT)
-    logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache=cache, cache_index=0)
-    key_valid = jnp.concatenate([mask_BT.astype(bool), jnp.zeros((B, max_new), bool)], axis=1)
+    logits, cache, key_valid = prefill(module, params, ids_BT, mask_BT, pos, allowed_BTT, T + max_new)
     out = jnp.full((B, max_new), pad_id, jnp.int32)
     pos_last = pos[..., -1]
 
@@ -69,13 +86,8 @@ def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, 
         tok = jnp.where(done, pad_id, tok)
         out = out.at[:, i].set(tok)
         done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=1)
-        idx = T + i
-        key_valid = key_valid.at[:, idx].set(True)
-        p = _next_position(pos_last)
-        step_allowed = (key_valid & (jnp.arange(S)[None] <= idx))[:, None, :]
-        logits, cache = module.apply({"params": params}, tok[:, None], step_allowed, p[..., None],
-                                     cache=cache, cache_index=idx)
-        return i + 1, out, cache, key_valid, p, logits[:, -1], done, rng, scores
+        logits, cache, key_valid, p = feed_token(module, params, cache, key_valid, tok, pos_last, T + i)
+        return i + 1, out, cache, key_valid, p, logits, done, rng, scores
 
     def cond(state):
         return (state[0] < max_new) & ~jnp.all(state[6])

@@ -1,8 +1,8 @@
 """Streaming decode: one jitted prefill and one jitted single-token step over a preallocated KV cache.
 
 `stream_generate` yields new token ids one at a time, as they are produced, for printing while decoding. The
-math is glm_jax.generate's (same default masks and positions, `_next_position`, `sample_logits` and the same
-rng split sequence), so the tokens equal `lm.generate`'s (greedy: token for token).
+math is glm_jax.generate's (its `prefill` and `feed_token` decode step, `sample_logits` and the same rng
+split sequence), so the tokens equal `lm.generate`'s (greedy: token for token).
 
 Shapes are fixed per call so nothing recompiles per token: the prompt is right-padded to a multiple of
 `PROMPT_MULTIPLE` (the padding is masked out and its cache columns are overwritten by the new tokens), and the
@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.generate import _next_position, sample_logits
+from glm_jax.generate import feed_token, prefill, sample_logits
 from glm_jax.model.masks import default_allowed, default_positions
-from glm_jax.model.transformer import init_cache
 
 CACHE_MULTIPLE = 256
 PROMPT_MULTIPLE = 64
@@ -36,12 +35,9 @@ def _prefill(module, params, ids_BT, mask_BT, n_real, rng, temperature, top_p, *
     """Run the (right-padded) prompt, fill cache columns [0, T); sample the first new token from the
     logits at n_real - 1. Returns (token [B], cache, key_valid [B, S], position of the last real token, rng)."""
     c = module.cfg
-    B, T = ids_BT.shape
-    cache = init_cache(c, B, cache_len)
     pos = default_positions(c, ids_BT, mask_BT)
-    allowed = jnp.zeros((B, T, cache_len), bool).at[:, :, :T].set(default_allowed(c, ids_BT, mask_BT))
-    logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache=cache, cache_index=0)
-    key_valid = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT.astype(bool))
+    allowed = default_allowed(c, ids_BT, mask_BT)
+    logits, cache, key_valid = prefill(module, params, ids_BT, mask_BT, pos, allowed, cache_len)
     rng, sub = jax.random.split(rng)
     tok = sample_logits(logits[:, n_real - 1], sub, do_sample, temperature, top_k, top_p)
     return tok, cache, key_valid, pos[..., n_real - 1], rng
@@ -50,14 +46,9 @@ def _prefill(module, params, ids_BT, mask_BT, n_real, rng, temperature, top_p, *
 @functools.partial(jax.jit, static_argnames=("module", "do_sample", "top_k"), donate_argnames=("cache", "key_valid"))
 def _step(module, params, cache, key_valid, tok, pos_last, idx, rng, temperature, top_p, *, do_sample, top_k):
     """Feed `tok` [B] at cache column `idx` (a traced scalar) and sample the token after it."""
-    S = key_valid.shape[1]
-    key_valid = key_valid.at[:, idx].set(True)
-    p = _next_position(pos_last)
-    allowed = (key_valid & (jnp.arange(S)[None] <= idx))[:, None, :]
-    logits, cache = module.apply({"params": params}, tok[:, None], allowed, p[..., None], cache=cache,
-                                 cache_index=idx)
+    logits, cache, key_valid, p = feed_token(module, params, cache, key_valid, tok, pos_last, idx)
     rng, sub = jax.random.split(rng)
-    nxt = sample_logits(logits[:, -1], sub, do_sample, temperature, top_k, top_p)
+    nxt = sample_logits(logits, sub, do_sample, temperature, top_k, top_p)
     return nxt, cache, key_valid, p, rng
 
 

@@ -63,6 +63,6 @@ def test_every_bundled_config_builds():
     assert {"default", "tiny", "chatglm3_6b_pretrain", "glm4_9b_pretrain", "glm4_9b_finetune"} <= set(names)
     for name in names:
         tc = build(name, [])
-        assert tc["steps"] > 0 and tc["model"]
+        assert tc.steps > 0 and tc.model
     ft = build("glm4_9b_finetune", [])
-    assert ft["freeze"] == ["embed/*"] and ft["seq_len"] == 2048 and ft["scan_layers"] is True   # base merged
+    assert ft.freeze == ["embed/*"] and ft.seq_len == 2048 and ft.scan_layers is True   # base merged

@@ -23,7 +23,7 @@ def _config(out, *keys):
     from train.config import build
     tc = build(None, [f"model={HF}", "objective=causal", f"output_dir={out}", "batch_size=8", "seq_len=64",
                       "log_every=1", "progress=none", f"compilation_cache_dir={CACHE}", *keys])
-    tc["data"]["tokenizer"] = ByteTokenizer()
+    tc.data["tokenizer"] = ByteTokenizer()
     return tc
 
 

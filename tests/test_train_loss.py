@@ -55,7 +55,7 @@ def test_selected_loss_and_grads_match_transformers(glm_pair, mesh_shape, case, 
     import jax
     import jax.numpy as jnp
     from glm_jax.sharding import axis_rules, make_mesh
-    from train.step import batch_shards, loss_sums, pack_caps
+    from train.loss import batch_shards, loss_sums, pack_caps
     model, lm = glm_pair
     rng = np.random.default_rng(len(case))
     B, T = 8, 32

@@ -65,23 +65,23 @@ def topology_devices(topo: str):
     return gen, name, list(desc.devices)
 
 
-def batch_shapes(tc: dict, cfg) -> dict:
-    B, T = tc["batch_size"], tc["seq_len"]
+def batch_shapes(tc, cfg) -> dict:
+    B, T = tc.batch_size, tc.seq_len
     i32 = jax.numpy.int32
-    two_d = tc["objective"] == "chatglm_prefix" or (tc["objective"] == "blank_infilling"
-                                                     and tc["data"].get("block_position", True))
+    two_d = tc.objective == "chatglm_prefix" or (tc.objective == "blank_infilling"
+                                                     and tc.data.get("block_position", True))
     S = jax.ShapeDtypeStruct
     return {"tokens": S((B, T), i32), "targets": S((B, T), i32), "loss_mask": S((B, T), jax.numpy.float32),
             "position_ids": S((B, 2, T) if two_d else (B, T), i32), "prefix_len": S((B,), i32)}
 
 
-def compile_step(tc: dict, cfg, devices):
+def compile_step(tc, cfg, devices):
     """(compiled, seconds, mesh) for the train step of this config on these (abstract) devices."""
     from glm_jax.sharding import axis_rules
     from train import parallel
     from train.trainer import state_layout
-    mesh = parallel.build_mesh(tc["mesh"], devices)
-    parallel.check_batch_divisible(tc["batch_size"], tc["grad_accum"], mesh)
+    mesh = parallel.build_mesh(tc.mesh, devices)
+    parallel.check_batch_divisible(tc.batch_size, tc.grad_accum, mesh)
     lay = state_layout(tc, cfg, mesh)   # outside the rules context: param boxes unbox without constraints
     shapes = batch_shapes(tc, cfg)
     b_sh = parallel.batch_shardings(mesh, shapes)
@@ -102,12 +102,12 @@ def _flops(compiled) -> float:
     return float(ca.get("flops", 0.0)) if ca else 0.0
 
 
-def compile_report(tc: dict) -> dict:
-    from train import step as step_lib
+def compile_report(tc) -> dict:
+    from train import flops as flops_lib
     from train.trainer import model_config
     from train.trainer import use_compilation_cache
-    use_compilation_cache(tc["compilation_cache_dir"])
-    gen, name, devices = topology_devices(tc["topology"])
+    use_compilation_cache(tc.compilation_cache_dir)
+    gen, name, devices = topology_devices(tc.topology)
     cfg, _ = model_config(tc)
     compiled, secs, mesh = compile_step(tc, cfg, devices)
     ma = compiled.memory_analysis()
@@ -115,10 +115,10 @@ def compile_report(tc: dict) -> dict:
     peak = int(getattr(ma, "peak_memory_in_bytes", 0)) or mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     n_dev = mesh.devices.size
     raw = _flops(compiled) * n_dev   # cost_analysis of an SPMD program counts one device's share
-    loops = cfg.scan_layers or tc["grad_accum"] > 1
+    loops = cfg.scan_layers or tc.grad_accum > 1
     xla, method = raw, "single unrolled compile (no loops)"
     per_layer = None
-    if loops and tc["flops_extrapolate"]:
+    if loops and tc.flops_extrapolate:
         one = {**tc, "grad_accum": 1}
         f1 = _flops(compile_step(one, cfg.replace(num_layers=1, scan_layers=False), devices)[0]) * n_dev
         f2 = _flops(compile_step(one, cfg.replace(num_layers=2, scan_layers=False), devices)[0]) * n_dev
@@ -127,9 +127,9 @@ def compile_report(tc: dict) -> dict:
         method = "extrapolated from unrolled 1- and 2-layer compiles without an accumulation loop: F1 + (L-1)(F2-F1)"
     elif loops:
         method = "as compiled: loop bodies (scan over layers / accumulation) counted once, so an undercount"
-    tokens = tc["batch_size"] * tc["seq_len"]
-    model_flops = step_lib.flops_per_token(cfg, tc["seq_len"]) * tokens
-    hbm = tc["hbm_bytes"] or HBM_BYTES.get(gen)
+    tokens = tc.batch_size * tc.seq_len
+    model_flops = flops_lib.flops_per_token(cfg, tc.seq_len) * tokens
+    hbm = tc.hbm_bytes or HBM_BYTES.get(gen)
     fits = None if not hbm else peak <= hbm
     verdict = (f"{name} mesh {dict(mesh.shape)}: {peak / GIB:.2f} GiB per chip"
                + (f" of {hbm / GIB:.0f} GiB HBM: {'fits' if fits else 'does NOT fit'}" if hbm else
@@ -137,8 +137,8 @@ def compile_report(tc: dict) -> dict:
                + f"; XLA/model flops {xla / model_flops:.2f} (compile {secs:.1f}s)")
     report = {
         "topology": name, "devices": n_dev, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
-        "model": tc["model"], "num_params": cfg.num_params(), "batch_size": tc["batch_size"],
-        "seq_len": tc["seq_len"], "grad_accum": tc["grad_accum"], "remat": cfg.remat, "scan_layers": cfg.scan_layers,
+        "model": tc.model, "num_params": cfg.num_params(), "batch_size": tc.batch_size,
+        "seq_len": tc.seq_len, "grad_accum": tc.grad_accum, "remat": cfg.remat, "scan_layers": cfg.scan_layers,
         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
         "peak_memory_bytes_per_device": peak, "memory_bytes": mem, "hbm_bytes_per_device": hbm, "fits": fits,
         "flops": xla, "xla_flops_per_step": xla, "xla_flops_as_compiled": raw, "xla_flops_per_layer": per_layer,
@@ -146,7 +146,7 @@ def compile_report(tc: dict) -> dict:
         "flops_per_device": xla / n_dev, "compile_seconds": secs, "verdict": verdict,
     }
     if jax.process_index() == 0:
-        out = pathlib.Path(tc["output_dir"])
+        out = pathlib.Path(tc.output_dir)
         if out.exists() and not out.is_dir():
             raise TrainConfigError(f"output_dir {out} exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,19 @@
-"""glm-train settings: built-in defaults, overridden by a YAML file, overridden by dotted `key=value` arguments.
+"""glm-train settings: a typed `TrainConfig`, built from its defaults, overridden by a YAML file, overridden by
+dotted `key=value` arguments.
 
-Every key that may be set is in DEFAULTS (sections are nested dicts: `mesh.fsdp=4`, `data.mixture=glm_large`).
-A key that is not there is bad input (exit 2), except under the open sections `model_overrides` (GLMConfig
-fields, checked when the model is built) and `data` (DataConfig fields, checked by the data pipeline).
+Every key that may be set is a field of TrainConfig (nested sections: `mesh.fsdp=4`, `distributed.process_id=1`,
+`data.mixture=glm_large`). A key that is not there is bad input (exit 2); `model_overrides` takes GLMConfig
+fields (checked when the model is built) and `data` takes DataConfig fields (glm_jax.data).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import math
 import pathlib
+import typing
+from typing import Literal
 
 import yaml
 
@@ -16,76 +22,105 @@ class TrainConfigError(ValueError):
     """A bad config file, key or value: glm-train exits 2 with this message."""
 
 
-DEFAULTS: dict = {
-    # what to train
-    "model": "glm_small",            # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
-    "model_overrides": {},           # GLMConfig fields set on top of the preset (e.g. num_layers: 2)
-    "objective": "blank_infilling",  # blank_infilling | causal | chatglm_prefix
-    "data": {},                      # extra DataConfig fields (glm_jax.data): source, tokenizer, mixture, ...
-    # schedule
-    "steps": 300,
-    "stop_at": 0,                    # >0: save and stop once this step is reached (the schedule still uses `steps`)
-    "batch_size": 16,                # global rows per optimizer step (all processes, all microbatches)
-    "seq_len": 256,
-    "seed": 0,
-    "learning_rate": 1e-3,
-    "schedule": "cosine",            # cosine | linear | constant (all after a linear warmup)
-    "warmup_steps": 0,               # 0: warmup_ratio * steps
-    "warmup_ratio": 0.05,
-    "min_lr_ratio": 0.1,             # final learning rate / peak
-    "adam_b1": 0.9,
-    "adam_b2": 0.95,
-    "adam_eps": 1e-8,
-    "weight_decay": 0.1,             # decoupled (AdamW); never on norms, biases or embeddings
-    "grad_clip": 1.0,                # global-norm clip; 0 = off
-    "grad_accum": 1,                 # microbatches per step (batch_size must divide)
-    "z_loss": 0.0,                   # coefficient of mean(logsumexp(logits)^2) over loss tokens
-    "loss_select": True,             # output projection only at loss positions (packed per batch shard; exact)
-    "loss_chunk": 0,                 # >0: the output projection + loss in blocks of this many positions (memory)
-    "embedding_grad_shrink": 1.0,    # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
-    "freeze": [],                    # param path patterns (fnmatch on 'layers_0/attn/q/kernel'); frozen = untouched
-    # numerics and memory
-    "dtype": "float32",
-    "param_dtype": "float32",
-    "remat": "none",                 # none | full | dots
-    "scan_layers": False,
-    "host_heap": "auto",             # auto | keep | system: keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
-    # parallelism
-    "mesh": {"data": 1, "fsdp": 1, "tensor": 1},   # -1 on one axis: all remaining devices
-    "distributed": {"coordinator": "", "num_processes": 0, "process_id": -1, "cpu_collectives": "gloo",
-                    "local_device_count": 0, "auto_initialize": False},   # auto: jax.distributed.initialize()
-    # outputs
-    "output_dir": "runs/default",
-    "checkpoint_every": 100,
-    "keep_checkpoints": 3,
-    "async_checkpointing": True,
-    "log_every": 10,
-    "eval_every": 0,
-    "eval_batches": 4,
-    "plot_every_seconds": 10.0,
-    "progress": "auto",              # auto (a bar on a terminal, lines otherwise) | bar | lines | none
-    "compilation_cache_dir": "",     # persistent XLA compilation cache (a restart or resume skips compiling)
-    "peak_flops": 0.0,               # per device, for the MFU estimate; 0 = known accelerator table / measured on CPU
-    # planning
-    "compile_only": False,
-    "topology": "",                  # e.g. v5p:4x4x4, v5e:2x2, v6e:16x16
-    "hbm_bytes": 0.0,                # per chip, for the compile_only verdict; 0 = table by TPU generation
-    "flops_extrapolate": True,       # compile_only: also compile 1 and 2 unrolled layers to count flops per layer
-    # testing aids
-    "debug_nan_steps": [],           # steps whose loss mask gets a NaN (to test the non-finite guard)
-}
+Objective = Literal["blank_infilling", "causal", "chatglm_prefix"]
+Schedule = Literal["cosine", "linear", "constant"]
+DType = Literal["float32", "bfloat16", "float16"]
+Remat = Literal["none", "full", "dots"]
+Progress = Literal["auto", "bar", "lines", "none"]
+HostHeap = Literal["auto", "keep", "system"]
 
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Devices along each mesh axis; -1 on one axis: all remaining devices."""
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """Several processes (jax.distributed); all zero/empty: one process, or what the environment says."""
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    cpu_collectives: str = "gloo"
+    local_device_count: int = 0
+    auto_initialize: bool = False    # jax.distributed.initialize() with no arguments (Cloud TPU, SLURM, ...)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # what to train
+    model: str = "glm_small"         # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
+    model_overrides: dict = dataclasses.field(default_factory=dict)   # GLMConfig fields set on top of the model
+    objective: Objective = "blank_infilling"
+    data: dict = dataclasses.field(default_factory=dict)   # DataConfig fields (glm_jax.data): source, tokenizer, ...
+    # schedule
+    steps: int = 300
+    stop_at: int = 0                 # >0: save and stop once this step is reached (the schedule still uses `steps`)
+    batch_size: int = 16             # global rows per optimizer step (all processes, all microbatches)
+    seq_len: int = 256
+    seed: int = 0
+    learning_rate: float = 1e-3
+    schedule: Schedule = "cosine"    # all after a linear warmup
+    warmup_steps: int = 0            # 0: warmup_ratio * steps
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1        # final learning rate / peak
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1        # decoupled (AdamW); never on norms, biases or embeddings
+    grad_clip: float = 1.0           # global-norm clip; 0 = off
+    grad_accum: int = 1              # microbatches per step (batch_size must divide)
+    z_loss: float = 0.0              # coefficient of mean(logsumexp(logits)^2) over loss tokens
+    loss_select: bool = True         # output projection only at loss positions (packed per batch shard; exact)
+    loss_chunk: int = 0              # >0: the output projection + loss in blocks of this many positions (memory)
+    embedding_grad_shrink: float = 1.0   # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
+    freeze: list = dataclasses.field(default_factory=list)   # param path patterns (fnmatch); frozen = untouched
+    # numerics and memory
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    remat: Remat = "none"
+    scan_layers: bool = False
+    host_heap: HostHeap = "auto"     # keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
+    # parallelism
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # outputs
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    plot_every_seconds: float = 10.0
+    progress: Progress = "auto"      # a bar on a terminal, lines otherwise
+    compilation_cache_dir: str = ""  # persistent XLA compilation cache (a restart or resume skips compiling)
+    peak_flops: float = 0.0          # per device, for the MFU estimate; 0 = known accelerator table / measured on CPU
+    # planning
+    compile_only: bool = False
+    topology: str = ""               # e.g. v5p:4x4x4, v5e:2x2, v6e:16x16
+    hbm_bytes: float = 0.0           # per chip, for the compile_only verdict; 0 = table by TPU generation
+    flops_extrapolate: bool = True   # compile_only: also compile 1 and 2 unrolled layers to count flops per layer
+    # testing aids
+    debug_nan_steps: list = dataclasses.field(default_factory=list)   # steps whose loss mask gets a NaN
+
+    def to_dict(self) -> dict:
+        """JSON-ready (a Python-API tokenizer object under data is written as its repr)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps or int(round(self.warmup_ratio * self.steps))
+
+
+DEFAULTS: dict = dataclasses.asdict(TrainConfig())
 OPEN_SECTIONS = ("model_overrides", "data")
-CHOICES = {
-    "objective": ("blank_infilling", "causal", "chatglm_prefix"),
-    "schedule": ("cosine", "linear", "constant"),
-    "dtype": ("float32", "bfloat16", "float16"),
-    "param_dtype": ("float32", "bfloat16", "float16"),
-    "remat": ("none", "full", "dots"),
-    "progress": ("auto", "bar", "lines", "none"),
-    "host_heap": ("auto", "keep", "system"),
-}
 POSITIVE = ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
+_FINITE = ("learning_rate", "warmup_ratio", "min_lr_ratio", "adam_b1", "adam_b2", "adam_eps", "weight_decay",
+           "grad_clip", "z_loss", "embedding_grad_shrink", "plot_every_seconds", "peak_flops", "hbm_bytes")
 
 
 def _parse_value(text: str):
@@ -147,7 +182,7 @@ def _suggest(key: str) -> str:
     import difflib
     flat = [k for k in _flat_keys(DEFAULTS)]
     close = difflib.get_close_matches(key, flat, n=1)
-    return f"; did you mean {close[0]!r}?" if close else "; see train/config.py DEFAULTS for the keys"
+    return f"; did you mean {close[0]!r}?" if close else "; see train/config.py TrainConfig for the keys"
 
 
 def _flat_keys(d: dict, prefix: str = ""):
@@ -196,8 +231,8 @@ def _deep_update(a: dict, b: dict) -> dict:
     return out
 
 
-def build(config_file=None, overrides=()) -> dict:
-    """The full settings dict: DEFAULTS < YAML file < `key=value` overrides, validated."""
+def build(config_file=None, overrides=()) -> TrainConfig:
+    """The settings: defaults < YAML file < `key=value` overrides, validated."""
     cfg = copy.deepcopy(DEFAULTS)
     if config_file:
         _merge(cfg, load_yaml(config_file))
@@ -207,13 +242,23 @@ def build(config_file=None, overrides=()) -> dict:
         key, text = item.split("=", 1)
         _merge(cfg, _dotted_to_nested(key.strip(), _parse_value(text)))
     validate(cfg)
-    return cfg
+    return TrainConfig(**{**cfg, "mesh": MeshConfig(**cfg["mesh"]),
+                          "distributed": DistributedConfig(**cfg["distributed"])})
+
+
+def _choices() -> dict:
+    hints = typing.get_type_hints(TrainConfig, globalns=globals())
+    return {k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is Literal}
 
 
 def validate(cfg: dict) -> None:
-    for k, options in CHOICES.items():
+    for k, options in _choices().items():
         if cfg[k] not in options:
             raise TrainConfigError(f"{k} must be one of {', '.join(options)}; got {cfg[k]!r}")
+    for k in _FINITE:
+        if not math.isfinite(cfg[k]):
+            raise TrainConfigError(f"{k} must be a finite number, got {cfg[k]}")
+    _check_data_keys(cfg["data"])
     for k in POSITIVE:
         if cfg[k] < 1:
             raise TrainConfigError(f"{k} must be >= 1, got {cfg[k]}")
@@ -232,5 +277,11 @@ def validate(cfg: dict) -> None:
         raise TrainConfigError(f"freeze must be a list of path patterns, got {cfg['freeze']!r}")
 
 
-def warmup_steps(cfg: dict) -> int:
-    return cfg["warmup_steps"] or int(round(cfg["warmup_ratio"] * cfg["steps"]))
+def _check_data_keys(data: dict) -> None:
+    from glm_jax.data.config import DataConfig
+
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TrainConfigError(f"unknown data key(s) {['data.' + k for k in unknown]}; "
+                               f"DataConfig has {', '.join(sorted(names))}")

@@ -28,19 +28,19 @@ def process_rows(sharding, global_rows: int) -> tuple[int, int]:
     return lo, hi
 
 
-def data_config(tc: dict, rows: int, shard_index: int, shard_count: int, eval_split: bool = False) -> dict:
-    extra = dict(tc["data"])
+def data_config(tc, rows: int, shard_index: int, shard_count: int, eval_split: bool = False) -> dict:
+    extra = dict(tc.data)
     for k in ("objective", "seq_len", "batch_size", "seed", "shard_index", "shard_count"):
         if k in extra:
             raise TrainConfigError(f"data.{k}: set the top-level key {k!r} instead"
                                    if k not in ("shard_index", "shard_count") else
                                    f"data.{k} is set by glm-train from the mesh and process index")
-    seed = tc["seed"] + (EVAL_SEED_OFFSET if eval_split else 0)
-    return dict(objective=tc["objective"], seq_len=tc["seq_len"], batch_size=rows, seed=seed,
+    seed = tc.seed + (EVAL_SEED_OFFSET if eval_split else 0)
+    return dict(objective=tc.objective, seq_len=tc.seq_len, batch_size=rows, seed=seed,
                 shard_index=shard_index, shard_count=shard_count, **extra)
 
 
-def make_batches(tc: dict, rows: int, shard_index: int, shard_count: int, eval_split: bool = False):
+def make_batches(tc, rows: int, shard_index: int, shard_count: int, eval_split: bool = False):
     """An iterator of numpy batches with get_state()/set_state() (a glm_jax.data Pipeline)."""
     from glm_jax.data.pipeline import make_pipeline
     try:

@@ -17,7 +17,7 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file (a name in train/configs/ also works, e.g. --config default)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mesh.fsdp=4 steps=100")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)   # --config may stand anywhere among the key=value items
 
 
 def _bad_input_types():
@@ -37,15 +37,15 @@ def main(argv=None) -> int:
     try:
         from train.config import build
         tc = build(args.config, args.overrides)
-        if tc["compile_only"]:
+        if tc.compile_only:
             from train.aot import compile_report
             report = compile_report(tc)
             print(report["verdict"], flush=True)
         else:
             from glm_jax import hostmem
-            hostmem.apply(tc["host_heap"])   # before the JAX backend starts its threads
+            hostmem.apply(tc.host_heap)   # before the JAX backend starts its threads
             from train.parallel import init_distributed
-            init_distributed(tc["distributed"])
+            init_distributed(tc.distributed)
             from train.trainer import train
             summary = train(tc)
             if summary.get("loss") is not None:

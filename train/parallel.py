@@ -13,35 +13,35 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax.sharding import logical_to_spec, make_mesh, tree_shardings
-from train.config import TrainConfigError
+from train.config import DistributedConfig, MeshConfig, TrainConfigError
 
 
-def init_distributed(dc: dict) -> None:
+def init_distributed(dc: DistributedConfig) -> None:
     """jax.distributed.initialize when this is one of several processes.
 
     Explicit: distributed.coordinator / num_processes / process_id (or JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES, JAX_PROCESS_ID). Automatic: a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several
     hosts) or a cluster that jax recognises (SLURM, ...), via initialize() with no arguments.
     """
-    coord = dc["coordinator"] or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    nproc = dc["num_processes"] or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
-    pid = dc["process_id"] if dc["process_id"] >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
-    if dc["local_device_count"]:
-        jax.config.update("jax_num_cpu_devices", dc["local_device_count"])
+    coord = dc.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    nproc = dc.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
+    pid = dc.process_id if dc.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
+    if dc.local_device_count:
+        jax.config.update("jax_num_cpu_devices", dc.local_device_count)
     if coord or nproc > 1:
         if not (coord and nproc > 0 and pid >= 0):
             raise TrainConfigError("a multi-process run needs distributed.coordinator, distributed.num_processes "
                                    "and distributed.process_id (or the JAX_* environment variables)")
         if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-            jax.config.update("jax_cpu_collectives_implementation", dc["cpu_collectives"])
+            jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
         jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid)
-    elif dc["auto_initialize"] or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or \
+    elif dc.auto_initialize or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or \
             int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         jax.distributed.initialize()   # jax detects the cluster (Cloud TPU pod slice, GKE, SLURM, ...)
 
 
-def resolve_mesh_shape(mc: dict, n_devices: int) -> tuple[int, int, int]:
-    shape = [mc["data"], mc["fsdp"], mc["tensor"]]
+def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    shape = [mc.data, mc.fsdp, mc.tensor]
     if -1 in shape:
         rest = int(np.prod([s for s in shape if s != -1]))
         if n_devices % rest:
@@ -52,7 +52,7 @@ def resolve_mesh_shape(mc: dict, n_devices: int) -> tuple[int, int, int]:
     return tuple(shape)
 
 
-def build_mesh(mc: dict, devices=None):
+def build_mesh(mc: MeshConfig, devices=None):
     devices = list(jax.devices() if devices is None else devices)
     d, f, t = resolve_mesh_shape(mc, len(devices))
     return make_mesh(d, f, t, devices=devices)

@@ -14,19 +14,21 @@ from glm_jax import hostmem
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.sharding import axis_rules
 from train import data as data_lib
-from train import parallel, step as step_lib
+from train import flops as flops_lib
+from train import optimizer, parallel
+from train import step as step_lib
 from train.checkpointing import Checkpointer, gather_json
-from train.config import TrainConfigError, warmup_steps
+from train.config import TrainConfig, TrainConfigError
 from train.metrics import Reporter, device_peak_flops
 
 COMPUTE_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
 # ---------------------------------------------------------------- model
-def model_config(tc: dict):
+def model_config(tc: TrainConfig):
     """(GLMConfig, path of a pretrained checkpoint folder or None)."""
-    name, over = tc["model"], dict(tc["model_overrides"])
-    compute = {k: tc[k] for k in COMPUTE_KEYS}
+    name, over = tc.model, dict(tc.model_overrides)
+    compute = {k: getattr(tc, k) for k in COMPUTE_KEYS}
     try:
         p = pathlib.Path(name)
         if p.is_dir():
@@ -53,21 +55,21 @@ def load_pretrained(path, cfg, overrides):
 
 
 # ---------------------------------------------------------------- the run
-def state_layout(tc: dict, cfg, mesh) -> dict:
+def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     """Optimizer, frozen mask, the train step function, and the state's shardings and abstract shapes."""
     from glm_jax.model.transformer import GLMModel, param_shapes
     pshapes = param_shapes(cfg)
-    frozen = step_lib.frozen_mask(pshapes, tc["freeze"])
-    if tc["freeze"] and not any(jax.tree.leaves(frozen)):
-        raise TrainConfigError(f"freeze={tc['freeze']} matches no parameter; paths look like "
+    frozen = optimizer.frozen_mask(pshapes, tc.freeze)
+    if tc.freeze and not any(jax.tree.leaves(frozen)):
+        raise TrainConfigError(f"freeze={tc.freeze} matches no parameter; paths look like "
                                f"{', '.join(list(_paths(pshapes))[:3])}")
-    tx = step_lib.make_optimizer(tc, pshapes, frozen)
+    tx = optimizer.make_optimizer(tc, pshapes, frozen)
     p_sh = parallel.param_shardings(cfg, pshapes, mesh)
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), pshapes)
     state_sh = {"step": parallel.replicated(mesh), "params": p_sh,
                 "opt_state": parallel.like_params_shardings(abstract["opt_state"], pshapes, p_sh, mesh)}
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
-    schedule = step_lib.make_schedule(tc, warmup_steps(tc))
+    schedule = optimizer.make_schedule(tc, tc.warmup)
     train_step = step_lib.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh)
     return {"tx": tx, "frozen": frozen, "state_sh": state_sh, "abstract": abstract, "train_step": train_step}
 
@@ -78,11 +80,11 @@ class Run:
     def __init__(self, tc: dict):
         self.tc = tc
         self.cfg, self.pretrained = model_config(tc)
-        if self.cfg.position == "learned_2d" and tc["seq_len"] > self.cfg.max_position_embeddings:
-            raise TrainConfigError(f"seq_len {tc['seq_len']} exceeds the model's {self.cfg.max_position_embeddings} "
+        if self.cfg.position == "learned_2d" and tc.seq_len > self.cfg.max_position_embeddings:
+            raise TrainConfigError(f"seq_len {tc.seq_len} exceeds the model's {self.cfg.max_position_embeddings} "
                                    "learned positions")
-        self.mesh = parallel.build_mesh(tc["mesh"])
-        parallel.check_batch_divisible(tc["batch_size"], tc["grad_accum"], self.mesh)
+        self.mesh = parallel.build_mesh(tc.mesh)
+        parallel.check_batch_divisible(tc.batch_size, tc.grad_accum, self.mesh)
         from glm_jax.model.transformer import GLMModel
         self.module = GLMModel(self.cfg)
         self.setup_state()
@@ -98,15 +100,15 @@ class Run:
         from glm_jax.model.transformer import init_params
         lay = state_layout(tc, cfg, mesh)
         self.tx, self.frozen, self.state_sh, self.abstract = lay["tx"], lay["frozen"], lay["state_sh"], lay["abstract"]
-        out = pathlib.Path(tc["output_dir"])
+        out = pathlib.Path(tc.output_dir)
         if out.exists() and not out.is_dir():
             raise TrainConfigError(f"output_dir {out} exists and is not a folder")
-        self.checkpointer = Checkpointer(out, tc["keep_checkpoints"], tc["async_checkpointing"])
+        self.checkpointer = Checkpointer(out, tc.keep_checkpoints, tc.async_checkpointing)
         self.start_step, self.meta = 0, None
         latest = self.checkpointer.latest_step()
         loaded = None
         if latest is None and self.pretrained:   # (outside the rules context: loading builds param boxes)
-            loaded = load_pretrained(self.pretrained, cfg, tc["model_overrides"])
+            loaded = load_pretrained(self.pretrained, cfg, tc.model_overrides)
         with self.ctx():
             if latest is not None:
                 self.state, self.meta = self.checkpointer.restore(latest, self.abstract)
@@ -118,29 +120,29 @@ class Run:
                 self.state = jax.jit(lambda p: step_lib.init_state(p, self.tx), out_shardings=self.state_sh)(params)
             else:
                 init = lambda k: step_lib.init_state(init_params(cfg, k), self.tx)  # noqa: E731
-                self.state = jax.jit(init, out_shardings=self.state_sh)(jax.random.PRNGKey(tc["seed"]))
+                self.state = jax.jit(init, out_shardings=self.state_sh)(jax.random.PRNGKey(tc.seed))
         self.train_step = lay["train_step"]
         self.metric_sh = parallel.replicated(mesh)
         self.step_fn = None  # jitted lazily, once the batch shardings are known
-        self.eval_fn = jax.jit(step_lib.make_eval_step(self.module, tc["loss_chunk"], tc["loss_select"]), out_shardings=self.metric_sh)
+        self.eval_fn = jax.jit(step_lib.make_eval_step(self.module, tc.loss_chunk, tc.loss_select), out_shardings=self.metric_sh)
 
     def _check_meta(self, meta):
         saved = {k: v for k, v in meta.get("config", {}).items() if k != "hf_config"}
         now = {k: v for k, v in self.cfg.to_dict().items() if k != "hf_config"}
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
-            raise TrainConfigError(f"{self.tc['output_dir']} holds a run of another model (fields {diff} differ); "
+            raise TrainConfigError(f"{self.tc.output_dir} holds a run of another model (fields {diff} differ); "
                                    "use a new output_dir")
 
     def setup_data(self):
         tc, mesh = self.tc, self.mesh
-        B = tc["batch_size"]
+        B = tc.batch_size
         self.batch_sh_one = parallel.batch_sharding(mesh, 1, (B,))
         lo, hi = data_lib.process_rows(self.batch_sh_one, B)
         rows = hi - lo
         self.data = data_lib.make_batches(tc, rows, lo // rows, B // rows)
         self.eval_data = None
-        if tc["eval_every"]:
+        if tc.eval_every:
             self.eval_data = data_lib.make_batches(tc, rows, lo // rows, B // rows, eval_split=True)
             self.eval_state0 = self.eval_data.get_state()
         v = data_lib.vocab_size(self.data)
@@ -155,17 +157,17 @@ class Run:
 
     def device_batch(self, local: dict):
         if self.step_fn is None:
-            shapes = {k: jax.ShapeDtypeStruct((self.tc["batch_size"],) + v.shape[1:], v.dtype) for k, v in local.items()}
+            shapes = {k: jax.ShapeDtypeStruct((self.tc.batch_size,) + v.shape[1:], v.dtype) for k, v in local.items()}
             self.batch_sh = parallel.batch_shardings(self.mesh, shapes)
             self.step_fn = jax.jit(self.train_step, in_shardings=(self.state_sh, self.batch_sh),
                                    out_shardings=(self.state_sh, self.metric_sh), donate_argnums=(0,))
-        return parallel.global_batch(local, self.batch_sh, self.tc["batch_size"])
+        return parallel.global_batch(local, self.batch_sh, self.tc.batch_size)
 
     def save(self, step: int) -> None:
         states = gather_json(self.data.get_state())
         meta = {"step": step, "updates": int(self.state["step"]), "config": self.cfg.to_dict(),
                 "data_state": states[0], "data_states": states,
-                "train_config": json.loads(json.dumps(self.tc, default=repr)),   # (a Python-API tokenizer object)
+                "train_config": self.tc.to_dict(),
                 "process_count": jax.process_count()}
         self.checkpointer.save(step, self.state, meta)
 
@@ -173,7 +175,7 @@ class Run:
         self.eval_data.set_state(self.eval_state0)
         tot = {"ce": 0.0, "correct": 0.0, "count": 0.0}
         with self.ctx():
-            for _ in range(self.tc["eval_batches"]):
+            for _ in range(self.tc.eval_batches):
                 local = data_lib.to_device_dict(next(self.eval_data))
                 sums = jax.device_get(self.eval_fn(self.state["params"], self.device_batch(local)))
                 for k in tot:
@@ -225,32 +227,32 @@ def use_compilation_cache(path: str) -> None:
             pass
 
 
-def train(tc: dict) -> dict:
+def train(tc: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary dict."""
-    use_compilation_cache(tc["compilation_cache_dir"])
+    use_compilation_cache(tc.compilation_cache_dir)
     stop = _Stop()
     # before Run starts the data pipeline, whose read threads would share the cores with a measured peak
-    peak, peak_src = device_peak_flops(tc["peak_flops"])
+    peak, peak_src = device_peak_flops(tc.peak_flops)
     run = Run(tc)
-    steps, log_every = tc["steps"], tc["log_every"]
-    rep = Reporter(tc["output_dir"], steps, run.start_step, tc["progress"], tc["plot_every_seconds"])
+    steps, log_every = tc.steps, tc.log_every
+    rep = Reporter(tc.output_dir, steps, run.start_step, tc.progress, tc.plot_every_seconds)
     n_dev = run.mesh.devices.size
-    tokens_per_step = tc["batch_size"] * tc["seq_len"]
-    flops_per_step = step_lib.flops_per_token(run.cfg, tc["seq_len"]) * tokens_per_step
-    if run.start_step >= min(steps, tc["stop_at"] or steps):
-        rep.say(f"{tc['output_dir']} is already at step {run.start_step}: nothing to do (raise steps= to go on)",
+    tokens_per_step = tc.batch_size * tc.seq_len
+    flops_per_step = flops_lib.flops_per_token(run.cfg, tc.seq_len) * tokens_per_step
+    if run.start_step >= min(steps, tc.stop_at or steps):
+        rep.say(f"{tc.output_dir} is already at step {run.start_step}: nothing to do (raise steps= to go on)",
                 always=True)
     elif run.start_step:
         rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
-    rep.say(f"model {tc['model']}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
+    rep.say(f"model {tc.model}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
             f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
             f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
             + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else ""))
     step, pending, last_loss = run.start_step, [], None
     t_start = t_mark = time.perf_counter()
     steps_since, first = 0, True
-    nan_steps = set(tc["debug_nan_steps"])
-    stop_at = tc["stop_at"] or steps
+    nan_steps = set(tc.debug_nan_steps)
+    stop_at = tc.stop_at or steps
     try:
         while step < min(steps, stop_at):
             local = data_lib.to_device_dict(next(run.data), nan_at=(step + 1) in nan_steps)
@@ -261,8 +263,8 @@ def train(tc: dict) -> dict:
             steps_since += 1
             pending.append(m)
             rep.advance()
-            do_eval = run.eval_data is not None and step % tc["eval_every"] == 0
-            do_ckpt = step % tc["checkpoint_every"] == 0
+            do_eval = run.eval_data is not None and step % tc.eval_every == 0
+            do_ckpt = step % tc.checkpoint_every == 0
             extra = {}
             if do_eval:   # eval (and checkpoint) time is not counted in tokens_per_second
                 jax.block_until_ready(run.state)
@@ -301,7 +303,7 @@ def train(tc: dict) -> dict:
         close = getattr(run.data, "close", None)
         if close:
             close()
-    return {"step": step, "loss": last_loss, "output_dir": tc["output_dir"]}
+    return {"step": step, "loss": last_loss, "output_dir": tc.output_dir}
 
 
 def _summarise(step, vals, tps, mfu) -> dict:
