@@ -19,6 +19,7 @@ tensor) at the end. Disk needed: about 4x the checkpoint.
 Why two copies: on this VM a buffered write spends most of its time on page-cache pages the guest has not
 touched yet, and swings 4-5x from run to run; writes past the page cache run at the disk's ~1 GB/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def build(src: pathlib.Path, layers: int, shard_bytes: int = 2 * 10**9) -> tuple
     import ml_dtypes
     import numpy as np
     import safetensors.numpy
+
     from glm_jax import GLMConfig
     from glm_jax.families import presets
+
     hf = {**presets()["chatglm3_6b"], "num_layers": layers, "torch_dtype": "bfloat16"}
     cfg = GLMConfig.from_hf(hf)
     src.mkdir(parents=True)
@@ -65,8 +68,9 @@ def build(src: pathlib.Path, layers: int, shard_bytes: int = 2 * 10**9) -> tuple
         wm.update({k: name for k in shard})
         total += sum(a.nbytes for a in arrays.values())
         del arrays
-    (src / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}, indent=2) + "\n")
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}, indent=2) + "\n"
+    )
     largest = max(int(np.prod(s)) * 2 for s in shapes.values())
     return total, largest
 
@@ -74,9 +78,11 @@ def build(src: pathlib.Path, layers: int, shard_bytes: int = 2 * 10**9) -> tuple
 def _hf_shapes(cfg) -> dict:
     """HF key → shape for this config, from the key map's own to_hf run on zero-byte stand-ins."""
     import numpy as np
-    from glm_jax.families import keymap
+
     from glm_jax.checkpoint.orbax import flatten as _flatten
+    from glm_jax.families import keymap
     from glm_jax.model.transformer import param_shapes, unstack_layers
+
     flat = {}
     _flatten(unstack_layers(param_shapes(cfg)), "", flat)
     out = {}
@@ -102,14 +108,23 @@ def child(argv: list) -> tuple[float, float, int]:
 def copy_cmd(src, dst, direct=False):
     """A child that copies the folder: shutil.copyfile (through the page cache, as cp does), or with direct, GNU
     dd with oflag=direct in 8 MB blocks (past the page cache, as glm-convert writes)."""
-    one = ("subprocess.run(['dd', 'if=' + str(f), 'of=' + str(t), 'bs=8M', 'oflag=direct', 'status=none'], "
-           "check=True)") if direct else "shutil.copyfile(f, t)"
-    return [sys.executable, "-c", "import pathlib, shutil, subprocess, sys\n"
-            "s, d = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
-            "for f in s.rglob('*'):\n"
-            "    t = d / f.relative_to(s)\n"
-            "    t.mkdir(parents=True, exist_ok=True) if f.is_dir() else (t.parent.mkdir(parents=True, exist_ok=True),"
-            f" {one})\n", str(src), str(dst)]
+    one = (
+        ("subprocess.run(['dd', 'if=' + str(f), 'of=' + str(t), 'bs=8M', 'oflag=direct', 'status=none'], check=True)")
+        if direct
+        else "shutil.copyfile(f, t)"
+    )
+    return [
+        sys.executable,
+        "-c",
+        "import pathlib, shutil, subprocess, sys\n"
+        "s, d = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+        "for f in s.rglob('*'):\n"
+        "    t = d / f.relative_to(s)\n"
+        "    t.mkdir(parents=True, exist_ok=True) if f.is_dir() else (t.parent.mkdir(parents=True, exist_ok=True),"
+        f" {one})\n",
+        str(src),
+        str(dst),
+    ]
 
 
 def du(path) -> int:
@@ -119,6 +134,7 @@ def du(path) -> int:
 def verify(src, out) -> bool:
     """Every tensor of the output equals the source's, byte for byte (read with the safetensors library)."""
     import hashlib
+
     import torch
     from safetensors import safe_open
 
@@ -126,10 +142,11 @@ def verify(src, out) -> bool:
         d = {}
         for f in sorted(pathlib.Path(folder).glob("*.safetensors")):
             with safe_open(f, "pt") as h:
-                for k in h.keys():
+                for k in h.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
                     t = h.get_tensor(k)
                     d[k] = (str(t.dtype), tuple(t.shape), hashlib.sha1(t.view(torch.uint8).numpy()).hexdigest())
         return d
+
     return digest(src) == digest(out)
 
 
@@ -147,12 +164,20 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     src, jax_dir, out = work / "src", work / "jax", work / "torch"
     t = time.time()
-    built = subprocess.run([sys.executable, __file__, "--build-only", str(args.layers), str(src)], cwd=ROOT,
-                           check=True, capture_output=True, text=True)       # keeps this process small
+    built = subprocess.run(
+        [sys.executable, __file__, "--build-only", str(args.layers), str(src)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )  # keeps this process small
     total, largest = json.loads(built.stdout.strip().splitlines()[-1])
-    print(f"built {args.layers}-layer ChatGLM3-6B-shaped bf16 checkpoint: {total / 1e9:.2f} GB in "
-          f"{len(list(src.glob('*.safetensors')))} shards ({time.time() - t:.0f} s); largest tensor "
-          f"{largest / 1e9:.3f} GB", flush=True)
+    print(
+        f"built {args.layers}-layer ChatGLM3-6B-shaped bf16 checkpoint: {total / 1e9:.2f} GB in "
+        f"{len(list(src.glob('*.safetensors')))} shards ({time.time() - t:.0f} s); largest tensor "
+        f"{largest / 1e9:.3f} GB",
+        flush=True,
+    )
     rss_target = (2 * largest + 1e9) / 1e9
     cli = [sys.executable, "-m", "convert.cli"]
     rows = []
@@ -160,7 +185,7 @@ def main():
         for name, copy_from, dst in (("to-jax", src, jax_dir), ("to-torch", jax_dir, out)):
             argv = cli + [name, str(copy_from), str(dst)]
             runs = []
-            for rep in range(args.repeat):          # alternate copies and conversion: the disk's speed drifts
+            for rep in range(args.repeat):  # alternate copies and conversion: the disk's speed drifts
                 copies = []
                 for direct in (False, True):
                     c_wall, c_rss, rc = child(copy_cmd(copy_from, work / "copy", direct))
@@ -173,21 +198,38 @@ def main():
                 wall, rss, rc = child(argv)
                 assert rc == 0, f"{name} failed"
                 runs.append((wall, rss, *copies))
-                print(f"  {name} run {rep + 1}: {wall:6.1f} s, peak RSS {rss:.2f} GB | copy {copies[0]:6.1f} s, "
-                      f"direct copy {copies[1]:6.1f} s | ratio {wall / min(copies):.2f}", flush=True)
-            wall, c_wall, d_wall = (min(r[i] for r in runs) for i in (0, 2, 3))     # best of N on every side
+                print(
+                    f"  {name} run {rep + 1}: {wall:6.1f} s, peak RSS {rss:.2f} GB | copy {copies[0]:6.1f} s, "
+                    f"direct copy {copies[1]:6.1f} s | ratio {wall / min(copies):.2f}",
+                    flush=True,
+                )
+            wall, c_wall, d_wall = (min(r[i] for r in runs) for i in (0, 2, 3))  # best of N on every side
             rss = max(r[1] for r in runs)
             rows.append((name, wall, rss, c_wall, d_wall, nbytes))
-            print(f"{name:9s} {wall:7.1f} s  peak RSS {rss:5.2f} GB | copy of the same {nbytes / 1e9:.2f} GB: "
-                  f"{c_wall:6.1f} s, direct copy {d_wall:6.1f} s | ratio to the faster copy "
-                  f"{wall / min(c_wall, d_wall):.2f}x (target <= 2) | RSS target < {rss_target:.2f} GB "
-                  f"(best of {len(runs)} each, RSS max)", flush=True)
+            print(
+                f"{name:9s} {wall:7.1f} s  peak RSS {rss:5.2f} GB | copy of the same {nbytes / 1e9:.2f} GB: "
+                f"{c_wall:6.1f} s, direct copy {d_wall:6.1f} s | ratio to the faster copy "
+                f"{wall / min(c_wall, d_wall):.2f}x (target <= 2) | RSS target < {rss_target:.2f} GB "
+                f"(best of {len(runs)} each, RSS max)",
+                flush=True,
+            )
         same = verify(src, out)
         print(f"round trip: every tensor byte-identical to the source: {same}")
-        print(json.dumps({"layers": args.layers, "checkpoint_gb": total / 1e9, "largest_tensor_gb": largest / 1e9,
-                          "rss_target_gb": rss_target, "same": same,
-                          "runs": [dict(zip(("step", "seconds", "peak_rss_gb", "copy_seconds", "direct_copy_seconds", "bytes"), r))
-                                   for r in rows]}))
+        print(
+            json.dumps(
+                {
+                    "layers": args.layers,
+                    "checkpoint_gb": total / 1e9,
+                    "largest_tensor_gb": largest / 1e9,
+                    "rss_target_gb": rss_target,
+                    "same": same,
+                    "runs": [
+                        dict(zip(("step", "seconds", "peak_rss_gb", "copy_seconds", "direct_copy_seconds", "bytes"), r))
+                        for r in rows
+                    ],
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

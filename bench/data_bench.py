@@ -12,6 +12,7 @@ Need of one host (v5p: 4 chips per host, bf16 dense peak 459 TFLOP/s per chip, a
       N = 9.4e9 params, L = 40 layers, d_attn = 32 heads * 128 = 4096 (GLM-4-9B)
     need = host_flops / (flops/token)                    tokens/s per host
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,19 @@ def host_need(seq_len: int) -> tuple[float, float]:
 
 def measure(seq_len: int, batch_size: int, seconds: float, workers: int, seed: int) -> dict:
     from glm_jax import data
-    cfg = dict(objective="blank_infilling", seq_len=seq_len, batch_size=batch_size, seed=seed,
-               shard_index=0, shard_count=1, num_workers=workers)
+
+    cfg = dict(
+        objective="blank_infilling",
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        shard_index=0,
+        shard_count=1,
+        num_workers=workers,
+    )
     with data.make_pipeline(cfg) as pipe:
         for _ in range(2):
-            next(pipe)                                         # warm-up (worker start, caches)
+            next(pipe)  # warm-up (worker start, caches)
         cpu0, t0, n, real = time.process_time(), time.perf_counter(), 0, 0
         while time.perf_counter() - t0 < seconds:
             batch = next(pipe)
@@ -45,9 +54,15 @@ def measure(seq_len: int, batch_size: int, seconds: float, workers: int, seed: i
             real += int((batch["tokens"] != 0).sum())
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stats = pipe.stats
-    return {"tokens_per_s": n / wall, "tokens_per_cpu_s": n / max(cpu, 1e-9), "nonpad": real / max(n, 1),
-            "batches": stats["batches"], "rows_token": stats["rows_token"],
-            "rows_sentence": stats["rows_sentence"], "rows_document": stats["rows_document"]}
+    return {
+        "tokens_per_s": n / wall,
+        "tokens_per_cpu_s": n / max(cpu, 1e-9),
+        "nonpad": real / max(n, 1),
+        "batches": stats["batches"],
+        "rows_token": stats["rows_token"],
+        "rows_sentence": stats["rows_sentence"],
+        "rows_document": stats["rows_document"],
+    }
 
 
 def main(argv=None):
@@ -58,22 +73,30 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=0, help="grain worker processes (0: measure one core)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print(f"host need: {CHIPS_PER_HOST} x {PEAK_BF16_PER_CHIP / 1e12:.0f} TFLOP/s x {MFU:.0%} MFU = "
-          f"{CHIPS_PER_HOST * PEAK_BF16_PER_CHIP * MFU:.3g} FLOP/s; flops/token = 6N + 12*L*T*d_attn, "
-          f"N={N_PARAMS:.2g}, L={N_LAYERS}, d_attn={D_ATTN}")
-    print(f"{'seq_len':>8} {'B':>4} {'tok/s':>10} {'tok/cpu-s':>10} {'nonpad':>7} {'flops/tok':>10} "
-          f"{'need tok/s':>10} {'ratio/core':>10}  objectives(token/sentence/document rows)")
+    print(
+        f"host need: {CHIPS_PER_HOST} x {PEAK_BF16_PER_CHIP / 1e12:.0f} TFLOP/s x {MFU:.0%} MFU = "
+        f"{CHIPS_PER_HOST * PEAK_BF16_PER_CHIP * MFU:.3g} FLOP/s; flops/token = 6N + 12*L*T*d_attn, "
+        f"N={N_PARAMS:.2g}, L={N_LAYERS}, d_attn={D_ATTN}"
+    )
+    print(
+        f"{'seq_len':>8} {'B':>4} {'tok/s':>10} {'tok/cpu-s':>10} {'nonpad':>7} {'flops/tok':>10} "
+        f"{'need tok/s':>10} {'ratio/core':>10}  objectives(token/sentence/document rows)"
+    )
     for T in args.seq_lens:
         B = max(1, args.tokens_per_batch // T)
         r = measure(T, B, args.seconds, args.workers, args.seed)
         need, fpt = host_need(T)
         # one process without workers = one core: CPU seconds are immune to other load on the machine
         per_core = r["tokens_per_s"] / args.workers if args.workers else r["tokens_per_cpu_s"]
-        print(f"{T:>8} {B:>4} {r['tokens_per_s']:>10.0f} {r['tokens_per_cpu_s']:>10.0f} {r['nonpad']:>7.3f} "
-              f"{fpt:>10.3g} {need:>10.0f} {per_core / need:>9.1f}x  "
-              f"{r['rows_token']}/{r['rows_sentence']}/{r['rows_document']}")
-    print("ratio/core = one CPU core's pipeline throughput (tok/cpu-s; wall tok/s / workers with --workers)"
-          " / one v5p host's need (target >= 10x).")
+        print(
+            f"{T:>8} {B:>4} {r['tokens_per_s']:>10.0f} {r['tokens_per_cpu_s']:>10.0f} {r['nonpad']:>7.3f} "
+            f"{fpt:>10.3g} {need:>10.0f} {per_core / need:>9.1f}x  "
+            f"{r['rows_token']}/{r['rows_sentence']}/{r['rows_document']}"
+        )
+    print(
+        "ratio/core = one CPU core's pipeline throughput (tok/cpu-s; wall tok/s / workers with --workers)"
+        " / one v5p host's need (target >= 10x)."
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Both run on this CPU in the same process: transformers GlmForCausalLM (eager PyT
 (one jitted prefill + lax.while_loop of decode steps over a preallocated KV cache). Compile time is excluded
 for JAX (one warm-up call), as is PyTorch's first-call overhead.
 """
+
 import argparse
 import os
 import sys
@@ -25,12 +26,23 @@ def main():
     import numpy as np
     import torch
     import transformers
+
     torch.set_num_threads(a.threads)
     import glm_jax
 
-    cfg = transformers.GlmConfig(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
-                                 num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                                 pad_token_id=0, eos_token_id=[1], tie_word_embeddings=False)
+    cfg = transformers.GlmConfig(
+        vocab_size=8192,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        eos_token_id=[1],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.GlmForCausalLM(cfg).eval()
     nparams = sum(p.numel() for p in model.parameters())
@@ -40,10 +52,14 @@ def main():
         lm16 = glm_jax.from_pretrained(d, dtype="bfloat16")
     print(f"model: Glm, {nparams / 1e6:.1f}M params, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads")
     floor, chain = weight_stream_floor(lm)
-    print(f"floor: XLA's matrix-vector products over the fp32 weights a token needs take {floor * 1e3:.2f} ms "
-          f"(independent, side by side) -> at most {1 / floor:.0f} tok/s per sequence at batch 1 in fp32")
-    print(f"       the same products one after another, each fed by the last (as in a decode step), take "
-          f"{chain * 1e3:.2f} ms -> {1 / chain:.0f} tok/s (XLA:CPU runs each batch-1 product on one core)")
+    print(
+        f"floor: XLA's matrix-vector products over the fp32 weights a token needs take {floor * 1e3:.2f} ms "
+        f"(independent, side by side) -> at most {1 / floor:.0f} tok/s per sequence at batch 1 in fp32"
+    )
+    print(
+        f"       the same products one after another, each fed by the last (as in a decode step), take "
+        f"{chain * 1e3:.2f} ms -> {1 / chain:.0f} tok/s (XLA:CPU runs each batch-1 product on one core)"
+    )
     print(f"{'batch':>5} {'transformers tok/s':>19} {'glm-jax tok/s':>14} {'ratio':>6} {'same ids':>8}")
     rng = np.random.default_rng(0)
     for B in (1, 8):
@@ -53,9 +69,15 @@ def main():
         for _ in range(a.repeats):
             t = time.perf_counter()
             with torch.no_grad():
-                ref = model.generate(torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                                     max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, num_beams=1,
-                                     pad_token_id=0).numpy()
+                ref = model.generate(
+                    torch.tensor(ids),
+                    attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                    max_new_tokens=a.new,
+                    min_new_tokens=a.new,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=0,
+                ).numpy()
             t_hf.append(time.perf_counter() - t)
             t = time.perf_counter()
             out = lm.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
@@ -77,16 +99,23 @@ def weight_stream_floor(lm):
     so they run one after another."""
     import jax
     import jax.numpy as jnp
-    mats = [w.reshape(-1, w.shape[-1]) for path, w in jax.tree_util.tree_leaves_with_path(lm.params)
-            if w.ndim >= 2 and "embed" not in jax.tree_util.keystr(path)]
+
+    mats = [
+        w.reshape(-1, w.shape[-1])
+        for path, w in jax.tree_util.tree_leaves_with_path(lm.params)
+        if w.ndim >= 2 and "embed" not in jax.tree_util.keystr(path)
+    ]
 
     def chained(ms):
         s = jnp.float32(1.0)
-        for m in ms:   # the next input is a function of this product: no two products can overlap
+        for m in ms:  # the next input is a function of this product: no two products can overlap
             s = jnp.tanh(jnp.sum(jnp.full((1, m.shape[0]), s, m.dtype) @ m))
         return s
-    return tuple(_best(jax.jit(f), mats) for f in (
-        lambda ms: sum(jnp.sum(jnp.ones((1, m.shape[0]), m.dtype) @ m) for m in ms), chained))
+
+    return tuple(
+        _best(jax.jit(f), mats)
+        for f in (lambda ms: sum(jnp.sum(jnp.ones((1, m.shape[0]), m.dtype) @ m) for m in ms), chained)
+    )
 
 
 def _best(f, *args, repeats=20):

@@ -17,6 +17,7 @@ Exit codes: 0 done; 2 bad input (one `error:` line on stderr naming the file and
 error. The output is built in a hidden sibling of DST and renamed at the end, so a failed run leaves no DST
 (and an existing DST, replaced only with --overwrite, is untouched until the new one is complete).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ class BadInput(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):          # one line, as every other bad input
+    def error(self, message):  # one line, as every other bad input
         raise BadInput(f"{self.prog}: {message}")
 
 
@@ -81,6 +82,7 @@ def _quiet():
     warnings.filterwarnings("ignore")
     try:
         from absl import logging as alog
+
         alog.set_verbosity(alog.FATAL)
     except ImportError:
         pass
@@ -92,10 +94,11 @@ def _reuse_freed_memory():
     the page cache (which our own output keeps filling) — on the bench VM that doubled the conversion time."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)              # M_MMAP_MAX: large blocks from the heap too
-        libc.mallopt(-1, 2**31 - 1)      # M_TRIM_THRESHOLD: keep freed memory for the next tensor
-        libc.mallopt(-8, 1)              # M_ARENA_MAX: one heap for all threads, so freed blocks are found again
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap too
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed memory for the next tensor
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: one heap for all threads, so freed blocks are found again
     except (OSError, AttributeError):
         pass
 
@@ -105,8 +108,18 @@ class _Bar:
 
     def __init__(self, desc):
         from tqdm import tqdm
-        self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None,
-                        file=sys.stderr, leave=False, dynamic_ncols=True)
+
+        self.bar = tqdm(
+            total=0,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=desc,
+            disable=None,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def total(self, n):
         self.bar.total = n
@@ -121,6 +134,7 @@ class _Bar:
 
 def run(args) -> dict:
     from convert.torch_io import parse_size
+
     src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
     if not src.exists():
         raise BadInput(f"{src}: no such file or folder")
@@ -140,12 +154,31 @@ def run(args) -> dict:
     try:
         if args.command == "to-jax":
             from convert.importer import to_jax
-            out = to_jax(src, tmp, dtype=args.dtype, mesh=mesh, ptuning=args.ptuning, config=args.config,
-                         progress=bar, on_total=bar.total)
+
+            out = to_jax(
+                src,
+                tmp,
+                dtype=args.dtype,
+                mesh=mesh,
+                ptuning=args.ptuning,
+                config=args.config,
+                progress=bar,
+                on_total=bar.total,
+            )
         else:
             from convert.export import to_torch
-            out = to_torch(src, tmp, fmt=args.format, max_shard=args.max_shard_size, layout=args.layout,
-                           dtype=args.dtype, ptuning_only=args.ptuning_only, progress=bar, on_total=bar.total)
+
+            out = to_torch(
+                src,
+                tmp,
+                fmt=args.format,
+                max_shard=args.max_shard_size,
+                layout=args.layout,
+                dtype=args.dtype,
+                ptuning_only=args.ptuning_only,
+                progress=bar,
+                on_total=bar.total,
+            )
         bar.close()
         _replace(tmp, dst)
     except BaseException:
@@ -175,6 +208,7 @@ def main(argv=None) -> int:
         gc.set_threshold(50_000, 20, 100)
     from glm_jax.checkpoint import CheckpointFormatError
     from glm_jax.config import ConfigError
+
     t0 = time.time()
     try:
         args = _parser().parse_args(argv)
@@ -185,15 +219,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the contract: anything else is an internal error, exit 1
+    except Exception as e:
         if os.environ.get("GLM_CONVERT_DEBUG"):
             traceback.print_exc()
-        print(f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())}); "
-              f"set GLM_CONVERT_DEBUG=1 for the traceback", file=sys.stderr)
+        print(
+            f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())}); "
+            f"set GLM_CONVERT_DEBUG=1 for the traceback",
+            file=sys.stderr,
+        )
         return 1
     dt = time.time() - t0
-    print(f"{args.command}: wrote {args.dst} ({out['tensors']} tensors, {out['bytes'] / 1e9:.3f} GB) in {dt:.1f} s "
-          f"({out['bytes'] / 1e6 / max(dt, 1e-9):.0f} MB/s)")
+    print(
+        f"{args.command}: wrote {args.dst} ({out['tensors']} tensors, {out['bytes'] / 1e9:.3f} GB) in {dt:.1f} s "
+        f"({out['bytes'] / 1e6 / max(dt, 1e-9):.0f} MB/s)"
+    )
     return 0
 
 

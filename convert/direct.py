@@ -5,6 +5,7 @@ used yet (0.2 GB/s to durable bytes for a 512 MB write in 8 MB pieces), while O_
 aligned staging buffer go straight to the disk (~1 GB/s, steady). Where the filesystem refuses O_DIRECT (tmpfs,
 some network filesystems) the same calls fall back to plain positioned writes.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -13,7 +14,7 @@ import threading
 
 from glm_jax.hostbuf import ALIGN, address, empty  # noqa: F401 - aligned buffers live in the library
 
-PIECE = 8 << 20       # staging buffer: one O_DIRECT write
+PIECE = 8 << 20  # staging buffer: one O_DIRECT write
 
 
 class File:
@@ -47,28 +48,28 @@ class File:
         if self.dfd is None or hi <= lo:
             _pwrite(self.fd, mv, offset)
             return
-        _pwrite(self.fd, mv[:lo - offset], offset)
-        if not self._direct(mv[lo - offset:hi - offset], lo):
-            _pwrite(self.fd, mv[lo - offset:hi - offset], lo)
-        _pwrite(self.fd, mv[hi - offset:], hi)
+        _pwrite(self.fd, mv[: lo - offset], offset)
+        if not self._direct(mv[lo - offset : hi - offset], lo):
+            _pwrite(self.fd, mv[lo - offset : hi - offset], lo)
+        _pwrite(self.fd, mv[hi - offset :], hi)
 
     def _direct(self, mv, offset) -> bool:
         """O_DIRECT write of an aligned range; False (nothing written) if the filesystem refuses it."""
         stage = memoryview(_stage())
         piece = min(PIECE, len(stage)) // ALIGN * ALIGN
-        aligned = address(mv) % ALIGN == 0       # then written straight from the source, no staging copy
+        aligned = address(mv) % ALIGN == 0  # then written straight from the source, no staging copy
         try:
             for i in range(0, len(mv), piece):
                 n = min(piece, len(mv) - i)
                 if aligned:
-                    src = mv[i:i + n]
+                    src = mv[i : i + n]
                 else:
-                    stage[:n] = mv[i:i + n]
+                    stage[:n] = mv[i : i + n]
                     src = stage[:n]
                 if os.pwrite(self.dfd, src, offset + i) != n:
                     raise OSError(f"{self.path}: short write")
         except OSError as e:
-            if i == 0 and e.errno == 22:               # EINVAL: O_DIRECT not supported here after all
+            if i == 0 and e.errno == 22:  # EINVAL: O_DIRECT not supported here after all
                 os.close(self.dfd)
                 self.dfd = None
                 return False
@@ -113,7 +114,7 @@ def write_whole(path, data) -> None:
 def _pwrite(fd, mv, offset, piece=PIECE):
     """Positioned write in 8 MB pieces (on some VMs one huge write() is several times slower)."""
     for i in range(0, len(mv), piece):
-        chunk = mv[i:i + piece]
+        chunk = mv[i : i + piece]
         done = 0
         while done < len(chunk):
             done += os.pwrite(fd, chunk[done:], offset + i + done)

@@ -9,6 +9,7 @@ written: key-map order, buffers recomputed the way the reference code computes t
 --max-shard-size. `--layout` exports to another family when the math is the same (chatglm2 ↔ glm-hf):
 the config is carried over through that family's config.json and every field that matters must survive.
 """
+
 from __future__ import annotations
 
 import base64
@@ -35,8 +36,8 @@ _PREFIX_FIELDS = {"prefix_projection", "prefix_hidden_size", "prefix_embed_size"
 _FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 DEFAULT_SHARD = "5GB"
-BLOCK_BYTES = 32 << 20         # a large identity/linear row is read in blocks of about this size
-PREFETCH_MAX = 256 << 20       # the next row is read ahead only when smaller than this (bounds memory)
+BLOCK_BYTES = 32 << 20  # a large identity/linear row is read in blocks of about this size
+PREFETCH_MAX = 256 << 20  # the next row is read ahead only when smaller than this (bounds memory)
 
 
 def target_config(cfg: GLMConfig, layout) -> GLMConfig:
@@ -50,23 +51,28 @@ def target_config(cfg: GLMConfig, layout) -> GLMConfig:
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"--layout {layout}: cannot express this {cfg.family} model ({e})") from None
     skip = _NOT_MATH | (_PREFIX_FIELDS if cfg.pre_seq_len == 0 else set())
-    diff = [f"{f.name}={getattr(cfg, f.name)!r} becomes {getattr(t, f.name)!r}" for f in dataclasses.fields(cfg)
-            if f.name not in skip and getattr(cfg, f.name) != getattr(t, f.name)]
+    diff = [
+        f"{f.name}={getattr(cfg, f.name)!r} becomes {getattr(t, f.name)!r}"
+        for f in dataclasses.fields(cfg)
+        if f.name not in skip and getattr(cfg, f.name) != getattr(t, f.name)
+    ]
     if diff:
-        raise ConfigError(f"--layout {layout}: the math of this {cfg.family} model differs from what a {layout} "
-                          f"checkpoint can say: {'; '.join(diff[:4])}")
+        raise ConfigError(
+            f"--layout {layout}: the math of this {cfg.family} model differs from what a {layout} "
+            f"checkpoint can say: {'; '.join(diff[:4])}"
+        )
     return t.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 # ------------------------------------------------------------------ the plan: what goes where
 @dataclasses.dataclass
 class Plan:
-    entries: dict          # key → Entry
-    order: list            # keys in state-dict order
-    rows: dict             # key → (row, index of the key among the row's HF keys)
-    buffers: dict          # key → array or ("alias", key)
-    files: list            # [(file name, [Entry] in file order, safetensors metadata)]
-    index: tuple | None    # (file name, text)
+    entries: dict  # key → Entry
+    order: list  # keys in state-dict order
+    rows: dict  # key → (row, index of the key among the row's HF keys)
+    buffers: dict  # key → array or ("alias", key)
+    files: list  # [(file name, [Entry] in file order, safetensors metadata)]
+    index: tuple | None  # (file name, text)
     fmt: str = "safetensors"
 
 
@@ -84,6 +90,7 @@ def make_plan(ck, tcfg: GLMConfig, layout, fmt, max_shard, dtype, ptuning_only=F
 
     def out_dtype(stored):
         return want if want and stored in _FLOATS else stored
+
     shapes = _row_shapes(tcfg, [r for r in rows if any(k not in mt for k in r.hf)], ck.store)
     entries = {}
     for k, (r, _) in key_rows.items():
@@ -92,8 +99,13 @@ def make_plan(ck, tcfg: GLMConfig, layout, fmt, max_shard, dtype, ptuning_only=F
     buffers, anchors = {}, {}
     if same and not ptuning_only:
         for k, b in m["buffers"].items():
-            buffers[k] = ("alias", b["alias"]) if "alias" in b else np.frombuffer(
-                base64.b64decode(b["data"]), torch_io.np_dtype(mt[k]["dtype"])).reshape(mt[k]["shape"])
+            buffers[k] = (
+                ("alias", b["alias"])
+                if "alias" in b
+                else np.frombuffer(base64.b64decode(b["data"]), torch_io.np_dtype(mt[k]["dtype"])).reshape(
+                    mt[k]["shape"]
+                )
+            )
     elif not ptuning_only:
         emb = next(iter(key_rows))
         for k, after, v in families.get(tcfg.family).buffers(tcfg, entries[emb].dtype):
@@ -140,7 +152,7 @@ def _layer_major(keys):
             layers.setdefault(int(m.group(1)), []).append(k)
     if layers:
         i = out.index(None)
-        out[i:i + 1] = [k for l in sorted(layers) for k in layers[l]]
+        out[i : i + 1] = [k for l in sorted(layers) for k in layers[l]]
     return out
 
 
@@ -152,7 +164,9 @@ def _files(m, entries, fmt, max_shard):
         placed = {e.key for _, es, _ in files for e in es}
         files[-1][1].extend(e for e in entries if e.key not in placed)
         files = [f for f in files if f[1]]
-        index = torch_io.index_json(fmt, [(n, es) for n, es, _ in files], m["index"]["metadata"]) if m["index"] else None
+        index = (
+            torch_io.index_json(fmt, [(n, es) for n, es, _ in files], m["index"]["metadata"]) if m["index"] else None
+        )
         return files, index
     shards = torch_io.split_shards(entries, torch_io.parse_size(max_shard or DEFAULT_SHARD))
     names = torch_io.shard_file_names(fmt, len(shards))
@@ -171,7 +185,7 @@ class Producer:
         self.plan, self.cfg, self.store, self.progress, self.kept = plan, cfg, store, progress, {}
         self.sequence = [e.key for _, es, _ in plan.files for e in torch_io.production_order(plan.fmt, es)]
         self.next = dict(zip(self.sequence, self.sequence[1:]))
-        self.reads = {}                      # param path → tensorstore read future (the next row's, in flight)
+        self.reads = {}  # param path → tensorstore read future (the next row's, in flight)
 
     def _read(self, paths):
         for p in paths:
@@ -183,15 +197,23 @@ class Producer:
             v = self.plan.buffers[key]
             return self._compute(v[1]) if isinstance(v, tuple) else v
         r, j = self.plan.rows[key]
-        if (len(r.jax) == 1 and len(r.hf) == 1 and r.jax[0] not in self.reads
-                and self.plan.entries[key].nbytes >= torch_io.BIG
-                and (r.to_hf is None or hasattr(r.to_hf, "linear_in"))):
+        if (
+            len(r.jax) == 1
+            and len(r.hf) == 1
+            and r.jax[0] not in self.reads
+            and self.plan.entries[key].nbytes >= torch_io.BIG
+            and (r.to_hf is None or hasattr(r.to_hf, "linear_in"))
+        ):
             return self._blocks(r)
         self._read(r.jax)
         nxt = self.next.get(key)
-        if (nxt in self.plan.rows and nxt not in self.kept and self.plan.entries[nxt].nbytes < PREFETCH_MAX
-                and self.plan.entries[key].nbytes < PREFETCH_MAX):
-            self._read(self.plan.rows[nxt][0].jax)     # overlap the next row's read with this one's work
+        if (
+            nxt in self.plan.rows
+            and nxt not in self.kept
+            and self.plan.entries[nxt].nbytes < PREFETCH_MAX
+            and self.plan.entries[key].nbytes < PREFETCH_MAX
+        ):
+            self._read(self.plan.rows[nxt][0].jax)  # overlap the next row's read with this one's work
         outs = r.save(self.cfg, [np.asarray(self.reads.pop(p).result()) for p in r.jax])
         for k, o in zip(r.hf, outs):
             if k != key:
@@ -207,15 +229,15 @@ class Producer:
         if r.to_hf is None:
             out = np.empty(shape, dtype)
             for a0 in range(0, shape[0], step):
-                out[a0:a0 + step] = self.store.read_rows(p, a0, a0 + step)
+                out[a0 : a0 + step] = self.store.read_rows(p, a0, a0 + step)
             return out
         i = int(np.prod(r.to_hf.linear_in(self.cfg)))
         o = int(np.prod(shape)) // i
-        per = i // shape[0]                       # in-features per index of the first axis
+        per = i // shape[0]  # in-features per index of the first axis
         out = np.empty((o, i), dtype)
         for a0 in range(0, shape[0], step):
             blk = self.store.read_rows(p, a0, a0 + step).reshape(-1, o)
-            copy_2d(out[:, a0 * per:a0 * per + blk.shape[0]], blk.T)
+            copy_2d(out[:, a0 * per : a0 * per + blk.shape[0]], blk.T)
         return out
 
     def __call__(self, key):
@@ -227,8 +249,9 @@ class Producer:
         return a
 
 
-def to_torch(src, dst, *, fmt=None, max_shard=None, layout=None, dtype=None, ptuning_only=False,
-             progress=None, on_total=None) -> dict:
+def to_torch(
+    src, dst, *, fmt=None, max_shard=None, layout=None, dtype=None, ptuning_only=False, progress=None, on_total=None
+) -> dict:
     t0 = time.time()
     ck = open_jax(src)
     fmt = fmt or ("bin" if ptuning_only else "safetensors")
@@ -247,8 +270,12 @@ def to_torch(src, dst, *, fmt=None, max_shard=None, layout=None, dtype=None, ptu
     (dst / "config.json").write_text(json.dumps(_config_json(ck, tcfg, plan, dtype), indent=2, sort_keys=True) + "\n")
     if ck.aux_dir is not None and not ptuning_only:
         torch_io.copy_aux_files(pathlib.Path(ck.aux_dir), dst, skip_code=tcfg.family != ck.cfg.family)
-    return {"tensors": len(plan.order), "bytes": total, "files": [n for n, _, _ in plan.files],
-            "seconds": time.time() - t0}
+    return {
+        "tensors": len(plan.order),
+        "bytes": total,
+        "files": [n for n, _, _ in plan.files],
+        "seconds": time.time() - t0,
+    }
 
 
 def _config_json(ck, tcfg, plan, dtype) -> dict:

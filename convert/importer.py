@@ -6,6 +6,7 @@ The family's key-map rows (glm_jax/families/) turn each HF tensor into params; `
 missing, extra and mis-shaped keys. Source files are memory-mapped; the pages already used are handed back
 to the kernel as the conversion goes, so resident memory stays near the tensors in flight.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,7 +29,7 @@ from glm_jax.errors import CheckpointFormatError, ConfigError
 from glm_jax.families.rows import PREFIX
 
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-SHAPE_ONLY = np.dtype([])   # zero bytes per element: runs a row's transform for its shapes only, touching no data
+SHAPE_ONLY = np.dtype([])  # zero bytes per element: runs a row's transform for its shapes only, touching no data
 
 
 class Source(types.SimpleNamespace):
@@ -39,7 +40,7 @@ def read_source(src, config=None, ptuning=None) -> Source:
     src = pathlib.Path(src)
     fmt, files, _ = find_weight_files(src)
     if fmt == "megatron":
-        files = pick_files(files)       # the tag the tracker file names
+        files = pick_files(files)  # the tag the tracker file names
     cfg = _source_config(src, fmt, files, config)
     _, readers = open_weights(src)
     index = src / torch_io.FILE_NAMES[fmt][2] if fmt in torch_io.FILE_NAMES else None
@@ -59,10 +60,12 @@ def _source_config(src, fmt, files, config) -> GLMConfig:
     else:
         where = next((d / "config.json" for d in (files[0].parent, src) if (d / "config.json").is_file()), None)
         if where is None:
-            raise ConfigError(f"{src}: a Megatron checkpoint carries no config.json; put the model's GLM config.json "
-                              f"beside the mp_rank files or pass --config FILE")
+            raise ConfigError(
+                f"{src}: a Megatron checkpoint carries no config.json; put the model's GLM config.json "
+                f"beside the mp_rank files or pass --config FILE"
+            )
     d = read_json_object(where)
-    if fmt == "megatron":   # the Megatron code computes GELU with the tanh approximation (spec §2.3)
+    if fmt == "megatron":  # the Megatron code computes GELU with the tanh approximation (spec §2.3)
         d = {**d, "gelu_variant": d.get("gelu_variant", "gelu_tanh")}
     try:
         cfg = GLMConfig.from_hf(d)
@@ -83,8 +86,10 @@ def _add_ptuning(s: Source, pdir: pathlib.Path):
     if emb not in preaders:
         raise CheckpointFormatError(f"{pfiles[0]}: no {emb!r}, so this is not a P-Tuning v2 prefix checkpoint")
     if not families.get(s.cfg.family).supports_ptuning:
-        raise ConfigError(f"{pfiles[0]}: P-Tuning v2 prefixes belong to ChatGLM-6B and ChatGLM2/3 models "
-                          f"(chatglm, chatglm2 families), the base is {s.cfg.family}")
+        raise ConfigError(
+            f"{pfiles[0]}: P-Tuning v2 prefixes belong to ChatGLM-6B and ChatGLM2/3 models "
+            f"(chatglm, chatglm2 families), the base is {s.cfg.family}"
+        )
     proj = any(k.startswith(PREFIX + "trans.") for k in preaders)
     base = s.cfg.hf_config or s.cfg.to_hf()
     s.cfg = GLMConfig.from_hf({**base, "pre_seq_len": int(preaders[emb].get(emb).shape[0]), "prefix_projection": proj})
@@ -103,7 +108,7 @@ class _ShapeOnly:
 
 
 def shape_only(reader):
-    if isinstance(reader, MergedReader):      # join the ranks' shapes, not their data
+    if isinstance(reader, MergedReader):  # join the ranks' shapes, not their data
         return MergedReader([_ShapeOnly(r) for r in reader.ranks], reader.names)
     return _ShapeOnly(reader)
 
@@ -125,7 +130,7 @@ def build_manifest(s: Source) -> dict:
         by_path = {pathlib.Path(r.path): r for r in {id(r): r for r in s.readers.values()}.values()}
         for f in s.files:
             r = by_path[f]
-            keys = [k for k in r.keys() if s.readers.get(k) is r]
+            keys = [k for k in r.keys() if s.readers.get(k) is r]  # noqa: SIM118 - readers have keys()
             files.append({"name": f.name, "metadata": r.metadata or None, "keys": keys})
             order += keys
     seen = set(order)
@@ -134,7 +139,7 @@ def build_manifest(s: Source) -> dict:
     consumed = {k for r in families.keymap(s.cfg) for k in r.hf}
     prefix = fam.optional_key_prefix
     if prefix:
-        consumed |= {k[len(prefix):] for k in consumed if k.startswith(prefix)}
+        consumed |= {k[len(prefix) :] for k in consumed if k.startswith(prefix)}
     tensors, buffers = {}, {}
     for k in order:
         dt, shape = tensor_info(s.readers[k], k)
@@ -148,15 +153,21 @@ def build_manifest(s: Source) -> dict:
         else:
             buffers[k] = {"data": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
     index = read_json_object(s.index) if s.index else None
-    return {"format": s.fmt, "files": files, "index": index, "tensors": tensors, "buffers": buffers,
-            "ptuning": s.ptuning}
+    return {
+        "format": s.fmt,
+        "files": files,
+        "index": index,
+        "tensors": tensors,
+        "buffers": buffers,
+        "ptuning": s.ptuning,
+    }
 
 
 def _same_bytes(a, b, step=1 << 24) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     x, y = np.ascontiguousarray(a).reshape(-1).view(np.uint8), np.ascontiguousarray(b).reshape(-1).view(np.uint8)
-    return all(np.array_equal(x[i:i + step], y[i:i + step]) for i in range(0, x.size, step))
+    return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.size, step))
 
 
 # ------------------------------------------------------------------ params, one row at a time
@@ -165,7 +176,7 @@ class _RowStream:
 
     def __init__(self, gen, cast, release):
         self.gen, self.cast, self.release = gen, cast, release
-        self.head = next(gen)           # the key checks of iter_params run here, before anything is written
+        self.head = next(gen)  # the key checks of iter_params run here, before anything is written
         self.since_release = 0
 
     def fetch(self, path):
@@ -186,12 +197,17 @@ class _RowStream:
 def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple[dict, int]:
     """A params tree of jax_io.Lazy leaves (per-layer layout) that read and transform the source on demand."""
     import jax.numpy as jnp
+
     from glm_jax.model.transformer import param_shapes, unstack_layers
+
     cfg = s.cfg.replace(scan_layers=False)
     rows = families.keymap(cfg)
     target = torch_io.np_dtype(DTYPES[dtype]) if dtype else None
-    cast = (lambda a: a.astype(target) if a.dtype != target and jnp.issubdtype(a.dtype, jnp.floating) else a) \
-        if target is not None else (lambda a: a)
+    cast = (
+        (lambda a: a.astype(target) if a.dtype != target and jnp.issubdtype(a.dtype, jnp.floating) else a)
+        if target is not None
+        else (lambda a: a)
+    )
     stream = _RowStream(iter_params(cfg, s.readers, s.where), cast, release)
     shapes, chunks = {}, {}
     flatten(unstack_layers(param_shapes(cfg)), "", shapes)
@@ -199,14 +215,16 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
         chunks = mesh_chunks(cfg, shapes, mesh)
     names = {k: k for k in s.readers}
     prefix = families.get(cfg.family).optional_key_prefix
-    if prefix:   # keys stored without the family's prefix (Megatron naming)
+    if prefix:  # keys stored without the family's prefix (Megatron naming)
         names.update({prefix + k: k for k in s.readers if not k.startswith(prefix)})
     flat, total = {}, 0
     for r in rows:
         src_dtype = tensor_info(s.readers[names[r.hf[0]]], names[r.hf[0]])[0]
         dt = cast(np.zeros((), src_dtype)).dtype
         for p in r.jax:
-            flat[p] = jax_io.Lazy(shapes[p].shape, dt, (lambda p=p: stream.fetch(p)), order=len(flat), chunk=chunks.get(p))
+            flat[p] = jax_io.Lazy(
+                shapes[p].shape, dt, (lambda p=p: stream.fetch(p)), order=len(flat), chunk=chunks.get(p)
+            )
             total += flat[p].nbytes
     return unflatten(flat), total
 
@@ -215,6 +233,7 @@ def mesh_chunks(cfg, shapes: dict, mesh: dict) -> dict:
     """On-disk chunk = the shard each device holds on this (data, fsdp, tensor) mesh, by the sharding rules."""
     from glm_jax.model.transformer import param_axes
     from glm_jax.sharding import logical_to_spec
+
     axes = {}
     flatten(param_axes(cfg), "", axes)
     fake = types.SimpleNamespace(shape=dict(mesh))
@@ -246,7 +265,8 @@ def page_releaser(files):
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5] in paths:
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                madvise(lo, hi - lo, 4)   # MADV_DONTNEED
+                madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
     return release
 
 

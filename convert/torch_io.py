@@ -6,6 +6,7 @@ follow what the reference libraries write: the safetensors library's header (its
 padding to 8 bytes) and torch.save's archive (the same pickle, records and 64-byte alignment), so the files load
 with `safetensors` / `torch.load(weights_only=True, mmap=True)` and transformers.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,7 +17,7 @@ import pathlib
 import pickle
 import struct
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,16 +26,27 @@ from glm_jax.dtypes import ST_DTYPES, np_dtype, st_name, torch_dtype  # noqa: F4
 
 # The safetensors library sorts tensors by dtype (this order, largest first), then by name.
 _ST_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
-_UNITS = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
-          "KB": 10**3, "B": 1}
-FILE_NAMES = {"safetensors": ("model.safetensors", "model-{i:05d}-of-{n:05d}.safetensors", "model.safetensors.index.json"),
-              "bin": ("pytorch_model.bin", "pytorch_model-{i:05d}-of-{n:05d}.bin", "pytorch_model.bin.index.json")}
+_UNITS = {
+    "TIB": 2**40,
+    "GIB": 2**30,
+    "MIB": 2**20,
+    "KIB": 2**10,
+    "TB": 10**12,
+    "GB": 10**9,
+    "MB": 10**6,
+    "KB": 10**3,
+    "B": 1,
+}
+FILE_NAMES = {
+    "safetensors": ("model.safetensors", "model-{i:05d}-of-{n:05d}.safetensors", "model.safetensors.index.json"),
+    "bin": ("pytorch_model.bin", "pytorch_model-{i:05d}-of-{n:05d}.bin", "pytorch_model.bin.index.json"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
     key: str
-    dtype: str          # safetensors dtype name ("F32", "BF16", ...)
+    dtype: str  # safetensors dtype name ("F32", "BF16", ...)
     shape: tuple
 
     @property
@@ -51,9 +63,9 @@ def parse_size(text) -> int:
     raw = str(text).strip()
     s = raw.upper()
     for unit, mult in _UNITS.items():
-        if s.endswith(unit) and s[:-len(unit)].strip():
-            s, m = s[:-len(unit)].strip(), mult
-            if raw.endswith("b") and len(unit) == 2:   # "Gb", "Mb", "Kb": bits
+        if s.endswith(unit) and s[: -len(unit)].strip():
+            s, m = s[: -len(unit)].strip(), mult
+            if raw.endswith("b") and len(unit) == 2:  # "Gb", "Mb", "Kb": bits
                 m /= 8
             break
     else:
@@ -96,8 +108,9 @@ def index_json(fmt, files, metadata=None) -> tuple[str, str]:
     if "total_parameters" in md:
         md["total_parameters"] = sum(e.numel for _, es in files for e in es)
     wm = {e.key: name for name, es in files for e in es}
-    return FILE_NAMES[fmt][2], json.dumps({"metadata": md, "weight_map": dict(sorted(wm.items()))},
-                                          indent=2, sort_keys=True) + "\n"
+    return FILE_NAMES[fmt][2], json.dumps(
+        {"metadata": md, "weight_map": dict(sorted(wm.items()))}, indent=2, sort_keys=True
+    ) + "\n"
 
 
 # ------------------------------------------------------------------ safetensors
@@ -106,7 +119,7 @@ def st_order(entries: list) -> list:
     return sorted(entries, key=lambda e: (-_ST_RANK.index(e.dtype), e.key))
 
 
-def st_header(entries: list, metadata: Optional[dict]) -> bytes:
+def st_header(entries: list, metadata: dict | None) -> bytes:
     """8-byte length + JSON header (tensors in the given order, consecutive offsets), space-padded to 8 bytes."""
     head, off = {}, 0
     if metadata is not None:
@@ -119,7 +132,7 @@ def st_header(entries: list, metadata: Optional[dict]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-BIG = 256 << 20       # tensors at least this large are never in memory together with another one
+BIG = 256 << 20  # tensors at least this large are never in memory together with another one
 
 
 class _Behind:
@@ -127,13 +140,14 @@ class _Behind:
 
     def __init__(self):
         import concurrent.futures
+
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-convert-write")
         self.last = None
 
     def __call__(self, nbytes, fn, *args):
         self.wait()
         self.last = self.pool.submit(fn, *args)
-        if nbytes >= BIG:              # a very large tensor is not kept while the next one is made
+        if nbytes >= BIG:  # a very large tensor is not kept while the next one is made
             self.wait()
 
     def before(self, nbytes):
@@ -163,7 +177,7 @@ def production_order(fmt: str, entries: list) -> list:
     return sorted(entries, key=lambda e: -e.nbytes) if fmt == "safetensors" else list(entries)
 
 
-def write_safetensors(path, entries: list, metadata: Optional[dict], produce: Callable):
+def write_safetensors(path, entries: list, metadata: dict | None, produce: Callable):
     head = st_header(entries, metadata)
     offsets, off = {}, len(head)
     for e in entries:
@@ -176,19 +190,21 @@ def write_safetensors(path, entries: list, metadata: Optional[dict], produce: Ca
 
 
 # ------------------------------------------------------------------ torch.save archive
-_CPU = "cpu"          # one string object, so the pickle memoises it as torch.save's does
+_CPU = "cpu"  # one string object, so the pickle memoises it as torch.save's does
 _STORAGE = "storage"
 
 
 class _StorageRef:
     def __init__(self, key, entry):
         import torch
+
         self.key, self.numel = key, entry.numel
         tdt = torch_dtype(entry.dtype)
         name = torch.storage._dtype_to_storage_type_map().get(tdt)
         if name is None:
-            raise ValueError(f"tensor {entry.key!r}: dtype {entry.dtype} cannot be written to a .bin file; "
-                             f"use --format safetensors")
+            raise ValueError(
+                f"tensor {entry.key!r}: dtype {entry.dtype} cannot be written to a .bin file; use --format safetensors"
+            )
         self.storage_type = getattr(torch, name)
 
 
@@ -196,13 +212,16 @@ class _TensorRef:
     """Pickles exactly as a contiguous torch.Tensor does (torch._utils._rebuild_tensor_v2)."""
 
     def __init__(self, storage, shape):
-        self.storage, self.shape = storage, tuple(list(shape))   # a tuple of its own, as tensor.size() gives
+        self.storage, self.shape = storage, tuple(list(shape))  # a tuple of its own, as tensor.size() gives
 
     def __reduce_ex__(self, proto):
         import torch
-        stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, stride, False, collections.OrderedDict()))
+
+        stride = tuple(int(np.prod(self.shape[i + 1 :])) for i in range(len(self.shape)))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, stride, False, collections.OrderedDict()),
+        )
 
 
 class _Pickler(pickle.Pickler):
@@ -215,6 +234,7 @@ class _Pickler(pickle.Pickler):
 def bin_pickle(entries: list) -> bytes:
     """data.pkl of torch.save({key: tensor}) for contiguous tensors with storage keys '0', '1', ... in order."""
     import io
+
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump({e.key: _TensorRef(_StorageRef(str(i), e), e.shape) for i, e in enumerate(entries)})
     return buf.getvalue()
@@ -223,13 +243,14 @@ def bin_pickle(entries: list) -> bytes:
 def write_bin(path, entries: list, produce: Callable):
     import torch
     from torch.serialization import _get_storage_alignment, get_crc32_options
+
     pkl = bin_pickle(entries)
     path = str(path)
     try:
         path.encode("ascii")
         stream, target = None, path
     except UnicodeEncodeError:
-        stream = target = open(path, "wb")
+        stream = target = open(path, "wb")  # noqa: SIM115 - closed in the finally below
     w = torch._C.PyTorchFileWriter(target, get_crc32_options(), _get_storage_alignment())
     try:
         w.write_record("data.pkl", pkl, len(pkl))
@@ -241,7 +262,7 @@ def write_bin(path, entries: list, produce: Callable):
             for i, e in enumerate(entries):
                 behind.before(e.nbytes)
                 raw = np.frombuffer(_bytes(produce(e.key), e), dtype=np.uint8)
-                with warnings.catch_warnings():   # read-only source arrays: torch only reads them here
+                with warnings.catch_warnings():  # read-only source arrays: torch only reads them here
                     warnings.simplefilter("ignore", UserWarning)
                     storage = torch.from_numpy(raw).untyped_storage()
                 behind(e.nbytes, w.write_record, f"data/{i}", storage, e.nbytes)
@@ -258,7 +279,7 @@ def _bytes(a: np.ndarray, e: Entry) -> memoryview:
     return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
-def write_file(fmt: str, path, entries: list, metadata: Optional[dict], produce: Callable):
+def write_file(fmt: str, path, entries: list, metadata: dict | None, produce: Callable):
     if fmt == "safetensors":
         write_safetensors(path, entries, metadata, produce)
     else:
@@ -272,10 +293,16 @@ _NOT_AUX_NAMES = {"config.json", "glm_jax.json", "latest", "latest_checkpointed_
 def copy_aux_files(src: pathlib.Path, dst: pathlib.Path, skip_code: bool = False) -> list:
     """Copy a checkpoint folder's other files (tokenizer, generation_config.json, remote code, ...) to dst."""
     import shutil
+
     copied = []
     for f in sorted(src.iterdir()) if src.is_dir() else []:
-        if (not f.is_file() or f.name.startswith(".") or f.name in _NOT_AUX_NAMES or f.name.endswith(_NOT_AUX)
-                or (skip_code and f.suffix == ".py")):
+        if (
+            not f.is_file()
+            or f.name.startswith(".")
+            or f.name in _NOT_AUX_NAMES
+            or f.name.endswith(_NOT_AUX)
+            or (skip_code and f.suffix == ".py")
+        ):
             continue
         shutil.copyfile(f, dst / f.name)
         copied.append(f.name)

@@ -1,4 +1,5 @@
 """The user-facing model object: `glm_jax.from_pretrained(path)` → `GLM` with `__call__` and `generate`."""
+
 from __future__ import annotations
 
 import pathlib
@@ -26,15 +27,40 @@ class GLM:
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None):
         """Float32 logits [B, T, V]; masks and positions left as None follow the family's own rule."""
-        return self._apply(self.params, jnp.asarray(input_ids), _opt(attention_mask), _opt(position_ids),
-                           _opt(prefix_len))
+        return self._apply(
+            self.params, jnp.asarray(input_ids), _opt(attention_mask), _opt(position_ids), _opt(prefix_len)
+        )
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None, return_logits=False):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens=32,
+        do_sample=False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        eos_token_id=None,
+        pad_token_id=None,
+        return_logits=False,
+    ):
         """[B, T + max_new_tokens]: the prompt followed by new tokens (greedy unless do_sample), KV-cached.
         Rows that reach an eos continue with the pad id. return_logits: also the per-step logits."""
-        return _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                         eos_token_id, pad_token_id, return_logits)
+        return _generate(
+            self,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            eos_token_id,
+            pad_token_id,
+            return_logits,
+        )
 
 
 def _opt(x):
@@ -43,8 +69,14 @@ def _opt(x):
 
 def cast_params(params, cfg: GLMConfig):
     dt = dtype_of(cfg.param_dtype)
-    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a).astype(dt)) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                        or np.asarray(a).dtype == jnp.bfloat16 else jnp.asarray(a), params)
+    return jax.tree.map(
+        lambda a: (
+            jnp.asarray(np.asarray(a).astype(dt))
+            if np.issubdtype(np.asarray(a).dtype, np.floating) or np.asarray(a).dtype == jnp.bfloat16
+            else jnp.asarray(a)
+        ),
+        params,
+    )
 
 
 def from_pretrained(path, dtype: str = "float32", **overrides) -> GLM:

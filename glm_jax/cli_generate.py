@@ -7,9 +7,11 @@ Tokens are printed as they decode (glm_jax.stream). With --tools the reply is pr
 a tool call as one JSON line {"name": ..., "parameters": ...}, anything else as text.
 Exit codes: 0 ok; 2 bad input (one stderr line starting "error:"); 1 internal error.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -31,6 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from glm_jax.tokenizers import CHAT_FORMATS
+
     p = _Parser(prog="glm-generate", description="Generate text with a GLM checkpoint (any family).")
     p.add_argument("path", help="checkpoint folder (Hugging Face PyTorch/safetensors, or glm-convert to-jax output)")
     mode = p.add_mutually_exclusive_group(required=True)
@@ -46,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: PATH)")
     p.add_argument("--chat-format", choices=CHAT_FORMATS, help="prompt format (default: inferred from the tokenizer)")
     p.add_argument("--system", metavar="TEXT", help="system message (chatglm3, glm4)")
-    p.add_argument("--tools", metavar="FILE", help="JSON list of function schemas offered to the model (chatglm3, glm4)")
-    p.add_argument("--raw", action="store_true", help="no chat template: the prompt as-is, with the family's prefix tokens")
+    p.add_argument(
+        "--tools", metavar="FILE", help="JSON list of function schemas offered to the model (chatglm3, glm4)"
+    )
+    p.add_argument(
+        "--raw", action="store_true", help="no chat template: the prompt as-is, with the family's prefix tokens"
+    )
     p.add_argument("--show-prompt-ids", action="store_true", help="debug: print each prompt's token ids to stderr")
     return p
 
@@ -68,6 +75,7 @@ def check_args(a) -> None:
 def check_model_folder(path: pathlib.Path) -> None:
     """Cheap checks (config.json, weight files) before the tokenizer and the weights are read."""
     from glm_jax import checkpoint
+
     if not path.is_dir():
         raise UsageError(f"{path}: model folder not found")
     if (path / "glm_jax.json").is_file():
@@ -79,6 +87,7 @@ def check_model_folder(path: pathlib.Path) -> None:
 def read_tools(file: str, chat_format: str) -> list:
     """The --tools list in the family's form: GLM-4 {"type": "function", "function": schema}, ChatGLM3 bare schemas."""
     from glm_jax.tokenizers.templates import GLM4_BUILTIN_TOOLS
+
     try:
         tools = json.loads(pathlib.Path(file).read_text(encoding="utf-8"))
     except OSError as e:
@@ -94,7 +103,7 @@ def read_tools(file: str, chat_format: str) -> list:
             out.append(t)
             continue
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise UsageError(f"{file}: tool {i} is not a function schema with a \"name\" string")
+            raise UsageError(f'{file}: tool {i} is not a function schema with a "name" string')
         out.append({"type": "function", "function": fn} if chat_format == "glm4" else fn)
     return out
 
@@ -103,8 +112,10 @@ def system_messages(tok, system: str | None, tools: list | None) -> list[dict]:
     if system is None and not tools:
         return []
     if tok.chat_format not in ("chatglm3", "glm4"):
-        raise UsageError(f"--system and --tools need a chat format with a system role (chatglm3, glm4); "
-                         f"this tokenizer's format is {tok.chat_format}")
+        raise UsageError(
+            f"--system and --tools need a chat format with a system role (chatglm3, glm4); "
+            f"this tokenizer's format is {tok.chat_format}"
+        )
     if not tools:
         return [{"role": "system", "content": system}]
     if tok.chat_format == "chatglm3":
@@ -116,6 +127,7 @@ def prompt_ids(tok, messages: list[dict] | None, raw_text: str | None = None) ->
     if raw_text is not None:
         return tok.encode(raw_text, add_special_tokens=True)
     from glm_jax.tokenizers import CHAT_FORMATS
+
     if tok.chat_format not in CHAT_FORMATS:
         raise UsageError(f"a {tok.chat_format} tokenizer has no chat template; use --raw")
     try:
@@ -161,19 +173,31 @@ class Session:
         vocab = self.lm.config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise UsageError(f"{self.args.tokenizer or self.args.path}: the tokenizer gives id {bad[0]}, outside the "
-                             f"model's vocabulary of {vocab} ids; does the tokenizer belong to {self.args.path}?")
+            raise UsageError(
+                f"{self.args.tokenizer or self.args.path}: the tokenizer gives id {bad[0]}, outside the "
+                f"model's vocabulary of {vocab} ids; does the tokenizer belong to {self.args.path}?"
+            )
 
     def reply(self, ids: list[int], stream: bool) -> str:
         """Decode after `ids`, printing pieces as they come when `stream`; returns the reply text."""
         from glm_jax.stream import TextStream, stream_generate
+
         self._check_ids(ids)
         if self.args.show_prompt_ids:
             print("prompt_ids: " + json.dumps(ids), file=self.err, flush=True)
         a = self.args
         ts = TextStream(self.tok)
-        for t in stream_generate(self.lm, ids, a.max_new_tokens, a.do_sample, a.temperature, a.top_k, a.top_p,
-                                 a.seed, stop_token_ids=self.stops):
+        for t in stream_generate(
+            self.lm,
+            ids,
+            a.max_new_tokens,
+            a.do_sample,
+            a.temperature,
+            a.top_k,
+            a.top_p,
+            a.seed,
+            stop_token_ids=self.stops,
+        ):
             if t in self.stops:
                 break
             piece = ts.push(t)
@@ -215,13 +239,14 @@ class Session:
                 continue
             messages = self.system + history + [{"role": "user", "content": text}]
             reply = self.answer(messages)
-            history = next_history(self.tok, messages, reply)[len(self.system):]
+            history = next_history(self.tok, messages, reply)[len(self.system) :]
 
 
 def load(args):
     """(model, tokenizer, tools) with every bad-input failure turned into UsageError."""
     from glm_jax.config import ConfigError
     from glm_jax.tokenizers import load_tokenizer
+
     path = pathlib.Path(args.path)
     try:
         check_model_folder(path)
@@ -234,8 +259,11 @@ def load(args):
         raise UsageError(f"tokenizer: {e}") from None
     tools = read_tools(args.tools, tok.chat_format) if args.tools else None
     if tools and tok.chat_format not in ("chatglm3", "glm4"):
-        raise UsageError(f"--tools needs the chatglm3 or glm4 chat format; this tokenizer's format is {tok.chat_format}")
+        raise UsageError(
+            f"--tools needs the chatglm3 or glm4 chat format; this tokenizer's format is {tok.chat_format}"
+        )
     import glm_jax
+
     try:
         lm = glm_jax.from_pretrained(path, dtype=args.dtype)
     except (ConfigError, ValueError, OSError, KeyError) as e:
@@ -267,12 +295,10 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         print("", file=stderr)
         return 130
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
-        except (OSError, ValueError):
-            pass
         return 0
-    except Exception:  # noqa: BLE001 - internal error: traceback, exit 1
+    except Exception:
         traceback.print_exc(file=stderr)
         print("error: internal error (see the traceback above)", file=stderr)
         return 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Literal, Optional
+from typing import Literal
 
 from glm_jax import families
 from glm_jax.errors import ConfigError
@@ -37,8 +37,16 @@ Attention = Literal["xla", "flash", "auto"]
 
 # mask_rule values written by earlier versions (glm_jax.json files, glm-train checkpoints)
 _LEGACY_MASK_RULES = {"chatglm": "prefix_until_sop", "glm": "sep_at_sop"}
-_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size",
-                  "max_position_embeddings")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "ffn_size",
+    "max_position_embeddings",
+)
 _NON_NEGATIVE_INTS = ("rope_dim", "pre_seq_len", "prefix_hidden_size", "prefix_embed_size")
 
 
@@ -46,55 +54,55 @@ _NON_NEGATIVE_INTS = ("rope_dim", "pre_seq_len", "prefix_hidden_size", "prefix_e
 class GLMConfig:
     family: FamilyId = "glm4"
     vocab_size: int = 512
-    hidden_size: int = 64                 # D
+    hidden_size: int = 64  # D
     num_layers: int = 2
-    num_heads: int = 4                    # N
-    num_kv_heads: int = 4                 # K
-    head_dim: int = 16                    # H
-    ffn_size: int = 256                   # F
+    num_heads: int = 4  # N
+    num_kv_heads: int = 4  # K
+    head_dim: int = 16  # H
+    ffn_size: int = 256  # F
     # norms and residuals
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-5
-    residual_from_norm: bool = False      # residual adds the normalised input (ChatGLM-6B, post-LN variant)
-    residual_alpha: float = 1.0           # residual multiplier (ChatGLM-6B: sqrt(2*28))
-    sandwich_norm: bool = False           # Glm4: extra norms after attention and after the MLP
+    residual_from_norm: bool = False  # residual adds the normalised input (ChatGLM-6B, post-LN variant)
+    residual_alpha: float = 1.0  # residual multiplier (ChatGLM-6B: sqrt(2*28))
+    sandwich_norm: bool = False  # Glm4: extra norms after attention and after the MLP
     final_norm: bool = True
     # positions
     position: Position = "rope_interleaved"
-    rope_dim: int = 8                     # rotated dims per head (per half for rope_2d)
+    rope_dim: int = 8  # rotated dims per head (per half for rope_2d)
     rope_base: float = 10000.0
-    rope_position_scale: float = 1.0      # positions are divided by this (chatglm2-6b-32k interpolation)
-    rope_fp16_freqs: bool = False         # ChatGLM-6B rounds its frequencies to float16
-    max_position_embeddings: int = 2048   # rows of the learned tables (glm: +1) / rotary table length
+    rope_position_scale: float = 1.0  # positions are divided by this (chatglm2-6b-32k interpolation)
+    rope_fp16_freqs: bool = False  # ChatGLM-6B rounds its frequencies to float16
+    max_position_embeddings: int = 2048  # rows of the learned tables (glm: +1) / rotary table length
     block_position_encoding: bool = True  # glm: the second (block) position table
     # attention / mlp / output
     qkv_bias: bool = True
-    qkv_per_head: bool = False            # checkpoint layout only: fused qkv rows grouped per head [q_h|k_h|v_h]
+    qkv_per_head: bool = False  # checkpoint layout only: fused qkv rows grouped per head [q_h|k_h|v_h]
     out_bias: bool = False
     mlp: Mlp = "swiglu"
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     # default masks and positions when the caller gives none
     mask_rule: MaskRule = "causal"
-    bos_token_id: Optional[int] = None    # <sop>: ends the bidirectional context (ChatGLM-6B, GLM)
-    mask_token_id: Optional[int] = None
-    gmask_token_id: Optional[int] = None
-    smask_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
+    bos_token_id: int | None = None  # <sop>: ends the bidirectional context (ChatGLM-6B, GLM)
+    mask_token_id: int | None = None
+    gmask_token_id: int | None = None
+    smask_token_id: int | None = None
+    pad_token_id: int | None = None
     eos_token_id: tuple = ()
     # P-Tuning v2
     pre_seq_len: int = 0
     prefix_projection: bool = False
-    prefix_hidden_size: int = 0           # width of the projection MLP's hidden layer
-    prefix_embed_size: int = 0            # width of the prefix embedding with projection (0: prefix_width)
+    prefix_hidden_size: int = 0  # width of the projection MLP's hidden layer
+    prefix_embed_size: int = 0  # width of the prefix embedding with projection (0: prefix_width)
     # compute
-    dtype: DType = "float32"              # compute dtype
+    dtype: DType = "float32"  # compute dtype
     param_dtype: DType = "float32"
     scan_layers: bool = False
     remat: Remat = "none"
-    attention: Attention = "xla"          # xla: dot-product attention as XLA ops; flash: the Pallas kernel
+    attention: Attention = "xla"  # xla: dot-product attention as XLA ops; flash: the Pallas kernel
     # the original config.json, kept so that it can be written back without losing a key
-    hf_config: Optional[dict] = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -188,8 +196,9 @@ def _validate(c: GLMConfig) -> None:
             raise ConfigError(f"{name} must be {'>= 1' if name in _POSITIVE_INTS else '>= 0'}, got {v}")
     if c.num_heads % c.num_kv_heads:
         raise ConfigError(f"num_heads {c.num_heads} is not a multiple of num_kv_heads {c.num_kv_heads}")
-    if c.position != "learned_2d" and (c.rope_dim % 2 or c.rope_dim * (2 if c.position == "rope_2d" else 1)
-                                       > c.head_dim):
+    if c.position != "learned_2d" and (
+        c.rope_dim % 2 or c.rope_dim * (2 if c.position == "rope_2d" else 1) > c.head_dim
+    ):
         raise ConfigError(f"rope_dim {c.rope_dim} must be even and fit head_dim {c.head_dim} ({c.position})")
     for name in ("norm_eps", "rope_base", "rope_position_scale", "residual_alpha"):
         v = getattr(c, name)

@@ -4,6 +4,7 @@ The cache is preallocated for prompt + max_new_tokens; every step writes one col
 ones. Positions advance by the family's rule: 1-D positions +1; 2-D (GLM, ChatGLM-6B) keep the mask position
 and count the block position up while inside a generated span.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,9 @@ def _next_position(pos_last):
     if pos_last.ndim == 1:
         return pos_last + 1
     in_block = pos_last[:, 1] > 0
-    return jnp.stack([jnp.where(in_block, pos_last[:, 0], pos_last[:, 0] + 1),
-                      jnp.where(in_block, pos_last[:, 1] + 1, 0)], axis=1)
+    return jnp.stack(
+        [jnp.where(in_block, pos_last[:, 0], pos_last[:, 0] + 1), jnp.where(in_block, pos_last[:, 1] + 1, 0)], axis=1
+    )
 
 
 def prefill(module, params, ids_BT, mask_BT, pos, allowed_BTT, cache_len: int):
@@ -61,14 +63,31 @@ def feed_token(module, params, cache, key_valid, tok_B, pos_last, idx):
     key_valid = key_valid.at[:, idx].set(True)
     p = _next_position(pos_last)
     allowed = (key_valid & (jnp.arange(S)[None] <= idx))[:, None, :]
-    logits, cache = module.apply({"params": params}, tok_B[:, None], allowed, p[..., None], cache=cache,
-                                 cache_index=idx)
+    logits, cache = module.apply(
+        {"params": params}, tok_B[:, None], allowed, p[..., None], cache=cache, cache_index=idx
+    )
     return logits[:, -1], cache, key_valid, p
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new", "do_sample", "top_k", "keep_logits"))
-def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, rng, temperature, top_p, *,
-            max_new, do_sample, top_k, keep_logits=False):
+def _decode(
+    module,
+    params,
+    ids_BT,
+    mask_BT,
+    pos,
+    allowed_BTT,
+    eos_ids,
+    pad_id,
+    rng,
+    temperature,
+    top_p,
+    *,
+    max_new,
+    do_sample,
+    top_k,
+    keep_logits=False,
+):
     B, T = ids_BT.shape
     logits, cache, key_valid = prefill(module, params, ids_BT, mask_BT, pos, allowed_BTT, T + max_new)
     out = jnp.full((B, max_new), pad_id, jnp.int32)
@@ -97,19 +116,34 @@ def _decode(module, params, ids_BT, mask_BT, pos, allowed_BTT, eos_ids, pad_id, 
     return final[1], final[8]
 
 
-def generate(lm, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0, top_k=0,
-             top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None, return_logits=False):
+def generate(
+    lm,
+    input_ids,
+    attention_mask=None,
+    max_new_tokens=32,
+    do_sample=False,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    eos_token_id=None,
+    pad_token_id=None,
+    return_logits=False,
+):
     """See GLM.generate. With return_logits, also the raw logits [B, max_new_tokens, V] each step decoded from."""
     c = lm.config
     ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
     if ids.ndim == 1:
         ids = ids[None]
     eos = tuple(c.eos_token_id) if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-    pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None
-                                                         else (eos[0] if eos else 0))
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (c.pad_token_id if c.pad_token_id is not None else (eos[0] if eos else 0))
+    )
     if attention_mask is None:
         if c.pad_token_id is not None and c.pad_token_id not in eos and bool(jnp.any(ids == c.pad_token_id)):
-            attention_mask = (ids != c.pad_token_id).astype(jnp.int32)   # as transformers infers it
+            attention_mask = (ids != c.pad_token_id).astype(jnp.int32)  # as transformers infers it
         else:
             attention_mask = jnp.ones_like(ids)
     mask = jnp.asarray(np.asarray(attention_mask), jnp.int32)
@@ -118,8 +152,22 @@ def generate(lm, input_ids, attention_mask=None, max_new_tokens=32, do_sample=Fa
     pos = default_positions(c, ids, mask, sep)
     allowed = default_allowed(c, ids, mask, sep)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    new, scores = _decode(lm.module, lm.params, ids, mask, pos, allowed, eos_arr, jnp.int32(pad), jax.random.PRNGKey(seed),
-                  jnp.float32(temperature), jnp.float32(top_p), max_new=int(max_new_tokens), do_sample=bool(do_sample),
-                  top_k=int(top_k), keep_logits=bool(return_logits))
+    new, scores = _decode(
+        lm.module,
+        lm.params,
+        ids,
+        mask,
+        pos,
+        allowed,
+        eos_arr,
+        jnp.int32(pad),
+        jax.random.PRNGKey(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        max_new=int(max_new_tokens),
+        do_sample=bool(do_sample),
+        top_k=int(top_k),
+        keep_logits=bool(return_logits),
+    )
     out = np.concatenate([np.asarray(ids), np.asarray(new)], axis=1)
     return (out, np.asarray(scores)) if return_logits else out

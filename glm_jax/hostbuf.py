@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ALIGN = 4096          # offset, length and buffer alignment O_DIRECT needs (a multiple of any logical block size)
+ALIGN = 4096  # offset, length and buffer alignment O_DIRECT needs (a multiple of any logical block size)
 
 
 def address(buf) -> int:
@@ -24,7 +24,7 @@ def empty(shape, dtype):
     n = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(n + ALIGN, np.uint8)
     skip = -address(raw) % ALIGN
-    return raw[skip:skip + n].view(dtype).reshape(shape)
+    return raw[skip : skip + n].view(dtype).reshape(shape)
 
 
 def c(a):
@@ -36,12 +36,12 @@ def c(a):
     src = _raw(a)
     shape = src.shape
     try:
-        src.shape = (a.shape[0], -1)            # [cols of the source, rows of the source]; raises if not a view
+        src.shape = (a.shape[0], -1)  # [cols of the source, rows of the source]; raises if not a view
     except AttributeError:
         if a.ndim != 3:
             return np.ascontiguousarray(a)
         out = empty(shape, src.dtype)
-        for n in range(a.shape[1]):             # [D, N, H] from per-head blocks: one transposed copy per head
+        for n in range(a.shape[1]):  # [D, N, H] from per-head blocks: one transposed copy per head
             copy_2d(out[:, n], src[:, n])
         return out.view(a.dtype)
     out = empty(src.shape, src.dtype)
@@ -82,6 +82,7 @@ _POOL = []
 def _pool():
     if not _POOL:
         import concurrent.futures
+
         _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-convert-copy"))
     return _POOL[0]
 
@@ -91,7 +92,7 @@ def _tiles(out, src):
     if R >= C:
         for i in range(0, R, 256):
             for j in range(0, C, 256):
-                out[i:i + 256, j:j + 256] = src[i:i + 256, j:j + 256]
+                out[i : i + 256, j : j + 256] = src[i : i + 256, j : j + 256]
     else:
         for j in range(0, C, 16):
-            out[:, j:j + 16] = src[:, j:j + 16]
+            out[:, j : j + 16] = src[:, j : j + 16]

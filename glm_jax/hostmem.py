@@ -15,6 +15,7 @@ glibc reads these settings when a thread first allocates: they must be set befor
 worker threads, which then share the main arena. Threads that already have an arena keep it, so
 keep_freed_heap() refuses once a backend exists.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,7 @@ import glob
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8     # glibc <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
 MODES = ("auto", "keep", "system")
 _kept = False
@@ -33,7 +34,7 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version     # glibc only: musl and others have no such symbol
+        _ = libc.gnu_get_libc_version  # glibc only: musl and others have no such symbol
         return libc
     except (OSError, AttributeError):
         return None
@@ -44,9 +45,10 @@ def _backend_started() -> bool:
         return False
     try:
         from jax._src import xla_bridge
+
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):
-        return True    # cannot tell: assume the worker threads exist already
+        return True  # cannot tell: assume the worker threads exist already
 
 
 def cpu_backend_expected() -> bool:
@@ -67,7 +69,7 @@ def keep_freed_heap() -> bool:
     if libc is None or _backend_started():
         return False
     global _kept
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     _kept = all(libc.mallopt(option, value) == 1 for option, value in settings) or _kept
     return _kept
 

@@ -15,9 +15,10 @@ Layout of one sample (spans in Part B order, `[S]` = sop, `[E]` = eop, `[M]` = t
 Attention rule for the model: query q may attend key k iff k < sep or k <= q.
 Legend for array names: N input length, S spans, T output length.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -46,19 +47,20 @@ def _as_spans(spans, n: int) -> tuple[np.ndarray, np.ndarray]:
         j = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"span {j} = [{starts_S[j]}, {ends_S[j]}) is empty or out of range for {n} tokens; "
-            "spans are half-open [start, end) with 0 <= start < end <= len(tokens)")
+            "spans are half-open [start, end) with 0 <= start < end <= len(tokens)"
+        )
     order = np.argsort(starts_S, kind="stable")
     s_sorted, e_sorted = starts_S[order], ends_S[order]
     overlap = s_sorted[1:] < e_sorted[:-1]
     if overlap.any():
         j = int(np.flatnonzero(overlap)[0])
-        raise ValueError(
-            f"spans [{s_sorted[j]}, {e_sorted[j]}) and [{s_sorted[j + 1]}, {e_sorted[j + 1]}) overlap")
+        raise ValueError(f"spans [{s_sorted[j]}, {e_sorted[j]}) and [{s_sorted[j + 1]}, {e_sorted[j + 1]}) overlap")
     return starts_S, ends_S
 
 
-def layout_with_source(tokens, spans, *, mask_id: int, sop_id: int, eop_id: int,
-                       block_position: bool = True, eos_id: int | None = None) -> dict:
+def layout_with_source(
+    tokens, spans, *, mask_id: int, sop_id: int, eop_id: int, block_position: bool = True, eos_id: int | None = None
+) -> dict:
     """`layout` plus `source_index` [T]: the input index each output token comes from.
 
     Part A tokens map to themselves (a mask placeholder maps to its span start); Part B tokens map
@@ -81,7 +83,7 @@ def layout_with_source(tokens, spans, *, mask_id: int, sop_id: int, eop_id: int,
         if np.any(tokens_N[in_span_N] == eos_id):
             raise ValueError("a span contains the end-of-document token; spans must stay inside documents")
     keep_N = ~interior_N
-    pos_N = np.cumsum(keep_N) - 1                     # Part A index of every input token
+    pos_N = np.cumsum(keep_N) - 1  # Part A index of every input token
     sep = int(keep_N.sum())
 
     src_a = np.flatnonzero(keep_N)
@@ -92,10 +94,10 @@ def layout_with_source(tokens, spans, *, mask_id: int, sop_id: int, eop_id: int,
     width_S = lens_S + 1
     total = int(width_S.sum())
     block_begin_S = np.cumsum(width_S) - width_S
-    off_B = np.arange(total) - np.repeat(block_begin_S, width_S)      # 0 .. len within each block
+    off_B = np.arange(total) - np.repeat(block_begin_S, width_S)  # 0 .. len within each block
     start_B = np.repeat(starts_S, width_S)
     len_B = np.repeat(lens_S, width_S)
-    src_in_B = start_B + np.maximum(off_B - 1, 0)                     # sop -> span start
+    src_in_B = start_B + np.maximum(off_B - 1, 0)  # sop -> span start
     tokens_b = np.where(off_B == 0, sop_id, tokens_N[src_in_B])
     tgt_src_B = np.minimum(start_B + off_B, n - 1)
     targets_b = np.where(off_B == len_B, eop_id, tokens_N[tgt_src_B])
@@ -114,8 +116,16 @@ def layout_with_source(tokens, spans, *, mask_id: int, sop_id: int, eop_id: int,
     }
 
 
-def layout(tokens: Sequence[int], spans: Sequence[tuple[int, int]], *, mask_id: int, sop_id: int,
-           eop_id: int, block_position: bool = True, eos_id: int | None = None) -> Mapping:
+def layout(
+    tokens: Sequence[int],
+    spans: Sequence[tuple[int, int]],
+    *,
+    mask_id: int,
+    sop_id: int,
+    eop_id: int,
+    block_position: bool = True,
+    eos_id: int | None = None,
+) -> Mapping:
     """GLM blank-infilling layout of one sample (reference `make_block_data`, spec §1.6).
 
     tokens: 1-D ints, length N. spans: [(start, end), ...] half-open, in Part B order (the order in
@@ -128,14 +138,22 @@ def layout(tokens: Sequence[int], spans: Sequence[tuple[int, int]], *, mask_id: 
     is trained to predict targets[t]); loss_mask is 1 exactly on Part B.
     Raises ValueError for empty, out-of-range or overlapping spans.
     """
-    out = layout_with_source(tokens, spans, mask_id=mask_id, sop_id=sop_id, eop_id=eop_id,
-                             block_position=block_position, eos_id=eos_id)
+    out = layout_with_source(
+        tokens, spans, mask_id=mask_id, sop_id=sop_id, eop_id=eop_id, block_position=block_position, eos_id=eos_id
+    )
     del out["source_index"]
     return out
 
 
-def prefix_layout(tokens: Sequence[int], k: int, *, gmask_id: int, sop_id: int,
-                  loss_mask: Sequence[int] | None = None, block_position: bool = True) -> dict:
+def prefix_layout(
+    tokens: Sequence[int],
+    k: int,
+    *,
+    gmask_id: int,
+    sop_id: int,
+    loss_mask: Sequence[int] | None = None,
+    block_position: bool = True,
+) -> dict:
     """Document-level "prefix" (division) layout, spec §1.7; also ChatGLM's `[gMASK] <sop>` prefix LM.
 
     source = tokens[:k], target = tokens[k:] (g = N - k tokens):
@@ -163,7 +181,8 @@ def prefix_layout(tokens: Sequence[int], k: int, *, gmask_id: int, sop_id: int,
         "loss_mask": np.concatenate([np.zeros(k + 1, i32), lm_N[k:]]).astype(i32),
         "position_ids": np.concatenate([np.arange(k + 1), np.full(g, k)]).astype(i32),
         "block_position_ids": np.concatenate(
-            [np.zeros(k + 1), np.arange(1, g + 1) if block_position else np.ones(g)]).astype(i32),
+            [np.zeros(k + 1), np.arange(1, g + 1) if block_position else np.ones(g)]
+        ).astype(i32),
         "sep": k + 1,
         "source_index": np.concatenate([np.arange(k), [k - 1, k], np.arange(k, n - 1)]).astype(i32),
     }

@@ -3,15 +3,17 @@
 Model code names only logical axes (`embed`, `q_heads`, `activation_batch`, ...). `RULES` maps them onto the
 mesh axes ('data', 'fsdp', 'tensor'); changing a parallelism strategy means editing this table.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.transformer import param_axes
 
@@ -43,7 +45,7 @@ RULES = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> jax.sharding.Mesh:
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> jax.sharding.Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over the first data*fsdp*tensor devices."""
     devices = list(jax.devices() if devices is None else devices)
     n = data * fsdp * tensor
@@ -65,7 +67,7 @@ def shards_along(name: str, dim: int, mesh, rules=RULES) -> int:
     return _mesh_size(mesh, logical_to_spec((name,), (dim,), mesh, rules)[0])
 
 
-def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh, rules=RULES) -> P:
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh, rules=RULES) -> P:
     """PartitionSpec for one array; a mesh axis is dropped where it does not divide the dimension or is used twice."""
     table = dict(rules)
     used, out = set(), []
@@ -85,8 +87,12 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh, 
 
 def tree_shardings(axes_tree, shapes_tree, mesh, rules=RULES):
     """NamedShardings for a tree, from its logical names and shapes."""
-    return jax.tree.map(lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)),
-                        axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)),
+        axes_tree,
+        shapes_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def shard_params(params, cfg, mesh, rules=RULES):

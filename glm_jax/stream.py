@@ -10,10 +10,11 @@ cache length is rounded up to a multiple of `CACHE_MULTIPLE`. The cache is donat
 updated in place where the backend supports donation. The next step is dispatched before the current token
 is handed to the host, so device work overlaps with the caller's printing.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +53,19 @@ def _step(module, params, cache, key_valid, tok, pos_last, idx, rng, temperature
     return nxt, cache, key_valid, p, rng
 
 
-def stream_generate(lm, prompt_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_token_ids: Iterable[int] | None = None,
-                    cache_multiple: int = CACHE_MULTIPLE, prompt_multiple: int = PROMPT_MULTIPLE) -> Iterator[int]:
+def stream_generate(
+    lm,
+    prompt_ids,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: Iterable[int] | None = None,
+    cache_multiple: int = CACHE_MULTIPLE,
+    prompt_multiple: int = PROMPT_MULTIPLE,
+) -> Iterator[int]:
     """Yield the new token ids of one sequence as they are decoded (a stop token is yielded, then it ends).
 
     prompt_ids: 1-D ids (or [1, T]). stop_token_ids: default the model config's eos ids. The sampling
@@ -80,13 +91,24 @@ def stream_generate(lm, prompt_ids, max_new_tokens: int = 32, do_sample: bool = 
     mask[0, :T] = 1
     opts = dict(do_sample=bool(do_sample), top_k=int(top_k))
     temp, tp = jnp.float32(temperature), jnp.float32(top_p)
-    tok, cache, key_valid, pos, rng = _prefill(lm.module, lm.params, jnp.asarray(ids_p), jnp.asarray(mask),
-                                               jnp.int32(T), jax.random.PRNGKey(seed), temp, tp, cache_len=S, **opts)
+    tok, cache, key_valid, pos, rng = _prefill(
+        lm.module,
+        lm.params,
+        jnp.asarray(ids_p),
+        jnp.asarray(mask),
+        jnp.int32(T),
+        jax.random.PRNGKey(seed),
+        temp,
+        tp,
+        cache_len=S,
+        **opts,
+    )
     for i in range(max_new):
         cur = tok
         if i + 1 < max_new:  # dispatch the next step before waiting for this token
-            tok, cache, key_valid, pos, rng = _step(lm.module, lm.params, cache, key_valid, cur, pos,
-                                                    jnp.int32(T + i), rng, temp, tp, **opts)
+            tok, cache, key_valid, pos, rng = _step(
+                lm.module, lm.params, cache, key_valid, cur, pos, jnp.int32(T + i), rng, temp, tp, **opts
+            )
         t = int(np.asarray(cur)[0])
         yield t
         if t in stops:
@@ -114,6 +136,6 @@ class TextStream:
         if text.endswith("\ufffd") or len(text) <= len(self.printed):
             return ""
         # decoders may rewrite earlier text (e.g. clean-up of " ."); what is printed stays, only the tail is new
-        piece = text[len(self.printed):]
+        piece = text[len(self.printed) :]
         self.printed = text
         return piece

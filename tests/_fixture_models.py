@@ -1,12 +1,21 @@
 """Shared helpers for tests that read the golden model fixtures."""
+
 import functools
 import pathlib
 
 import numpy as np
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
-MODEL_FIXTURES = ["glm-original", "chatglm-6b", "chatglm2-6b", "chatglm2-6b-ptuning-v2", "chatglm3-6b-32k",
-                  "glm-4-9b-chat-remote", "transformers-glm", "transformers-glm4"]
+MODEL_FIXTURES = [
+    "glm-original",
+    "chatglm-6b",
+    "chatglm2-6b",
+    "chatglm2-6b-ptuning-v2",
+    "chatglm3-6b-32k",
+    "glm-4-9b-chat-remote",
+    "transformers-glm",
+    "transformers-glm4",
+]
 TOL = {"chatglm-6b": 5e-4}
 
 
@@ -19,9 +28,10 @@ def folders(name):
     return [s for s in subs if (FIX / name / s).is_dir()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name, sub="model", **kw):
     import glm_jax
+
     return glm_jax.from_pretrained(FIX / name / sub, **kw)
 
 
@@ -30,8 +40,7 @@ def reference_inputs(name, d):
     if name == "glm-original":
         return {"position_ids": d["position_ids"], "prefix_len": d["sep"]}, d["input_ids"] != 0
     if name == "chatglm-6b":  # dense mask, True = blocked in the fixture
-        return ({"attention_mask": ~d["attention_mask"], "position_ids": d["position_ids"]},
-                d["input_ids"] != 3)
+        return ({"attention_mask": ~d["attention_mask"], "position_ids": d["position_ids"]}, d["input_ids"] != 3)
     return {"attention_mask": d["attention_mask"], "position_ids": d["position_ids"]}, d["attention_mask"] == 1
 
 

@@ -1,4 +1,5 @@
 """Test setup: CPU JAX with 8 fake devices, set before jax is imported anywhere."""
+
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"

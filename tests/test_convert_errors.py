@@ -3,6 +3,7 @@ naming the file and the problem, and no DST (nor a temporary sibling) left behin
 
 The subprocesses run a few at a time (each pays the jax/torch import), all started from one module fixture.
 """
+
 import concurrent.futures
 import json
 import os
@@ -12,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _fixture_models import FIX
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ def _save_edited(folder, edit):
     """The base weights with one edit, as a single model.safetensors (its reader needs no torch import)."""
     import safetensors.torch
     import torch
+
     sd = torch.load(BASE / "model" / "pytorch_model.bin", weights_only=True)
     edit(sd)
     folder.mkdir()
@@ -49,6 +50,7 @@ def _save_edited(folder, edit):
 def _build_cases(tmp):
     """{case: (argv, [fragments the error line must contain])}."""
     import torch
+
     cases = {}
     st = _copy(BASE / "model_sharded_safetensors", tmp / "truncated_st")
     shard = st / "model-00002-of-00004.safetensors"
@@ -76,14 +78,17 @@ def _build_cases(tmp):
     cases["garbage_config"] = (["to-jax", b], ["config.json", "not valid JSON"])
 
     b = _copy(BASE / "model", tmp / "unknown_arch")
-    (b / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                               "hidden_size": 64}))
+    (b / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64})
+    )
     cases["unknown_architecture"] = (["to-jax", b], ["config.json", "llama"])
 
     st = _copy(BASE / "model_sharded_safetensors", tmp / "missing_shard")
     (st / "model-00003-of-00004.safetensors").unlink()
-    cases["missing_shard"] = (["to-jax", st], ["model.safetensors.index.json", "model-00003-of-00004.safetensors",
-                                               "missing"])
+    cases["missing_shard"] = (
+        ["to-jax", st],
+        ["model.safetensors.index.json", "model-00003-of-00004.safetensors", "missing"],
+    )
 
     gone = "transformer.encoder.final_layernorm.weight"
     b = _save_edited(tmp / "missing_key", lambda sd: sd.pop(gone))
@@ -106,8 +111,14 @@ def _build_cases(tmp):
 
 def _run(argv, dst):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "convert.cli", *map(str, argv[:2]), str(dst), *map(str, argv[2:])],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "convert.cli", *map(str, argv[:2]), str(dst), *map(str, argv[2:])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return p.returncode, p.stderr
 
 
@@ -122,8 +133,19 @@ def results(tmp_path_factory):
     return {"cases": cases, "out": out, "dsts": dsts, "marker": marker}
 
 
-CASES = ["truncated_safetensors", "corrupt_safetensors", "truncated_bin", "corrupt_bin", "garbage_config",
-         "unknown_architecture", "missing_shard", "missing_key", "extra_key", "wrong_shape", "code_running_pickle"]
+CASES = [
+    "truncated_safetensors",
+    "corrupt_safetensors",
+    "truncated_bin",
+    "corrupt_bin",
+    "garbage_config",
+    "unknown_architecture",
+    "missing_shard",
+    "missing_key",
+    "extra_key",
+    "wrong_shape",
+    "code_running_pickle",
+]
 
 
 def _check(rc, err, dst, fragments):
@@ -151,6 +173,7 @@ def test_code_in_pickle_never_runs(results):
 @pytest.fixture(scope="module")
 def chatglm6b_jax(tmp_path_factory):
     from convert.cli import main
+
     d = tmp_path_factory.mktemp("j") / "chatglm6b_jax"
     assert main(["to-jax", str(FIX / "chatglm-6b" / "model"), str(d)]) == 0
     return d
@@ -158,18 +181,22 @@ def chatglm6b_jax(tmp_path_factory):
 
 def _in_process(capfd, argv, dst, fragments):
     from convert.cli import main
+
     capfd.readouterr()
     rc = main([*map(str, argv[:2]), str(dst), *map(str, argv[2:])])
     _check(rc, capfd.readouterr().err, dst, fragments)
 
 
 def test_layout_with_other_math_is_refused(chatglm6b_jax, tmp_path, capfd):
-    _in_process(capfd, ["to-torch", chatglm6b_jax, "--layout", "glm-hf"], tmp_path / "o", ["--layout glm-hf", "chatglm"])
+    _in_process(
+        capfd, ["to-torch", chatglm6b_jax, "--layout", "glm-hf"], tmp_path / "o", ["--layout glm-hf", "chatglm"]
+    )
 
 
 def test_bad_shard_size(chatglm6b_jax, tmp_path, capfd):
-    _in_process(capfd, ["to-torch", chatglm6b_jax, "--max-shard-size", "lots"], tmp_path / "o",
-                ["--max-shard-size", "lots"])
+    _in_process(
+        capfd, ["to-torch", chatglm6b_jax, "--max-shard-size", "lots"], tmp_path / "o", ["--max-shard-size", "lots"]
+    )
 
 
 def test_to_torch_of_a_torch_folder(tmp_path, capfd):
@@ -178,6 +205,7 @@ def test_to_torch_of_a_torch_folder(tmp_path, capfd):
 
 def test_megatron_without_config(tmp_path, capfd):
     import torch
+
     mg = tmp_path / "megatron"
     mg.mkdir()
     torch.save({"module": {"word_embeddings.weight": torch.zeros(4, 4)}}, mg / "mp_rank_00_model_states.pt")
@@ -186,6 +214,7 @@ def test_megatron_without_config(tmp_path, capfd):
 
 def test_existing_destination_is_left_alone(tmp_path, capfd):
     from convert.cli import main
+
     dst = tmp_path / "existing"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
@@ -194,8 +223,11 @@ def test_existing_destination_is_left_alone(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(dst) in err[0] and "--overwrite" in err[0]
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
+
+
 def test_overwrite_replaces_existing_destination(tmp_path):
     from convert.cli import main
+
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "old.txt").write_text("old")

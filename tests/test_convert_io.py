@@ -1,5 +1,6 @@
 """The streaming writers against the libraries they imitate: safetensors, torch.save, huggingface_hub's sharding
 and transformers' size strings. Byte-identical files, so the outputs load wherever the originals do."""
+
 import json
 import struct
 
@@ -13,20 +14,34 @@ from convert.torch_io import Entry
 
 def _tensors():
     import torch
+
     g = torch.Generator().manual_seed(0)
-    return {"model.layers.0.w": torch.randn(3, 5, generator=g), "bias": torch.randn(7, generator=g).half(),
-            "a_bf16": torch.randn(2, 3, generator=g).bfloat16(), "ids": torch.arange(6).reshape(2, 3),
-            "i32": torch.arange(4, dtype=torch.int32), "mask": torch.tensor([True, False, True]),
-            "u8": torch.arange(5, dtype=torch.uint8), "i8": torch.arange(-2, 2, dtype=torch.int8),
-            "i16": torch.arange(3, dtype=torch.int16), "f64": torch.randn(2, dtype=torch.float64, generator=g),
-            "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "f8": torch.randn(4, generator=g).to(
-                torch.float8_e4m3fn), "f8b": torch.randn(4, generator=g).to(torch.float8_e5m2)}
+    return {
+        "model.layers.0.w": torch.randn(3, 5, generator=g),
+        "bias": torch.randn(7, generator=g).half(),
+        "a_bf16": torch.randn(2, 3, generator=g).bfloat16(),
+        "ids": torch.arange(6).reshape(2, 3),
+        "i32": torch.arange(4, dtype=torch.int32),
+        "mask": torch.tensor([True, False, True]),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "i8": torch.arange(-2, 2, dtype=torch.int8),
+        "i16": torch.arange(3, dtype=torch.int16),
+        "f64": torch.randn(2, dtype=torch.float64, generator=g),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+        "f8b": torch.randn(4, generator=g).to(torch.float8_e5m2),
+    }
 
 
 def _np(t):
     import torch
-    views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16), torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
-             torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
+
+    views = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
     if t.dtype in views:
         via, dt = views[t.dtype]
         return t.view(via).numpy().view(dt)
@@ -39,18 +54,21 @@ def _entries(sd):
 
 def test_safetensors_file_equals_the_librarys(tmp_path):
     import safetensors.torch
+
     sd = _tensors()
     safetensors.torch.save_file(sd, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    torch_io.write_safetensors(tmp_path / "ours.safetensors", torch_io.st_order(_entries(sd)), {"format": "pt"},
-                               lambda k: _np(sd[k]))
+    torch_io.write_safetensors(
+        tmp_path / "ours.safetensors", torch_io.st_order(_entries(sd)), {"format": "pt"}, lambda k: _np(sd[k])
+    )
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
 def test_bin_file_equals_torch_save(tmp_path):
     import torch
+
     sd = {k: v for k, v in _tensors().items() if not k.startswith("f8")}
-    sd.update({f"layer.{i}.weight": torch.full((2,), float(i)) for i in range(1100)})   # > 1000 items: batched
-    sd["tied"] = sd["model.layers.0.w"].clone()                                           # same shape, own tuple
+    sd.update({f"layer.{i}.weight": torch.full((2,), float(i)) for i in range(1100)})  # > 1000 items: batched
+    sd["tied"] = sd["model.layers.0.w"].clone()  # same shape, own tuple
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     torch.save(sd, tmp_path / "a" / "pytorch_model.bin")
     torch_io.write_bin(tmp_path / "b" / "pytorch_model.bin", _entries(sd), lambda k: _np(sd[k]))
@@ -61,19 +79,23 @@ def test_bin_file_equals_torch_save(tmp_path):
 
 def test_bin_refuses_dtypes_torch_save_cannot_name(tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
-        torch_io.write_bin(tmp_path / "x.bin", [Entry("f8", "F8_E4M3", (2,))], lambda k: np.zeros(2, ml_dtypes.float8_e4m3fn))
+        torch_io.write_bin(
+            tmp_path / "x.bin", [Entry("f8", "F8_E4M3", (2,))], lambda k: np.zeros(2, ml_dtypes.float8_e4m3fn)
+        )
 
 
 def test_produced_tensor_must_match_the_plan(tmp_path):
     with pytest.raises(ValueError, match="planned"):
-        torch_io.write_safetensors(tmp_path / "x.safetensors", [Entry("w", "F32", (2, 2))], None,
-                                   lambda k: np.zeros((2, 3), np.float32))
+        torch_io.write_safetensors(
+            tmp_path / "x.safetensors", [Entry("w", "F32", (2, 2))], None, lambda k: np.zeros((2, 3), np.float32)
+        )
 
 
 @pytest.mark.parametrize("limit", [1000, 5000, 20000])
 def test_sharding_follows_huggingface_hub(limit):
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
+
     g = torch.Generator().manual_seed(1)
     sd = {f"t{i}": torch.zeros(int(n)) for i, n in enumerate(torch.randint(1, 3000, (40,), generator=g))}
     sd["huge"] = torch.zeros(8000)
@@ -90,6 +112,7 @@ def test_sharding_follows_huggingface_hub(limit):
 @pytest.mark.parametrize("text", ["5GB", "500MB", "2GiB", "3MiB", "100KB", "8Gb", "1000"])
 def test_sizes_read_like_transformers(text):
     from transformers.utils.hub import convert_file_size_to_int
+
     want = convert_file_size_to_int(int(text) if text.isdigit() else text)
     assert torch_io.parse_size(text) == want
 

@@ -3,16 +3,17 @@ checkpoints, P-Tuning v2 prefixes, glm-train run directories, --mesh chunking, -
 
 Expected values come from the fixtures (golden logits, the fixture's own files) and from transformers.
 """
+
 import argparse
 import json
 import shutil
 
 import numpy as np
 import pytest
-
 from _fixture_models import FIX, TOL, io, max_diff, reference_inputs
-from convert.cli import main
 from test_convert_roundtrip import read_tensors
+
+from convert.cli import main
 
 
 def _to_jax(src, dst, *extra):
@@ -27,6 +28,7 @@ def _to_torch(src, dst, *extra):
 
 def _logits_ok(path, name, ref_key="logits", **kw):
     import glm_jax
+
     d = io(name)
     inputs, real = reference_inputs(name, d)
     lm = glm_jax.from_pretrained(path, **kw)
@@ -37,6 +39,7 @@ def _logits_ok(path, name, ref_key="logits", **kw):
 def test_glm_hf_layout_loads_in_transformers(tmp_path):
     import torch
     from transformers import GlmForCausalLM
+
     name = "glm-4-9b-chat-remote"
     j = _to_jax(FIX / name / "model", tmp_path / "jax")
     out = _to_torch(j, tmp_path / "hf", "--layout", "glm-hf")
@@ -47,8 +50,11 @@ def test_glm_hf_layout_loads_in_transformers(tmp_path):
     model = GlmForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     d = io(name)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor(d["input_ids"]), attention_mask=torch.tensor(d["attention_mask"]),
-                       position_ids=torch.tensor(d["position_ids"])).logits.numpy()
+        logits = model(
+            input_ids=torch.tensor(d["input_ids"]),
+            attention_mask=torch.tensor(d["attention_mask"]),
+            position_ids=torch.tensor(d["position_ids"]),
+        ).logits.numpy()
     assert max_diff(logits, d["logits"], d["attention_mask"] == 1) <= 1e-4
     assert not (out / "modeling_chatglm.py").exists()
     # and back: the glm-hf export converts to JAX again and matches the golden logits
@@ -59,9 +65,10 @@ def test_glm_hf_layout_loads_in_transformers(tmp_path):
 def _split_megatron(sd, m):
     """THUDM/GLM mp split (spec §2.9), written here from the spec: rows, columns, per-rank [Q_r; K_r; V_r]."""
     import torch
+
     ranks = [{} for _ in range(m)]
     for key, v in sd.items():
-        k = key[len("glm."):]
+        k = key[len("glm.") :]
         if k.endswith("attention.query_key_value.weight") or k.endswith("attention.query_key_value.bias"):
             q, kk, vv = (t.chunk(m, dim=0) for t in v.chunk(3, dim=0))
             parts = [torch.cat([q[r], kk[r], vv[r]]) for r in range(m)]
@@ -78,20 +85,29 @@ def _split_megatron(sd, m):
 
 def test_megatron_two_way_model_parallel(tmp_path):
     import torch
+
     sd = torch.load(FIX / "glm-original/model/pytorch_model.bin", weights_only=True)
     root = tmp_path / "megatron"
-    for tag, shards in (("3", _split_megatron({k: torch.zeros_like(v) for k, v in sd.items()}, 2)),
-                        ("5", _split_megatron(sd, 2))):
+    for tag, shards in (
+        ("3", _split_megatron({k: torch.zeros_like(v) for k, v in sd.items()}, 2)),
+        ("5", _split_megatron(sd, 2)),
+    ):
         (root / tag).mkdir(parents=True)
         for r, module in enumerate(shards):
-            torch.save({"module": module, "iteration": int(tag), "np_rng_state": np.random.get_state(),
-                        "args": argparse.Namespace(lr=1e-4, model_parallel_size=2)},
-                       root / tag / f"mp_rank_{r:02d}_model_states.pt")
+            torch.save(
+                {
+                    "module": module,
+                    "iteration": int(tag),
+                    "np_rng_state": np.random.get_state(),
+                    "args": argparse.Namespace(lr=1e-4, model_parallel_size=2),
+                },
+                root / tag / f"mp_rank_{r:02d}_model_states.pt",
+            )
     (root / "latest_checkpointed_iteration.txt").write_text("5")
     cfg_file = tmp_path / "glm-config.json"
     shutil.copy(FIX / "glm-original/model/config.json", cfg_file)
-    j = _to_jax(root, tmp_path / "jax", "--config", cfg_file)       # no config.json beside it: --config
-    _logits_ok(j, "glm-original", ref_key="logits_megatron_tanh_gelu")   # Megatron computes tanh GELU
+    j = _to_jax(root, tmp_path / "jax", "--config", cfg_file)  # no config.json beside it: --config
+    _logits_ok(j, "glm-original", ref_key="logits_megatron_tanh_gelu")  # Megatron computes tanh GELU
     # exported in the HF remote-code layout, the merged tensors are the fixture's own
     out = _to_torch(j, tmp_path / "hf", "--format", "bin")
     want, got = read_tensors(FIX / "glm-original/model"), read_tensors(out)
@@ -105,13 +121,15 @@ def test_megatron_two_way_model_parallel(tmp_path):
 @pytest.fixture(scope="module")
 def ptuning_jax(tmp_path_factory):
     import torch
+
     tmp = tmp_path_factory.mktemp("pt")
     src = FIX / "chatglm2-6b-ptuning-v2"
     base = tmp / "base"
     base.mkdir()
     sd = torch.load(src / "model/pytorch_model.bin", weights_only=True)
-    torch.save({k: v for k, v in sd.items() if not k.startswith("transformer.prefix_encoder.")},
-               base / "pytorch_model.bin")
+    torch.save(
+        {k: v for k, v in sd.items() if not k.startswith("transformer.prefix_encoder.")}, base / "pytorch_model.bin"
+    )
     cfg = json.loads((src / "model/config.json").read_text())
     (base / "config.json").write_text(json.dumps({**cfg, "pre_seq_len": None}, indent=2))
     shutil.copy(src / "model/generation_config.json", base)
@@ -139,8 +157,10 @@ def _train_run(tmp_path, name, scan):
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
+
     from glm_jax.checkpoint import config_from_folder, load_params
     from glm_jax.model.transformer import stack_layers
+
     cfg = config_from_folder(FIX / name / "model").replace(scan_layers=scan)
     params = load_params(cfg, FIX / name / "model")
     if scan:
@@ -149,10 +169,14 @@ def _train_run(tmp_path, name, scan):
     run = tmp_path / "run"
     mgr = ocp.CheckpointManager((run / "checkpoints").absolute(), item_names=("params", "meta"))
     for step, p in ((3, jax.tree.map(jnp.zeros_like, params)), (7, params)):
-        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(p),
-                                               meta=ocp.args.JsonSave({"step": step, "config": cfg.to_dict()})))
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(p), meta=ocp.args.JsonSave({"step": step, "config": cfg.to_dict()})
+            ),
+        )
     mgr.wait_until_finished()
-    (run / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()   # an interrupted save: not a complete step
+    (run / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()  # an interrupted save: not a complete step
     return run
 
 
@@ -166,10 +190,11 @@ def test_glm_train_run_exports_the_reference_layout(name, scan, tmp_path):
 
 
 def test_load_jax_reads_a_glm_train_run(tmp_path):
-    from glm_jax.checkpoint import load_jax
     from glm_jax.api import GLM, cast_params
+    from glm_jax.checkpoint import load_jax
+
     name = "glm-4-9b-chat-remote"
-    cfg, params = load_jax(_train_run(tmp_path, name, True))       # the latest complete step (7), stacked layers
+    cfg, params = load_jax(_train_run(tmp_path, name, True))  # the latest complete step (7), stacked layers
     assert cfg.scan_layers and params["layers"]["block"]["attn"]["q"]["kernel"].shape[0] == cfg.num_layers
     d = io(name)
     inputs, real = reference_inputs(name, d)
@@ -178,8 +203,9 @@ def test_load_jax_reads_a_glm_train_run(tmp_path):
 
 def test_from_pretrained_reads_a_glm_train_run(tmp_path):
     import glm_jax
+
     name = "chatglm2-6b"
-    lm = glm_jax.from_pretrained(_train_run(tmp_path, name, False))   # latest complete step (7), not the zeros of 3
+    lm = glm_jax.from_pretrained(_train_run(tmp_path, name, False))  # latest complete step (7), not the zeros of 3
     d = io(name)
     inputs, real = reference_inputs(name, d)
     assert max_diff(lm(d["input_ids"], **inputs), d["logits"], real) <= 1e-4
@@ -188,24 +214,29 @@ def test_from_pretrained_reads_a_glm_train_run(tmp_path):
 # ------------------------------------------------------------------ --mesh, --dtype, re-sharding
 def test_mesh_chunks_params_as_shards(tmp_path):
     import orbax.checkpoint as ocp
+
     from glm_jax.checkpoint import load_jax
+
     src = FIX / "chatglm2-6b/model"
     plain, meshed = _to_jax(src, tmp_path / "plain"), _to_jax(src, tmp_path / "mesh", "--mesh", "1,2,2")
     assert json.loads((meshed / "glm_jax.json").read_text())["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
     tree = ocp.PyTreeCheckpointer().metadata((meshed / "params").absolute()).item_metadata.tree
-    assert tree["embed"]["embedding"].storage.chunk_shape == (256, 32)          # vocab→tensor, embed→fsdp
+    assert tree["embed"]["embedding"].storage.chunk_shape == (256, 32)  # vocab→tensor, embed→fsdp
     assert tree["layers_0"]["block"]["attn"]["q"]["kernel"].storage.chunk_shape == (32, 2, 16)
     (_, a), (_, b) = load_jax(plain), load_jax(meshed)
     import jax
+
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_dtype_and_resharding(tmp_path):
     import torch
+
     name = "chatglm3-6b-32k"
     src = FIX / name / "model"
     j16 = _to_jax(src, tmp_path / "bf16", "--dtype", "bfloat16")
     from glm_jax.checkpoint import load_jax
+
     _, p = load_jax(j16)
     ref = torch.load(src / "pytorch_model.bin", weights_only=True)
     emb = ref["transformer.embedding.word_embeddings.weight"].to(torch.bfloat16).float().numpy()

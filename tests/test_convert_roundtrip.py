@@ -4,14 +4,15 @@ The expected side is always the fixture itself, read with the safetensors librar
 glm-jax's own readers): files byte for byte where the output format is the source's, otherwise keys, key order,
 dtypes, shapes and tensor bytes; config.json keys and values. The JAX copies must give the golden logits.
 """
+
 import json
 import pathlib
 import struct
 
 import numpy as np
 import pytest
-
 from _fixture_models import FIX, MODEL_FIXTURES, TOL, folders, io, max_diff, reference_inputs
+
 from convert.cli import main
 
 CASES = [(n, s) for n in MODEL_FIXTURES for s in folders(n)]
@@ -22,12 +23,13 @@ def read_tensors(folder) -> dict:
     """{"order": [keys in file order, files by name], "t": {key: (dtype, shape, bytes)}} via the reference libraries."""
     import torch
     from safetensors import safe_open
+
     folder = pathlib.Path(folder)
     order, t = [], {}
     for f in sorted(folder.glob("*.safetensors")):
         raw = f.read_bytes()
         n = struct.unpack("<Q", raw[:8])[0]
-        keys = [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
+        keys = [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
         with safe_open(f, "pt") as h:
             for k in keys:
                 x = h.get_tensor(k)
@@ -45,11 +47,16 @@ def safetensors_lib_order(tensors: dict) -> list:
     """The key order the safetensors library itself writes for these tensors."""
     import safetensors.torch
     import torch
-    sd = {k: torch.frombuffer(bytearray(b), dtype=getattr(torch, dt.split(".")[1])).reshape(shape) if b else
-          torch.empty(shape, dtype=getattr(torch, dt.split(".")[1])) for k, (dt, shape, b) in tensors.items()}
+
+    sd = {
+        k: torch.frombuffer(bytearray(b), dtype=getattr(torch, dt.split(".")[1])).reshape(shape)
+        if b
+        else torch.empty(shape, dtype=getattr(torch, dt.split(".")[1]))
+        for k, (dt, shape, b) in tensors.items()
+    }
     raw = safetensors.torch.save(sd, metadata={"format": "pt"})
     n = struct.unpack("<Q", raw[:8])[0]
-    return [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
+    return [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,7 @@ def test_round_trip_is_bit_identical(name, sub, fmt, jax_copies, tmp_path, monke
     if fmt == "safetensors-blocks":
         import convert.export
         import convert.torch_io
+
         monkeypatch.setattr(convert.torch_io, "BIG", 1)
         monkeypatch.setattr(convert.export, "BLOCK_BYTES", 64)
         fmt = "safetensors"
@@ -82,18 +90,18 @@ def test_round_trip_is_bit_identical(name, sub, fmt, jax_copies, tmp_path, monke
         if (src / extra).exists():
             assert (out / extra).read_bytes() == (src / extra).read_bytes()
     want, got = read_tensors(src), read_tensors(out)
-    assert got["t"] == want["t"]                       # keys, dtypes, shapes, bytes
-    if fmt == FORMAT_OF[sub]:                          # the source layout itself, file for file
+    assert got["t"] == want["t"]  # keys, dtypes, shapes, bytes
+    if fmt == FORMAT_OF[sub]:  # the source layout itself, file for file
         weights = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".safetensors"))
         assert sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".safetensors")) == weights
         for w in weights:
             assert (out / w).read_bytes() == (src / w).read_bytes(), w
         for idx in src.glob("*.index.json"):
             assert json.loads((out / idx.name).read_text()) == json.loads(idx.read_text())
-    elif fmt == "bin":                                 # sharded safetensors → one .bin in the source's order
+    elif fmt == "bin":  # sharded safetensors → one .bin in the source's order
         assert got["order"] == want["order"]
         assert [p.name for p in out.glob("*.bin")] == ["pytorch_model.bin"]
-    else:                                              # .bin → model.safetensors as the safetensors library lays it out
+    else:  # .bin → model.safetensors as the safetensors library lays it out
         assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
         assert got["order"] == safetensors_lib_order(want["t"])
 
@@ -101,6 +109,7 @@ def test_round_trip_is_bit_identical(name, sub, fmt, jax_copies, tmp_path, monke
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_jax_copy_gives_golden_logits(name, jax_copies):
     import glm_jax
+
     d = io(name)
     kw, real = reference_inputs(name, d)
     lm = glm_jax.from_pretrained(jax_copies[name, "model"])
@@ -109,8 +118,10 @@ def test_jax_copy_gives_golden_logits(name, jax_copies):
 
 @pytest.mark.parametrize("name", [n for n in MODEL_FIXTURES if "model_sharded_safetensors" in folders(n)])
 def test_both_fixture_folders_give_identical_params(name, jax_copies):
-    from glm_jax.checkpoint import load_jax
     import jax
+
+    from glm_jax.checkpoint import load_jax
+
     c1, p1 = load_jax(jax_copies[name, "model"])
     c2, p2 = load_jax(jax_copies[name, "model_sharded_safetensors"])
     assert c1 == c2
@@ -133,9 +144,13 @@ def test_jax_folder_contents(jax_copies):
     assert (d / "params").is_dir()
     # the params are a plain Orbax checkpoint in per-layer layout
     import orbax.checkpoint as ocp
+
     tree = ocp.PyTreeCheckpointer().metadata((d / "params").absolute()).item_metadata.tree
     assert {"embed", "layers_0", "layers_1", "final_norm", "lm_head"} <= set(tree)
-    ref = np.asarray(__import__("torch").load(FIX / "glm-4-9b-chat-remote/model/pytorch_model.bin", weights_only=True)[
-        "transformer.embedding.word_embeddings.weight"])
+    ref = np.asarray(
+        __import__("torch").load(FIX / "glm-4-9b-chat-remote/model/pytorch_model.bin", weights_only=True)[
+            "transformer.embedding.word_embeddings.weight"
+        ]
+    )
     restored = ocp.PyTreeCheckpointer().restore((d / "params").absolute())
     np.testing.assert_array_equal(np.asarray(restored["embed"]["embedding"]), ref)

@@ -1,4 +1,5 @@
 """Span samplers and the objective mixture (spec §1.3-1.7), on synthetic token rows."""
+
 import json
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_place_spans_follows_reference_rules(final_eos):
         covered = np.zeros(len(t), bool)
         for st, e in sorted(spans):
             assert 0 <= st < e <= len(t)
-            assert not covered[max(st - 1, 0):e].any(), "spans must be separated by an unmasked token"
+            assert not covered[max(st - 1, 0) : e].any(), "spans must be separated by an unmasked token"
             covered[st:e] = True
         assert not (covered & ((t == CLS) | (t == EOS))).any()
         if not final_eos:
@@ -72,7 +73,7 @@ def test_place_spans_follows_reference_rules(final_eos):
         # documents other than the longest get at most int(0.15 * region) masked tokens
         regions = ob.document_regions(t, EOS, CLS)
         for off, L in regions[:-1]:
-            assert covered[off:off + L].sum() <= int(0.15 * L)
+            assert covered[off : off + L].sum() <= int(0.15 * L)
     assert placed > 250
 
 
@@ -84,7 +85,7 @@ def test_document_regions_exclude_cls_eos_and_unterminated_last_token():
 
 
 def test_single_span_placement_is_uniform():
-    t = np.array([CLS] + [30] * 40 + [EOS], np.int32)        # region [1, 41), span length 10 -> starts 1..31
+    t = np.array([CLS] + [30] * 40 + [EOS], np.int32)  # region [1, 41), span length 10 -> starts 1..31
     starts = [ob.place_spans(t, [10], np.random.default_rng(s), eos_id=EOS, cls_id=CLS)[0][0] for s in range(3000)]
     assert min(starts) == 1 and max(starts) == 31
     counts = np.bincount(starts, minlength=32)[1:]
@@ -95,7 +96,7 @@ def test_sentence_spans_on_spec_example_c(fixtures_dir):
     case = json.loads((fixtures_dir / "blank-infilling" / "layout.json").read_text())["cases"][1]
     t = np.array(case["input"]["tokens"])
     is_end = np.zeros(60000, bool)
-    is_end[13] = True                                          # GPT-2 '.'
+    is_end[13] = True  # GPT-2 '.'
     spans = ob.sentence_spans(t, is_end, eos_id=50256, cls_id=50259)
     assert spans == [(1, 9), (9, 15), (15, 22)]
 
@@ -143,13 +144,13 @@ def test_token_level_row_fits_seq_len_and_blocks_only_part_b_with_dblock():
 def test_document_level_prefix_and_single_span_branches():
     o = opts(mixture="glm_10b")
     rng = np.random.default_rng(1)
-    multi = packed(rng, [30, 40])                              # several documents -> always prefix layout
+    multi = packed(rng, [30, 40])  # several documents -> always prefix layout
     row = ob.document_level(multi, 50, rng, o, IDS, 512, {})
     n, sep = len(multi), row["sep"]
     assert sep == n - 50 + 1 and row["tokens"][sep - 1] == GMASK and row["tokens"][sep] == SOP
     assert row["targets"][-1] == EOS and EOP not in row["targets"].tolist()
     single = packed(rng, [60])
-    row = ob.document_level(single, 30, rng, o, IDS, 512, {}, infill_prob=0.0)   # single-span infill
+    row = ob.document_level(single, 30, rng, o, IDS, 512, {}, infill_prob=0.0)  # single-span infill
     t, sep = row["tokens"].tolist(), row["sep"]
     assert t[:sep].count(GMASK) == 1 and t[sep - 1] == EOS and len(t) == len(single) + 2
     assert t[sep] == SOP and row["targets"][-1] == EOP and len(t) - sep == 31
@@ -192,6 +193,6 @@ def test_causal_rows_shift_and_segments():
     row = ob.causal(s, 64, segment_ids=True)
     t, y = row["tokens"], row["targets"]
     assert (t[1:] == y[:-1]).all() and row["sep"] == 0
-    boundary = int(np.flatnonzero(s.tokens == EOS)[0])     # predicting doc 2's [CLS] from doc 1's <eos>
+    boundary = int(np.flatnonzero(s.tokens == EOS)[0])  # predicting doc 2's [CLS] from doc 1's <eos>
     assert row["loss_mask"][boundary] == 0 and row["loss_mask"].sum() == len(t) - 1
     assert row["position_ids"][boundary + 1] == 0

@@ -1,4 +1,5 @@
 """The grain pipeline end to end on the bundled corpus: shapes, rules on real rows, determinism, resume."""
+
 import json
 import pathlib
 import tempfile
@@ -9,7 +10,7 @@ import pytest
 from glm_jax import data
 from glm_jax.data.batching import attention_mask
 
-CACHE = pathlib.Path(tempfile.gettempdir()) / "glm_jax_test_cache"   # shared by the data test modules
+CACHE = pathlib.Path(tempfile.gettempdir()) / "glm_jax_test_cache"  # shared by the data test modules
 BASE = dict(seq_len=256, batch_size=4, seed=1, cache_dir=str(CACHE), shard_index=0, shard_count=1)
 
 
@@ -41,11 +42,11 @@ def test_blank_infilling_batch_shapes_and_row_rules(tok):
             pos, blk, seg = batch["position_ids"][b, 0], batch["position_ids"][b, 1], batch["segment_ids"][b]
             sep, L = int(batch["prefix_len"][b]), int(np.count_nonzero(seg))
             modes.add(int(batch["mode"][b]))
-            assert (t[L:] == 0).all() and (lm[L:] == 0).all() and (pos[:, ] [L:] == 0).all()
+            assert (t[L:] == 0).all() and (lm[L:] == 0).all() and (pos[:,][L:] == 0).all()
             assert (lm[:sep] == 0).all() and lm[sep:L].all()
             assert (pos[:sep] == np.arange(sep)).all() and not blk[:sep].any()
             assert t[0] == ids.cls
-            for q in range(sep, L - 1):     # Part B: the next input is this target, unless a block ends
+            for q in range(sep, L - 1):  # Part B: the next input is this target, unless a block ends
                 if y[q] != ids.eop:
                     assert t[q + 1] == y[q]
                 else:
@@ -56,8 +57,7 @@ def test_blank_infilling_batch_shapes_and_row_rules(tok):
     assert modes <= {0, 1, 2}
 
 
-SHORT_DOCS = [f"Document number {i}. It has a few short sentences; then it ends here!" * (1 + i % 3)
-              for i in range(40)]
+SHORT_DOCS = [f"Document number {i}. It has a few short sentences; then it ends here!" * (1 + i % 3) for i in range(40)]
 
 
 @pytest.mark.parametrize("objective", ["causal", "blank_infilling"])
@@ -71,7 +71,7 @@ def test_segment_ids_keep_packed_documents_apart(objective):
         q, k = np.nonzero(allowed[b])
         assert (seg[b, q] == seg[b, k]).all()
         L = int(np.count_nonzero(seg[b]))
-        assert (np.diff(seg[b, :int(batch["prefix_len"][b]) or L]) >= 0).all()   # documents stay in order
+        assert (np.diff(seg[b, : int(batch["prefix_len"][b]) or L]) >= 0).all()  # documents stay in order
 
 
 def test_causal_and_chatglm_prefix_batches(tok):
@@ -79,7 +79,7 @@ def test_causal_and_chatglm_prefix_batches(tok):
     with data.make_pipeline(BASE, objective="causal") as pipe:
         batch = next(pipe)
     assert batch["position_ids"].shape == (4, 256) and not batch["prefix_len"].any()
-    assert (batch["tokens"][:, 1:] == batch["targets"][:, :-1]).all()       # full rows, shifted by one
+    assert (batch["tokens"][:, 1:] == batch["targets"][:, :-1]).all()  # full rows, shifted by one
     assert batch["loss_mask"].all()
     assert ids.cls not in batch["tokens"]
     with data.make_pipeline(BASE, objective="chatglm_prefix") as pipe:
@@ -90,7 +90,7 @@ def test_causal_and_chatglm_prefix_batches(tok):
         assert t[sep - 1] == ids.gmask and t[sep] == ids.sop
         assert (pos[0, sep:][t[sep:] != 0] == sep - 1).all() and pos[1, sep] == 1
         L = int(np.count_nonzero(t))
-        assert (t[sep + 1:L] == y[sep:L - 1]).all() and batch["loss_mask"][b, sep:L].all()
+        assert (t[sep + 1 : L] == y[sep : L - 1]).all() and batch["loss_mask"][b, sep:L].all()
 
 
 def test_token_level_mask_ratio_on_real_data():
@@ -136,9 +136,8 @@ def test_state_from_another_config_is_refused():
     with data.make_pipeline(BASE) as pipe:
         next(pipe)
         state = pipe.get_state()
-    with data.make_pipeline(BASE, seq_len=128) as other:
-        with pytest.raises(ValueError):
-            other.set_state(state)
+    with data.make_pipeline(BASE, seq_len=128) as other, pytest.raises(ValueError):
+        other.set_state(state)
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
@@ -148,7 +147,7 @@ def test_worker_processes_give_the_same_batches_and_resume():
         got = take(par, 3)
         state = json.loads(json.dumps(par.get_state()))
         got += take(par, 1)
-        par.set_state(state)                      # rewind the worker pool to batch 3
+        par.set_state(state)  # rewind the worker pool to batch 3
         again = next(par)
     assert all(same(p, q) for p, q in zip(expected, got))
     assert same(again, expected[3])
@@ -156,6 +155,7 @@ def test_worker_processes_give_the_same_batches_and_resume():
 
 def test_bundled_sentencepiece_training_is_deterministic(tmp_path, tok):
     from glm_jax.data.tokenize import train_bundled_sentencepiece
+
     fresh = train_bundled_sentencepiece(tmp_path)
     assert fresh.read_bytes() == train_bundled_sentencepiece(CACHE).read_bytes()
     text = "To be, or not to be: that is the question."

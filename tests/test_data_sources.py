@@ -1,4 +1,5 @@
 """Sources (TFDS array_record builder, tfds.data_source) and bad-data handling with exact counts."""
+
 import json
 import pathlib
 import sys
@@ -26,10 +27,20 @@ def test_decode_doc_classifies_problems():
 
 
 def test_bad_documents_are_skipped_or_truncated_and_counted():
-    docs = [GOOD * 3, "", "   \n", b"broken \xc3\x28 utf8", None, 12345, {"no": "text"},
-            GOOD * 200,                        # huge: truncated at max_doc_chars
-            "Hi", b"ok",                       # fewer than min_doc_tokens tokens: skipped when met
-            GOOD * 2, GOOD * 5]
+    docs = [
+        GOOD * 3,
+        "",
+        "   \n",
+        b"broken \xc3\x28 utf8",
+        None,
+        12345,
+        {"no": "text"},
+        GOOD * 200,  # huge: truncated at max_doc_chars
+        "Hi",
+        b"ok",  # fewer than min_doc_tokens tokens: skipped when met
+        GOOD * 2,
+        GOOD * 5,
+    ]
     with data.make_pipeline(BASE, max_doc_chars=2000, min_doc_tokens=4, source=docs) as pipe:
         batches = [next(pipe) for _ in range(12)]
         stats = pipe.stats
@@ -65,7 +76,7 @@ def test_local_jsonl_through_tfds_array_record(tmp_path):
         next(pipe)
         stats = pipe.stats
     assert stats["docs_total"] == 10
-    assert stats["docs_skipped_empty"] == 3          # bad json, missing key and "" are all empty text
+    assert stats["docs_skipped_empty"] == 3  # bad json, missing key and "" are all empty text
     assert stats["docs_skipped_invalid_utf8"] == 1
     record_files = list((tmp_path / "tfds").rglob("*.array_record*"))
     assert record_files, "the builder writes array_record files"
@@ -106,8 +117,9 @@ def test_family_tokenizers_from_a_path(fixtures_dir):
         rows = np.arange(4)
         sep = batch["prefix_len"]
         assert (batch["tokens"][rows, sep - 1] == gmask).all() and (batch["tokens"][rows, sep] == sop).all()
-        with data.make_pipeline(BASE, objective="blank_infilling", tokenizer=str(path), source=docs,
-                                block_mask_prob=0.0) as pipe:
+        with data.make_pipeline(
+            BASE, objective="blank_infilling", tokenizer=str(path), source=docs, block_mask_prob=0.0
+        ) as pipe:
             batch = next(pipe)
         assert batch["loss_mask"].sum() > 0 and batch["tokens"].max() < pipe.tokenizer.vocab_size
 

@@ -1,4 +1,5 @@
 """Pallas flash attention (interpret mode on CPU) against the XLA reference: values and gradients, GLM masks."""
+
 import functools
 
 import jax
@@ -43,8 +44,10 @@ def _allowed(T, S, causal=True, prefix_len=None, q_seg=None, kv_seg=None, kv_val
 
 def _inputs(B, T, S, N, K, H, seed=0):
     r = np.random.default_rng(seed)
-    return [jnp.asarray(r.normal(size=shape), jnp.float32) for shape in
-            ((B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H))]
+    return [
+        jnp.asarray(r.normal(size=shape), jnp.float32)
+        for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H))
+    ]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -54,16 +57,35 @@ def _out_and_grads(fn, q, k, v, w):
     return (out, *vjp(w))
 
 
-def _compare(B, T, S, N, K, H, block_q=16, block_k=16, causal=True, prefix_len=None, q_seg=None, kv_seg=None,
-             kv_valid=None, seed=0):
+def _compare(
+    B,
+    T,
+    S,
+    N,
+    K,
+    H,
+    block_q=16,
+    block_k=16,
+    causal=True,
+    prefix_len=None,
+    q_seg=None,
+    kv_seg=None,
+    kv_valid=None,
+    seed=0,
+):
     """Assert forward and all three gradients match the reference; return the max abs errors."""
     q, k, v, w = _inputs(B, T, S, N, K, H, seed)
     allowed = jnp.asarray(_allowed(T, S, causal, prefix_len, q_seg, kv_seg, kv_valid, B))
-    kw = {"causal": causal, "block_q": block_q, "block_k": block_k, "interpret": True,
-          "prefix_len": None if prefix_len is None else jnp.asarray(prefix_len, jnp.int32),
-          "q_segment_ids": None if q_seg is None else jnp.asarray(q_seg),
-          "kv_segment_ids": None if kv_seg is None else jnp.asarray(kv_seg),
-          "kv_valid": None if kv_valid is None else jnp.asarray(kv_valid)}
+    kw = {
+        "causal": causal,
+        "block_q": block_q,
+        "block_k": block_k,
+        "interpret": True,
+        "prefix_len": None if prefix_len is None else jnp.asarray(prefix_len, jnp.int32),
+        "q_segment_ids": None if q_seg is None else jnp.asarray(q_seg),
+        "kv_segment_ids": None if kv_seg is None else jnp.asarray(kv_seg),
+        "kv_valid": None if kv_valid is None else jnp.asarray(kv_valid),
+    }
 
     def flash(q, k, v):
         return flash_attention(q, k, v, **kw)
@@ -85,7 +107,7 @@ def _padding(B, S, left=(), right=()):
     for b, n in left:
         valid[b, :n] = False
     for b, n in right:
-        valid[b, S - n:] = False
+        valid[b, S - n :] = False
     return valid
 
 
@@ -111,8 +133,7 @@ def test_segments_mid_block_with_prefix():
         for c in cuts:
             seg[b, c:] += 1
     seg[1, 60:] = 9  # a query segment that owns keys only at the very end
-    _compare(2, 64, 64, 4, 2, 16, prefix_len=(20, 0), q_seg=seg, kv_seg=seg,
-             kv_valid=_padding(2, 64, right=[(0, 3)]))
+    _compare(2, 64, 64, 4, 2, 16, prefix_len=(20, 0), q_seg=seg, kv_seg=seg, kv_valid=_padding(2, 64, right=[(0, 3)]))
 
 
 def test_segment_without_keys_is_a_dead_row():
@@ -124,15 +145,35 @@ def test_segment_without_keys_is_a_dead_row():
 @pytest.mark.parametrize("N,K", [(2, 2), (4, 2), (4, 1)])
 def test_gqa_ratios_and_ragged_length(N, K):
     # T = 50: not a multiple of 16, the last block is padded; block_k != block_q
-    _compare(2, 50, 50, N, K, 32, block_q=16, block_k=32, prefix_len=(37, 0),
-             kv_valid=_padding(2, 50, left=[(1, 4)], right=[(0, 6)]))
+    _compare(
+        2,
+        50,
+        50,
+        N,
+        K,
+        32,
+        block_q=16,
+        block_k=32,
+        prefix_len=(37, 0),
+        kv_valid=_padding(2, 50, left=[(1, 4)], right=[(0, 6)]),
+    )
 
 
 def test_bidirectional_with_segments_and_padding():
     q_seg = np.repeat(np.array([[0, 1], [0, 0]], np.int32), [17, 23], axis=1)  # T = 40
     kv_seg = np.repeat(np.array([[0, 1], [0, 1]], np.int32), [30, 26], axis=1)  # S = 56
-    _compare(2, 40, 56, 4, 2, 16, causal=False, q_seg=q_seg, kv_seg=kv_seg,
-             kv_valid=_padding(2, 56, right=[(0, 10), (1, 26)]))
+    _compare(
+        2,
+        40,
+        56,
+        4,
+        2,
+        16,
+        causal=False,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+        kv_valid=_padding(2, 56, right=[(0, 10), (1, 26)]),
+    )
 
 
 def test_jit_with_traced_masks():
@@ -153,8 +194,9 @@ def test_bfloat16_against_float32_reference():
     allowed = jnp.asarray(_allowed(T, T, True, prefix, kv_valid=valid))
 
     def flash(q, k, v):
-        return flash_attention(q, k, v, prefix_len=jnp.asarray(prefix), kv_valid=jnp.asarray(valid),
-                               block_q=16, block_k=16, interpret=True)
+        return flash_attention(
+            q, k, v, prefix_len=jnp.asarray(prefix), kv_valid=jnp.asarray(valid), block_q=16, block_k=16, interpret=True
+        )
 
     def ref(q, k, v):
         return _reference(q, k, v, allowed)
@@ -191,6 +233,7 @@ def test_kernels_compute_only_visible_blocks(monkeypatch):
     """Count the block pairs whose scores are computed (forward, dq and dk/dv kernels each recompute them) via a
     debug callback in flash._scores, which only runs under the kernels' pl.when."""
     from glm_jax.model import flash as flash_module
+
     calls = []
     scores = flash_module._scores
 
@@ -245,8 +288,17 @@ def test_lowers_to_mosaic_for_tpu(dtype, causal, N, K, T):
     ints = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
     def loss(q, k, v, prefix, valid, seg):
-        out = flash_attention(q, k, v, prefix_len=prefix, kv_valid=valid, q_segment_ids=seg, kv_segment_ids=seg,
-                              causal=causal, interpret=False)
+        out = flash_attention(
+            q,
+            k,
+            v,
+            prefix_len=prefix,
+            kv_valid=valid,
+            q_segment_ids=seg,
+            kv_segment_ids=seg,
+            causal=causal,
+            interpret=False,
+        )
         return jnp.sum(out.astype(jnp.float32))
 
     grads = jax.jit(jax.grad(loss, (0, 1, 2)))

@@ -7,11 +7,11 @@ Correctness of the cached decoding itself is tested against the fixtures (test_m
 decoding and greedy generation). Not covered: P-Tuning v2 models, whose prefix is concatenated to the cache
 every step (one copy per layer's k and v).
 """
+
 import re
 
 import numpy as np
 import pytest
-
 from _fixture_models import MODEL_FIXTURES, load
 
 
@@ -27,8 +27,10 @@ def _while_body(hlo: str) -> str:
 def test_decode_step_copies_no_cache(name, B):
     import jax
     import jax.numpy as jnp
+
     from glm_jax import generate as G
     from glm_jax.model.transformer import init_cache
+
     assert name in MODEL_FIXTURES
     lm = load(name)
     c = lm.config
@@ -37,12 +39,29 @@ def test_decode_step_copies_no_cache(name, B):
     mask = jnp.ones_like(ids)
     sep = G.context_length(c, ids, None) if c.mask_rule == "sep_at_sop" else None
     pos, allowed = G.default_positions(c, ids, mask, sep), G.default_allowed(c, ids, mask, sep)
-    hlo = G._decode.lower(lm.module, lm.params, ids, mask, pos, allowed, jnp.asarray([-1], jnp.int32),
-                          jnp.int32(0), jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1), max_new=new,
-                          do_sample=False, top_k=0).compile().as_text()
+    hlo = (
+        G._decode.lower(
+            lm.module,
+            lm.params,
+            ids,
+            mask,
+            pos,
+            allowed,
+            jnp.asarray([-1], jnp.int32),
+            jnp.int32(0),
+            jax.random.PRNGKey(0),
+            jnp.float32(1),
+            jnp.float32(1),
+            max_new=new,
+            do_sample=False,
+            top_k=0,
+        )
+        .compile()
+        .as_text()
+    )
     body = _while_body(hlo)
     cache = init_cache(c, B, T + new)["k"]
-    shape = np.shape(cache[0])                       # one layer's k
+    shape = np.shape(cache[0])  # one layer's k
     dims = ",".join(str(d) for d in shape)
     assert f"[{dims}]" in body, "the cache is not carried by the decode loop"
     copies = re.findall(r"= \w+\[(\d+(?:,\d+)*)\]\{[\d,]*\} copy\(", body)

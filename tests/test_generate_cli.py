@@ -1,4 +1,5 @@
 """glm_jax.stream (streaming decode) and the glm-generate command."""
+
 import io
 import json
 import os
@@ -11,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _fixture_models import FIX, load
 
 from glm_jax import cli_generate, stream
@@ -34,9 +34,9 @@ def _prompt(name, row=0):
 def test_stream_equals_generate_greedy(name):
     lm = load(name)
     ids = _prompt(name)
-    ref = lm.generate(ids[None], max_new_tokens=16)[0, len(ids):].tolist()
+    ref = lm.generate(ids[None], max_new_tokens=16)[0, len(ids) :].tolist()
     got = list(stream.stream_generate(lm, ids, max_new_tokens=16))
-    assert got == ref[:len(got)]
+    assert got == ref[: len(got)]
     assert len(got) == 16 or got[-1] in lm.config.eos_token_id
 
 
@@ -48,26 +48,35 @@ def test_stream_stops_sampling_and_compiles_once():
     # a stop token ends the stream right after it is yielded
     stop = greedy[5]
     got = list(stream.stream_generate(lm, ids, max_new_tokens=16, stop_token_ids=[stop]))
-    assert got == greedy[:greedy.index(stop) + 1]
+    assert got == greedy[: greedy.index(stop) + 1]
     # another prompt length and budget in the same buckets: nothing recompiles, however many tokens
     other = _prompt("chatglm2-6b", 1)
     assert len(other) != len(ids) and len(list(stream.stream_generate(lm, other, max_new_tokens=40))) >= 1
     assert (stream._prefill._cache_size(), stream._step._cache_size()) == sizes
     # the step updates the cache in place: its input buffers are donated
     ids_p = np.zeros((1, 64), np.int32)
-    ids_p[0, :len(ids)] = ids
+    ids_p[0, : len(ids)] = ids
     opts, one, n = dict(do_sample=False, top_k=0), jnp.float32(1), jnp.int32(len(ids))
-    tok, cache, valid, pos, rng = stream._prefill(lm.module, lm.params, jnp.asarray(ids_p),
-                                                  jnp.asarray((ids_p != 0).astype(np.int32)), n,
-                                                  jax.random.PRNGKey(0), one, one, cache_len=256, **opts)
+    tok, cache, valid, pos, rng = stream._prefill(
+        lm.module,
+        lm.params,
+        jnp.asarray(ids_p),
+        jnp.asarray((ids_p != 0).astype(np.int32)),
+        n,
+        jax.random.PRNGKey(0),
+        one,
+        one,
+        cache_len=256,
+        **opts,
+    )
     nxt = stream._step(lm.module, lm.params, cache, valid, tok, pos, n, rng, one, one, **opts)[0]
-    assert all(a.is_deleted() for a in jax.tree.leaves(cache))     # every layer's k and v
+    assert all(a.is_deleted() for a in jax.tree.leaves(cache))  # every layer's k and v
     assert [int(tok[0]), int(nxt[0])] == greedy[:2]
     assert (stream._prefill._cache_size(), stream._step._cache_size()) == sizes
     # sampling follows lm.generate's rng sequence
     kw = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)
     sampled = list(stream.stream_generate(lm, ids, max_new_tokens=16, **kw))
-    assert sampled == lm.generate(ids[None], max_new_tokens=16, **kw)[0, len(ids):].tolist()[:len(sampled)]
+    assert sampled == lm.generate(ids[None], max_new_tokens=16, **kw)[0, len(ids) :].tolist()[: len(sampled)]
 
 
 def test_text_stream_holds_back_partial_characters():
@@ -107,8 +116,9 @@ def test_tool_call_printed_as_one_json_line(monkeypatch):
 
 def test_read_tools_family_forms(tmp_path):
     f = tmp_path / "tools.json"
-    f.write_text(json.dumps([{"name": "get_weather", "parameters": {}},
-                             {"type": "function", "function": {"name": "f2"}}]))
+    f.write_text(
+        json.dumps([{"name": "get_weather", "parameters": {}}, {"type": "function", "function": {"name": "f2"}}])
+    )
     glm4 = cli_generate.read_tools(str(f), "glm4")
     assert [t["type"] for t in glm4] == ["function", "function"] and glm4[1]["function"]["name"] == "f2"
     assert [t["name"] for t in cli_generate.read_tools(str(f), "chatglm3")] == ["get_weather", "f2"]
@@ -131,8 +141,16 @@ def chatglm_dir(tmp_path_factory):
 def _run(args, stdin=""):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONIOENCODING": "utf-8"}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "glm_jax.cli_generate", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "glm_jax.cli_generate", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
 
 
 def _prompt_ids(stderr):
@@ -148,8 +166,10 @@ def test_prompt_subprocess(chatglm_dir):
 
 
 def test_chat_through_a_pipe(chatglm_dir):
-    r = _run([chatglm_dir, "--chat", "--max-new-tokens", "6", "--show-prompt-ids"],
-             stdin="hello\nhow are you\n/reset\nagain\n")
+    r = _run(
+        [chatglm_dir, "--chat", "--max-new-tokens", "6", "--show-prompt-ids"],
+        stdin="hello\nhow are you\n/reset\nagain\n",
+    )
     assert r.returncode == 0, r.stderr
     assert ">>>" not in r.stdout and "(history cleared)" in r.stderr
     tok = load_tokenizer(chatglm_dir)
@@ -183,7 +203,7 @@ def _bad(args):
 
 def test_bad_inputs(chatglm_dir, tmp_path):
     model = FIX / "chatglm2-6b" / "model_sharded_safetensors"
-    assert "tokenizer" in _bad([model, "--prompt", "hi"])                       # no tokenizer files in PATH
+    assert "tokenizer" in _bad([model, "--prompt", "hi"])  # no tokenizer files in PATH
     assert "ice_text.model" in _bad([model, "--prompt", "hi", "--tokenizer", tmp_path, "--chat-format", "chatglm"])
     tools = tmp_path / "tools.json"
     tools.write_text("[{oops")
@@ -192,7 +212,7 @@ def test_bad_inputs(chatglm_dir, tmp_path):
     tools.write_text('{"name": "f"}')
     assert "tools.json" in _bad([model, "--prompt", "hi", *glm4, "--tools", tools])
     assert "system" in _bad([chatglm_dir, "--prompt", "hi", "--system", "be brief"])  # ChatGLM-6B has no system role
-    assert "vocabulary" in _bad([model, "--prompt", "hi", *glm4])              # tokenizer ids beyond the model's
+    assert "vocabulary" in _bad([model, "--prompt", "hi", *glm4])  # tokenizer ids beyond the model's
     assert "--top-p" in _bad([chatglm_dir, "--prompt", "hi", "--top-p", "2"])
     assert "--frobnicate" in _bad([chatglm_dir, "--prompt", "hi", "--frobnicate"])
     assert "config.json" in _bad([tmp_path, "--prompt", "hi"])
@@ -206,6 +226,7 @@ def test_bad_inputs(chatglm_dir, tmp_path):
 def test_glm4_tools_run(tmp_path):
     """GLM-4 end to end: the fixture model with its vocabulary grown to fit the stand-in tokenizer's ids."""
     from safetensors.numpy import load_file, save_file
+
     src = FIX / "glm-4-9b-chat-remote" / "model_sharded_safetensors"
     tensors = {}
     for f in sorted(src.glob("*.safetensors")):
@@ -223,12 +244,27 @@ def test_glm4_tools_run(tmp_path):
     tools = tmp_path / "tools.json"
     schema = {"name": "get_weather", "description": "weather", "parameters": {"type": "object"}}
     tools.write_text(json.dumps([schema]))
-    rc, out, err = _main([model, "--prompt", "天气？", "--tokenizer", TOK / "glm-4-9b-chat", "--tools", tools,
-                          "--max-new-tokens", "6", "--show-prompt-ids"])
+    rc, out, err = _main(
+        [
+            model,
+            "--prompt",
+            "天气？",
+            "--tokenizer",
+            TOK / "glm-4-9b-chat",
+            "--tools",
+            tools,
+            "--max-new-tokens",
+            "6",
+            "--show-prompt-ids",
+        ]
+    )
     assert rc == 0, err
     tok = load_tokenizer(TOK / "glm-4-9b-chat")
-    want = tok.apply_chat_template([{"role": "system", "content": None,
-                                     "tools": [{"type": "function", "function": schema}]},
-                                    {"role": "user", "content": "天气？"}])
+    want = tok.apply_chat_template(
+        [
+            {"role": "system", "content": None, "tools": [{"type": "function", "function": schema}]},
+            {"role": "user", "content": "天气？"},
+        ]
+    )
     assert _prompt_ids(err) == [want]
     assert out.endswith("\n") and len(out.splitlines()) >= 1

@@ -1,4 +1,5 @@
 """infilling.layout / prefix_layout against the reference's golden cases and the spec's worked examples."""
+
 import json
 
 import numpy as np
@@ -20,8 +21,15 @@ def test_layout_matches_reference_golden_case(fixtures_dir, index):
     case = cases[index]
     assert not case["config"]["shuffle_blocks"] and case["config"]["block_position_encoding"]
     mask = {"bert": ids["MASK"], "gap_sentence": ids["sMASK"], "generation": ids["gMASK"]}[case["task"]]
-    out = infilling.layout(case["input"]["tokens"], case["input"]["partB_span_order"], mask_id=mask,
-                           sop_id=ids["sop"], eop_id=ids["eop"], block_position=True, eos_id=ids["eos"])
+    out = infilling.layout(
+        case["input"]["tokens"],
+        case["input"]["partB_span_order"],
+        mask_id=mask,
+        sop_id=ids["sop"],
+        eop_id=ids["eop"],
+        block_position=True,
+        eos_id=ids["eos"],
+    )
     assert sorted(out) == sorted(FIELDS)
     for key in FIELDS:
         got = out[key] if key == "sep" else np.asarray(out[key]).tolist()
@@ -44,8 +52,9 @@ def test_worked_example_a_shuffled_part_b_order():
 
 
 def test_no_block_position_gives_block_id_one_on_part_b():
-    out = infilling.layout([11, 12, 13, 14, 15, 16], [(4, 6), (2, 3)], mask_id=1, sop_id=2, eop_id=3,
-                           block_position=False)
+    out = infilling.layout(
+        [11, 12, 13, 14, 15, 16], [(4, 6), (2, 3)], mask_id=1, sop_id=2, eop_id=3, block_position=False
+    )
     assert out["block_position_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
     assert out["position_ids"].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 2, 2]
 
@@ -75,15 +84,18 @@ def test_worked_example_e_prefix_layout():
     assert out["sep"] == 4
 
 
-@pytest.mark.parametrize("spans", [
-    [(1, 3), (2, 4)],          # overlap
-    [(0, 2), (1, 2)],          # nested overlap
-    [(3, 3)],                  # empty
-    [(4, 2)],                  # reversed
-    [(-1, 2)],                 # out of range
-    [(2, 7)],                  # past the end
-    [(0.5, 2)],                # not integers
-])
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [(1, 3), (2, 4)],  # overlap
+        [(0, 2), (1, 2)],  # nested overlap
+        [(3, 3)],  # empty
+        [(4, 2)],  # reversed
+        [(-1, 2)],  # out of range
+        [(2, 7)],  # past the end
+        [(0.5, 2)],  # not integers
+    ],
+)
 def test_invalid_spans_raise_value_error(spans):
     with pytest.raises(ValueError):
         infilling.layout([1, 2, 3, 4, 5, 6], spans, mask_id=1, sop_id=2, eop_id=3)

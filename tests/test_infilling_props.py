@@ -1,11 +1,13 @@
 """Property tests of the blank-infilling layout: rules from spec §1.6 / §1.9, checked on random inputs."""
+
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from glm_jax import infilling
 from glm_jax.data.batching import attention_mask
 
-MASK, SOP, EOP = 1, 2, 3          # text tokens are drawn from 10.. so they never collide with these
+MASK, SOP, EOP = 1, 2, 3  # text tokens are drawn from 10.. so they never collide with these
 
 
 @st.composite
@@ -47,10 +49,10 @@ def test_layout_rules(case, block_position):
     for s, e in spans:
         L = e - s
         a_index = [i for i, tok in enumerate(expect_a) if tok == MASK][mask_index[s]]
-        assert t[at:at + L + 1].tolist() == [SOP] + tokens[s:e]
-        assert y[at:at + L + 1].tolist() == tokens[s:e] + [EOP]
-        assert pos[at:at + L + 1].tolist() == [a_index] * (L + 1)
-        assert blk[at:at + L + 1].tolist() == (list(range(1, L + 2)) if block_position else [1] * (L + 1))
+        assert t[at : at + L + 1].tolist() == [SOP] + tokens[s:e]
+        assert y[at : at + L + 1].tolist() == tokens[s:e] + [EOP]
+        assert pos[at : at + L + 1].tolist() == [a_index] * (L + 1)
+        assert blk[at : at + L + 1].tolist() == (list(range(1, L + 2)) if block_position else [1] * (L + 1))
         at += L + 1
     assert at == T
 
@@ -77,7 +79,7 @@ def test_part_a_and_part_b_reconstruct_document_and_each_masked_token_is_a_targe
     for i, tok in enumerate(t[:sep]):
         rebuilt += filled.pop(i) if tok == MASK else [tok]
     assert rebuilt == list(tokens) and not filled
-    assert seen == sum(e - s for s, e in spans)      # every masked token is a loss target exactly once
+    assert seen == sum(e - s for s, e in spans)  # every masked token is a loss target exactly once
 
 
 @settings(max_examples=60, deadline=None)
@@ -112,8 +114,8 @@ def test_prefix_layout_rules(tokens, data):
     out = infilling.prefix_layout(tokens, k, gmask_id=4, sop_id=SOP)
     t, y = out["tokens"].tolist(), out["targets"].tolist()
     assert out["sep"] == k + 1 and len(t) == n + 1
-    assert t[:k + 2] == tokens[:k] + [4, SOP] and y[k + 1:] == tokens[k:]
-    assert t[k + 2:] == y[k + 1:-1]                      # next-token structure in the generated part
+    assert t[: k + 2] == tokens[:k] + [4, SOP] and y[k + 1 :] == tokens[k:]
+    assert t[k + 2 :] == y[k + 1 : -1]  # next-token structure in the generated part
     assert out["position_ids"].tolist() == list(range(k + 1)) + [k] * (n - k)
     assert out["block_position_ids"].tolist() == [0] * (k + 1) + list(range(1, n - k + 1))
 

@@ -1,7 +1,7 @@
 """Golden parity with the original PyTorch code, through the public API only (from_pretrained, lm(...), generate)."""
+
 import numpy as np
 import pytest
-
 from _fixture_models import MODEL_FIXTURES, TOL, folders, io, load, max_diff, reference_inputs
 
 CASES = [(n, s) for n in MODEL_FIXTURES for s in folders(n)]
@@ -39,15 +39,25 @@ def test_greedy_generation_matches_reference(name, sub):
     d = io(name)
     _, real = reference_inputs(name, d)
     new = d["generated_ids"].shape[1] - d["input_ids"].shape[1]
-    out, scores = load(name, sub).generate(d["input_ids"], attention_mask=real.astype(np.int32), max_new_tokens=new,
-                                           return_logits=True)
+    out, scores = load(name, sub).generate(
+        d["input_ids"], attention_mask=real.astype(np.int32), max_new_tokens=new, return_logits=True
+    )
     np.testing.assert_array_equal(out, d["generated_ids"])
     if "generation_step_logits" in d:  # KV-cache step logits equal the reference's cached steps
         assert np.abs(scores - d["generation_step_logits"]).max() <= TOL.get(name, 1e-4)
 
 
-@pytest.mark.parametrize("name", ["chatglm2-6b", "chatglm3-6b-32k", "glm-4-9b-chat-remote", "transformers-glm",
-                                  "transformers-glm4", "chatglm2-6b-ptuning-v2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chatglm2-6b",
+        "chatglm3-6b-32k",
+        "glm-4-9b-chat-remote",
+        "transformers-glm",
+        "transformers-glm4",
+        "chatglm2-6b-ptuning-v2",
+    ],
+)
 def test_default_positions_from_padding_mask(name):
     """With a padding mask and no position_ids, positions count the real tokens from 0 (the tokenizer's rule)."""
     d = io(name)
@@ -68,6 +78,7 @@ def test_explicit_arange_positions(name):
 def test_chatglm6b_default_masks_and_positions():
     """No mask: the model's own rule (pads count as context). A padding mask: the tokenizer's rule."""
     from glm_jax.model.masks import default_allowed, default_positions
+
     d = io("chatglm-6b")
     cfg = load("chatglm-6b").config
     ids = d["input_ids"]
@@ -85,6 +96,7 @@ def test_chatglm6b_default_masks_and_positions():
 
 def test_glm_original_variants():
     import glm_jax
+
     d = io("glm-original")
     real = d["input_ids"] != 0
     lm = load("glm-original")
@@ -104,15 +116,19 @@ def test_glm_original_variants():
 
 def test_glm_original_default_positions_and_loss():
     """With the special ids known, positions and the sep rule come from the tokens alone; loss as the spec."""
-    import glm_jax
     import jax
     import optax
+
+    import glm_jax
+
     d = io("glm-original")
-    lm = glm_jax.from_pretrained(lm_path("glm-original"), bos_token_id=6, mask_token_id=3, smask_token_id=4,
-                                 gmask_token_id=5)
+    lm = glm_jax.from_pretrained(
+        lm_path("glm-original"), bos_token_id=6, mask_token_id=3, smask_token_id=4, gmask_token_id=5
+    )
     real = d["input_ids"] != 0
     mask = real.astype(np.int32)
     from glm_jax.model.masks import default_positions
+
     pos = np.asarray(default_positions(lm.config, d["input_ids"], mask, d["sep"]))
     np.testing.assert_array_equal(pos[:, 0][real], d["position_ids"][:, 0][real])
     np.testing.assert_array_equal(pos[:, 1][real], d["position_ids"][:, 1][real])
@@ -125,8 +141,7 @@ def test_glm_original_default_positions_and_loss():
     assert max_diff(g, d["gen_logits"], gmask.astype(bool)) <= 1e-4
     # greedy generation from the context + <sop>: each step equals the full forward's argmax at that point
     ctx = d["gen_input_ids"][:, :8]
-    out, steps = lm.generate(ctx, attention_mask=gmask[:, :8], max_new_tokens=3, eos_token_id=[-1],
-                             return_logits=True)
+    out, steps = lm.generate(ctx, attention_mask=gmask[:, :8], max_new_tokens=3, eos_token_id=[-1], return_logits=True)
     full = lm(out, attention_mask=np.concatenate([gmask[:, :8], np.ones((2, 3), np.int32)], 1), prefix_len=[7, 7])
     assert np.abs(np.asarray(full)[:, 7:10] - steps).max() <= 1e-4
     np.testing.assert_array_equal(out[:, 8:], np.argmax(steps, -1))
@@ -143,9 +158,10 @@ def test_glm_original_incremental_decoding(per_layer):
     d = io("glm-original")
     lm = load("glm-original")
     row, n = int(d["incr_row"]), int(d["incr_context_len"])
-    ids = d["input_ids"][row:row + 1]
+    ids = d["input_ids"][row : row + 1]
     from glm_jax.model.transformer import init_cache
-    pos = d["position_ids"][row:row + 1]
+
+    pos = d["position_ids"][row : row + 1]
     T = ids.shape[1]
     allowed = (np.arange(T)[None, :] < d["sep"][row]) | (np.arange(T)[None, :] <= np.arange(T)[:, None])
     # teacher-forced: feed the context, then tokens n..n+3 one at a time through the cache
@@ -158,13 +174,15 @@ def test_glm_original_incremental_decoding(per_layer):
     steps = [np.asarray(logits[0, -1])]
     for t in range(n, n + 3):
         a = np.zeros((1, 1, S), bool)
-        a[0, 0, :t + 1] = True
-        logits, cache = lm.module.apply({"params": lm.params}, ids[:, t:t + 1], a, pos[..., t:t + 1], cache=cache,
-                                        cache_index=t)
+        a[0, 0, : t + 1] = True
+        logits, cache = lm.module.apply(
+            {"params": lm.params}, ids[:, t : t + 1], a, pos[..., t : t + 1], cache=cache, cache_index=t
+        )
         steps.append(np.asarray(logits[0, -1]))
     assert np.abs(np.stack(steps) - d["incr_step_logits"]).max() <= 1e-4
 
 
 def lm_path(name, sub="model"):
     from _fixture_models import FIX
+
     return FIX / name / sub

@@ -4,6 +4,7 @@ LayerNorm / RMSNorm (glm_jax.model.layers.norm) and the attention softmax (glm_j
 carry custom VJPs for speed; here their values and their gradients for every input (x, scale, bias) are
 compared with torch.nn.functional's layer_norm, rms_norm and softmax under torch autograd.
 """
+
 import numpy as np
 import pytest
 
@@ -21,13 +22,15 @@ def _close(ours, ref, name):
 def test_norm_value_and_grads_match_torch(kind, param_dtype):
     import jax
     import jax.numpy as jnp
+
     from glm_jax.model.layers import Norm
+
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 5, 48)) * 2 + 0.5).astype(np.float32)
     g = rng.standard_normal((3, 5, 48)).astype(np.float32)
     scale = (1 + 0.3 * rng.standard_normal(48)).astype(np.float32)
     bias = (0.2 * rng.standard_normal(48)).astype(np.float32)
-    if param_dtype == "bfloat16":   # exactly representable, so torch sees the same values in float32
+    if param_dtype == "bfloat16":  # exactly representable, so torch sees the same values in float32
         scale = np.asarray(jnp.asarray(scale, jnp.bfloat16).astype(jnp.float32))
         bias = np.asarray(jnp.asarray(bias, jnp.bfloat16).astype(jnp.float32))
     params = {"scale": jnp.asarray(scale, param_dtype)}
@@ -48,9 +51,10 @@ def test_norm_value_and_grads_match_torch(kind, param_dtype):
     yt.backward(torch.tensor(g))
     _close(y, yt, "y")
     _close(dx, xt.grad, "dx")
-    tol = 1e-5 if param_dtype == "float32" else 1e-2   # the bf16 param grads are rounded to bf16
+    tol = 1e-5 if param_dtype == "float32" else 1e-2  # the bf16 param grads are rounded to bf16
     for ours, ref, name in [(dp["scale"], st.grad, "dscale")] + (
-            [(dp["bias"], bt.grad, "dbias")] if kind == "layernorm" else []):
+        [(dp["bias"], bt.grad, "dbias")] if kind == "layernorm" else []
+    ):
         ours, ref = np.asarray(ours.astype(jnp.float32)), ref.numpy()
         assert np.abs(ours - ref).max() <= tol * max(1.0, np.abs(ref).max()), name
 
@@ -58,7 +62,9 @@ def test_norm_value_and_grads_match_torch(kind, param_dtype):
 def test_attention_softmax_value_and_grad_match_torch():
     import jax
     import jax.numpy as jnp
+
     from glm_jax.model.attention import NEG, softmax
+
     rng = np.random.default_rng(1)
     s = (rng.standard_normal((2, 3, 16, 16)) * 4).astype(np.float32)
     s = np.where(np.tril(np.ones((16, 16), bool)), s, NEG).astype(np.float32)  # masked as attend masks them

@@ -1,4 +1,5 @@
 """Live parity with transformers' PyTorch GlmForCausalLM / Glm4ForCausalLM on random tiny configs."""
+
 import numpy as np
 import pytest
 
@@ -16,12 +17,28 @@ CASES = [  # (class, seed, heads, kv heads, head_dim, layers, rope factor, theta
 
 def _build(kind, seed, n, k, hd, layers, factor, theta, tmp_path):
     torch.manual_seed(seed)
-    cls, cfg_cls = ((transformers.GlmForCausalLM, transformers.GlmConfig) if kind == "glm"
-                    else (transformers.Glm4ForCausalLM, transformers.Glm4Config))
-    cfg = cfg_cls(vocab_size=300 + seed, hidden_size=48, intermediate_size=80 + 8 * seed, num_hidden_layers=layers,
-                  num_attention_heads=n, num_key_value_heads=k, head_dim=hd, partial_rotary_factor=factor,
-                  rope_theta=theta, rms_norm_eps=1e-5 * (seed + 1), attention_bias=seed % 2 == 0,
-                  max_position_embeddings=512, pad_token_id=0, eos_token_id=[1, 2], tie_word_embeddings=False)
+    cls, cfg_cls = (
+        (transformers.GlmForCausalLM, transformers.GlmConfig)
+        if kind == "glm"
+        else (transformers.Glm4ForCausalLM, transformers.Glm4Config)
+    )
+    cfg = cfg_cls(
+        vocab_size=300 + seed,
+        hidden_size=48,
+        intermediate_size=80 + 8 * seed,
+        num_hidden_layers=layers,
+        num_attention_heads=n,
+        num_key_value_heads=k,
+        head_dim=hd,
+        partial_rotary_factor=factor,
+        rope_theta=theta,
+        rms_norm_eps=1e-5 * (seed + 1),
+        attention_bias=seed % 2 == 0,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=[1, 2],
+        tie_word_embeddings=False,
+    )
     model = cls(cfg).eval()
     with torch.no_grad():  # make norms and biases non-trivial
         for name, p in model.named_parameters():
@@ -37,6 +54,7 @@ def _build(kind, seed, n, k, hd, layers, factor, theta, tmp_path):
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-seed{c[1]}-gqa{c[2]}x{c[3]}" for c in CASES])
 def test_live_parity_with_transformers(case, tmp_path):
     import glm_jax
+
     model, path = _build(*case, tmp_path)
     rng = np.random.default_rng(case[1])
     B, T = 3, 10
@@ -46,8 +64,11 @@ def test_live_parity_with_transformers(case, tmp_path):
     mask[2, :6] = 0
     ids[mask == 0] = 0
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(np.clip(mask.cumsum(1) - 1, 0, None))).logits.numpy()
+        ref = model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(np.clip(mask.cumsum(1) - 1, 0, None)),
+        ).logits.numpy()
     lm = glm_jax.from_pretrained(path)
     assert lm.config.family == ("glm-hf" if case[0] == "glm" else "glm4")
     ours = np.asarray(lm(ids, attention_mask=mask))
@@ -57,17 +78,25 @@ def test_live_parity_with_transformers(case, tmp_path):
     # greedy generation with left padding: token for token, and cached steps equal a full forward
     new = 6
     with torch.no_grad():
-        hf = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new, do_sample=False,
-                            num_beams=1, eos_token_id=[-5], pad_token_id=0).numpy()
+        hf = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=[-5],
+            pad_token_id=0,
+        ).numpy()
     out, steps = lm.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[-5], return_logits=True)
     np.testing.assert_array_equal(out, hf)
     full_mask = np.concatenate([mask, np.ones((B, new), np.int64)], 1)
     full = np.asarray(lm(out, attention_mask=full_mask))
-    assert np.abs(full[:, T - 1:-1] - steps).max() <= 1e-4
+    assert np.abs(full[:, T - 1 : -1] - steps).max() <= 1e-4
 
 
 def test_generation_stops_at_eos_and_pads(tmp_path):
     import glm_jax
+
     model, path = _build("glm", 7, 4, 2, 8, 1, 0.5, 10000.0, tmp_path)
     lm = glm_jax.from_pretrained(path)
     ids = np.array([[5, 6, 7, 8]])
@@ -80,6 +109,7 @@ def test_generation_stops_at_eos_and_pads(tmp_path):
 
 def test_sampling_is_seeded_and_respects_top_k(tmp_path):
     import glm_jax
+
     _, path = _build("glm4", 8, 4, 2, 8, 1, 0.5, 10000.0, tmp_path)
     lm = glm_jax.from_pretrained(path)
     ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])

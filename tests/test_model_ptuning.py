@@ -1,10 +1,10 @@
 """P-Tuning v2 prefix with prefix_projection: the encoder (Embedding → Linear → tanh → Linear) computed by an
 independent torch module must give the same logits as feeding its output as a plain (projection-free) prefix,
 which the golden fixture already pins."""
+
 import numpy as np
 import pytest
-
-from _fixture_models import FIX, io, load, max_diff, reference_inputs
+from _fixture_models import io, load, max_diff, reference_inputs
 
 torch = pytest.importorskip("torch")
 
@@ -12,14 +12,16 @@ torch = pytest.importorskip("torch")
 def test_prefix_projection_matches_torch_encoder():
     import glm_jax
     from glm_jax.api import GLM
+
     base = load("chatglm2-6b-ptuning-v2")
     d = io("chatglm2-6b-ptuning-v2")
     kw, real = reference_inputs("chatglm2-6b-ptuning-v2", d)
     c = base.config
     width = c.prefix_width
     torch.manual_seed(0)
-    enc = torch.nn.Sequential(torch.nn.Linear(width, c.hidden_size), torch.nn.Tanh(),
-                              torch.nn.Linear(c.hidden_size, width))
+    enc = torch.nn.Sequential(
+        torch.nn.Linear(width, c.hidden_size), torch.nn.Tanh(), torch.nn.Linear(c.hidden_size, width)
+    )
     emb = torch.randn(c.pre_seq_len, width)
     with torch.no_grad():
         kv = enc(emb).numpy()
@@ -41,6 +43,7 @@ def test_prefix_projection_matches_torch_encoder():
 def test_fixture_prefix_layout_matches_reference_past_key_values():
     """The prefix encoder output, viewed [L, 2, P, K, H], equals the reference's prefix_past_key_values."""
     from glm_jax.model.transformer import PrefixEncoder
+
     lm = load("chatglm2-6b-ptuning-v2")
     d = io("chatglm2-6b-ptuning-v2")
     kv = np.asarray(PrefixEncoder(lm.config).apply({"params": lm.params["prefix_encoder"]}))  # [L, 2, P, K, H]

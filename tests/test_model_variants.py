@@ -1,10 +1,10 @@
 """The same logits with jit and without, scan on and off, remat, on a (2,2,2) mesh; bf16 close to fp32;
 causality by gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _fixture_models import FIX, io, load, max_diff, reference_inputs
 
 NAMES = ["glm-original", "chatglm-6b", "chatglm2-6b-ptuning-v2", "transformers-glm4"]
@@ -14,6 +14,7 @@ NAMES = ["glm-original", "chatglm-6b", "chatglm2-6b-ptuning-v2", "transformers-g
 def test_jit_scan_remat_and_mesh_agree_with_reference(name):
     import glm_jax
     from glm_jax import sharding
+
     d = io(name)
     kw, real = reference_inputs(name, d)
     tol = 5e-4 if name == "chatglm-6b" else 1e-4
@@ -32,6 +33,7 @@ def test_jit_scan_remat_and_mesh_agree_with_reference(name):
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(params)}
     assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs), specs
     from glm_jax.model import GLMModel
+
     kwj = {k: jnp.asarray(v) for k, v in kw.items()}
     with jax.set_mesh(mesh), sharding.axis_rules():
         fn = jax.jit(lambda p, ids: GLMModel(cfg).apply({"params": p}, ids, **kwj))
@@ -44,6 +46,7 @@ def test_jit_scan_remat_and_mesh_agree_with_reference(name):
 @pytest.mark.parametrize("name", ["transformers-glm", "chatglm2-6b", "glm-original"])
 def test_bf16_compute_with_fp32_params_stays_close(name):
     import glm_jax
+
     d = io(name)
     kw, real = reference_inputs(name, d)
     lm = glm_jax.from_pretrained(FIX / name / "model", dtype="bfloat16", param_dtype="float32")
@@ -75,9 +78,9 @@ def test_causality_by_gradient(name):
 
     # gradient w.r.t. the embedding rows of tokens after t must vanish unless that token also occurs at <= t
     g = np.asarray(jax.grad(out_t)(emb))
-    later = set(ids[0, t + 1:].tolist()) - set(ids[0, :t + 1].tolist())
+    later = set(ids[0, t + 1 :].tolist()) - set(ids[0, : t + 1].tolist())
     assert later and all(np.abs(g[i]).max() == 0 for i in later)
-    earlier = set(ids[0, :t + 1].tolist())
+    earlier = set(ids[0, : t + 1].tolist())
     assert any(np.abs(g[i]).max() > 0 for i in earlier)
 
 
@@ -94,11 +97,12 @@ def test_glm_prefix_is_bidirectional():
     ids3 = ids.copy()
     ids3[0, sep + 3] = 50  # change a Part B token: earlier positions do not see it
     out = np.asarray(lm(ids3, position_ids=pos, prefix_len=[sep]))
-    assert np.abs(out[0, :sep + 3] - base[0, :sep + 3]).max() == 0
+    assert np.abs(out[0, : sep + 3] - base[0, : sep + 3]).max() == 0
 
 
 def test_param_shapes_allocates_nothing_at_real_size():
     import glm_jax
+
     cfg = glm_jax.GLMConfig.preset("glm4_9b")
     shapes = glm_jax.param_shapes(cfg)
     n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
@@ -111,6 +115,7 @@ def test_chatglm2_32k_position_interpolation_is_recognised():
     """chatglm2-6b-32k divides positions by rope_ratio (not the base): positions 16·p then act like p."""
     import glm_jax
     from glm_jax.model.positions import apply_rope
+
     d = glm_jax.GLMConfig.preset("chatglm2_6b").to_hf()
     d.update(rope_ratio=16, _name_or_path="THUDM/chatglm2-6b-32k")
     c32 = glm_jax.GLMConfig.from_hf(d)
@@ -128,12 +133,14 @@ def test_greedy_generation_with_scanned_layers(name):
     """generate on a scan_layers model (its KV cache stacked [L, B, K, S, H], consumed by the scan as is)
     reproduces the reference's greedy ids and cached step logits."""
     import glm_jax
+
     d = io(name)
     _, real = reference_inputs(name, d)
     lm = glm_jax.from_pretrained(FIX / name / "model", scan_layers=True)
     assert lm.config.scan_layers
     new = d["generated_ids"].shape[1] - d["input_ids"].shape[1]
-    out, scores = lm.generate(d["input_ids"], attention_mask=real.astype(np.int32), max_new_tokens=new,
-                              return_logits=True)
+    out, scores = lm.generate(
+        d["input_ids"], attention_mask=real.astype(np.int32), max_new_tokens=new, return_logits=True
+    )
     np.testing.assert_array_equal(out, d["generated_ids"])
     assert np.abs(scores - d["generation_step_logits"]).max() <= 1e-4

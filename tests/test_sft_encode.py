@@ -1,4 +1,5 @@
 """SFT record encoding against the golden fixtures of THUDM's fine-tuning scripts, plus read_jsonl and pack."""
+
 import functools
 import json
 import pathlib
@@ -11,8 +12,7 @@ from glm_jax.data import sft
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SFT_DIR = FIXTURES / "sft"
-CHAT_FORMAT = {"chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3",
-               "glm-4-9b-chat": "glm4"}
+CHAT_FORMAT = {"chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3", "glm-4-9b-chat": "glm4"}
 
 
 @functools.cache
@@ -33,8 +33,11 @@ def tok_for(fmt: str):
 
 
 def _cases(key: str):
-    return [pytest.param(fmt, i, id=f"{fmt}-{c['id']}")
-            for fmt in sft.FORMATS for i, c in enumerate(fixture(fmt).get(key, []))]
+    return [
+        pytest.param(fmt, i, id=f"{fmt}-{c['id']}")
+        for fmt in sft.FORMATS
+        for i, c in enumerate(fixture(fmt).get(key, []))
+    ]
 
 
 def test_formats_have_fixtures():
@@ -63,26 +66,32 @@ def test_encode_does_not_modify_the_record():
     assert json.dumps(case["example"]) == before
 
 
-@pytest.mark.parametrize("fmt,record,match", [
-    ("chatglm3", {"conversations": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
-    ("chatglm3", {"conversation": []}, "missing key 'conversations'"),
-    ("chatglm3", {"conversations": [{"role": "user", "content": 3}]}, "'content' must be str"),
-    ("chatglm3", {"conversations": [{"role": "tool", "name": "f"}]}, "missing key 'parameters'"),
-    ("chatglm3", {"conversations": [{"role": "assistant", "content": "a", "loss": "no"}]}, "'loss'"),
-    ("chatglm3", ["not", "an", "object"], "JSON object"),
-    ("chatglm3_finetune_hf", {"conversations": [{"role": "tool", "name": "f", "parameters": {}}]}, "'tool'"),
-    ("chatglm3_finetune_hf", {"tools": [], "conversations": []}, "'tools'"),
-    ("glm4", {"messages": [{"role": "tool", "content": "x"}]}, "unknown role 'tool'"),
-    ("glm4", {"messages": []}, "empty"),
-    ("glm4", {"messages": [{"role": "system", "tools": [{"type": "python"}]}]}, "missing key 'function'"),
-    ("glm4_combine", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
-     "no assistant message"),
-    ("glm4_combine", {"messages": [{"role": "user", "content": "hi", "tools": None}]}, "'tools' must be a list"),
-    ("ptuning_chatglm", {"prompt": "hi"}, "missing key 'response'"),
-    ("ptuning_chatglm", {"prompt": "hi", "response": "yo", "history": None}, "'history'"),
-    ("ptuning_chatglm2", {"prompt": "hi", "response": "yo", "history": [["only one"]]}, r"history\[0\]"),
-    ("ptuning_chatglm2", {"prompt": 5, "response": "yo"}, "'prompt' must be"),
-])
+@pytest.mark.parametrize(
+    "fmt,record,match",
+    [
+        ("chatglm3", {"conversations": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+        ("chatglm3", {"conversation": []}, "missing key 'conversations'"),
+        ("chatglm3", {"conversations": [{"role": "user", "content": 3}]}, "'content' must be str"),
+        ("chatglm3", {"conversations": [{"role": "tool", "name": "f"}]}, "missing key 'parameters'"),
+        ("chatglm3", {"conversations": [{"role": "assistant", "content": "a", "loss": "no"}]}, "'loss'"),
+        ("chatglm3", ["not", "an", "object"], "JSON object"),
+        ("chatglm3_finetune_hf", {"conversations": [{"role": "tool", "name": "f", "parameters": {}}]}, "'tool'"),
+        ("chatglm3_finetune_hf", {"tools": [], "conversations": []}, "'tools'"),
+        ("glm4", {"messages": [{"role": "tool", "content": "x"}]}, "unknown role 'tool'"),
+        ("glm4", {"messages": []}, "empty"),
+        ("glm4", {"messages": [{"role": "system", "tools": [{"type": "python"}]}]}, "missing key 'function'"),
+        (
+            "glm4_combine",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+            "no assistant message",
+        ),
+        ("glm4_combine", {"messages": [{"role": "user", "content": "hi", "tools": None}]}, "'tools' must be a list"),
+        ("ptuning_chatglm", {"prompt": "hi"}, "missing key 'response'"),
+        ("ptuning_chatglm", {"prompt": "hi", "response": "yo", "history": None}, "'history'"),
+        ("ptuning_chatglm2", {"prompt": "hi", "response": "yo", "history": [["only one"]]}, r"history\[0\]"),
+        ("ptuning_chatglm2", {"prompt": 5, "response": "yo"}, "'prompt' must be"),
+    ],
+)
 def test_malformed_records_raise(fmt, record, match):
     with pytest.raises(sft.SFTRecordError, match=match):
         sft.encode(tok_for(fmt), record, fmt)
@@ -112,11 +121,13 @@ def test_truncate_counts():
 
 def test_read_jsonl_skips_and_reports(tmp_path):
     cases = fixture("chatglm3")["cases"]
-    lines = [json.dumps(cases[0]["example"]),                                         # 1 good
-             '{"conversations": [{"role": "user", "content": "hi"}',                  # 2 invalid JSON
-             "",                                                                      # 3 blank, ignored
-             json.dumps({"conversations": [{"role": "robot", "content": "beep"}]}),  # 4 unknown role
-             json.dumps(cases[1]["example"], ensure_ascii=False)]                     # 5 good
+    lines = [
+        json.dumps(cases[0]["example"]),  # 1 good
+        '{"conversations": [{"role": "user", "content": "hi"}',  # 2 invalid JSON
+        "",  # 3 blank, ignored
+        json.dumps({"conversations": [{"role": "robot", "content": "beep"}]}),  # 4 unknown role
+        json.dumps(cases[1]["example"], ensure_ascii=False),
+    ]  # 5 good
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     reader = sft.read_jsonl(path, tok_for("chatglm3"), "chatglm3")
@@ -158,7 +169,7 @@ def test_pack_matches_per_conversation_shift():
     batch = sft.pack(examples, seq_len)
     R = batch["tokens"].shape[0]
     assert all(a.shape == (R, seq_len) for a in batch.values())
-    assert R < len(examples)  # several conversations share rows
+    assert len(examples) > R  # several conversations share rows
     assert batch["loss_mask"].dtype == np.float32 and batch["tokens"].dtype == np.int32
 
     # walk each row's segments; every conversation appears whole, in one row, in input order within the row
@@ -166,14 +177,14 @@ def test_pack_matches_per_conversation_shift():
     for r in range(R):
         seg = batch["segment_ids"][r]
         n_seg = int(seg.max())
-        assert np.all(seg[np.argmax(seg == 0):] == 0) or seg.min() > 0  # padding only at the end
+        assert np.all(seg[np.argmax(seg == 0) :] == 0) or seg.min() > 0  # padding only at the end
         for s in range(1, n_seg + 1):
             idx = np.flatnonzero(seg == s)
             assert idx.size and np.all(np.diff(idx) == 1)
             found.append((r, int(idx[0]), int(idx[-1]) + 1))
     assert len(found) == len(examples)
     spans = {}
-    for (r, a, b) in found:
+    for r, a, b in found:
         ids = batch["tokens"][r, a:b].tolist()
         match = [k for k, (i, _) in enumerate(examples) if i == ids and k not in spans]
         assert match, "a packed span is not one whole conversation"

@@ -1,4 +1,5 @@
 """Chat prompts and response parsing against the golden chat-templates fixtures (chat*.json, postprocess.json)."""
+
 import functools
 import json
 import pathlib
@@ -13,7 +14,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "chat-templates"
 V1, V2, V3, V4 = "chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer(family: str, **kwargs):
     return load_tokenizer(FIXTURES / family, **kwargs)
 
@@ -157,9 +158,13 @@ def test_chatglm3_openai_demo_process_response(case):
 def test_chatglm3_parse_response_defaults_to_tools():
     tok = tokenizer(V3)
     assert tok.parse_response("get_weather\n ```python\ntool_call(city='北京', days=3)\n```") == {
-        "name": "get_weather", "parameters": {"city": "北京", "days": 3}}
+        "name": "get_weather",
+        "parameters": {"city": "北京", "days": 3},
+    }
     assert tok.parse_response("interpreter\n ```python\nprint(1+1)\n```") == {
-        "name": "interpreter", "content": " ```python\nprint(1+1)\n```"}
+        "name": "interpreter",
+        "content": " ```python\nprint(1+1)\n```",
+    }
     assert tok.parse_response("\n 你好[[训练时间]] ") == {"content": "你好2023年"}
     with pytest.raises(ValueError):  # never evaluated
         tool_parse.parse_tool_call_code("__import__('os').system('true')")
@@ -169,17 +174,26 @@ def test_chatglm3_parse_response_defaults_to_tools():
 
 # chat.json is transformers 4.44 rendering the jinja template (the default, "jinja"); the two variant files are
 # matched too: transformers 4.40 ("jinja_tf440": jinja's own tojson) and the Python override ("python").
-GLM4_FILES = {"chat.json": "jinja", "chat_variant_transformers_4.40.0.json": "jinja_tf440",
-              "chat_variant_python_apply_chat_template.json": "python"}
-GLM4_CASES = [pytest.param(variant, p.values[0], id=p.id)
-              for name, variant in GLM4_FILES.items() for p in cases(V4, name, "apply_chat_template_cases")]
+GLM4_FILES = {
+    "chat.json": "jinja",
+    "chat_variant_transformers_4.40.0.json": "jinja_tf440",
+    "chat_variant_python_apply_chat_template.json": "python",
+}
+GLM4_CASES = [
+    pytest.param(variant, p.values[0], id=p.id)
+    for name, variant in GLM4_FILES.items()
+    for p in cases(V4, name, "apply_chat_template_cases")
+]
 
 
 @pytest.mark.parametrize("variant, case", GLM4_CASES)
 def test_glm4_apply_chat_template(variant, case):
     tok = tokenizer(V4)
-    kwargs = {"add_generation_prompt": case["add_generation_prompt"],
-              "add_special_tokens": case.get("add_special_tokens", True), "template_variant": variant}
+    kwargs = {
+        "add_generation_prompt": case["add_generation_prompt"],
+        "add_special_tokens": case.get("add_special_tokens", True),
+        "template_variant": variant,
+    }
     assert tok.render_chat(case["messages"], **kwargs) == case["text"]
     ids = tok.apply_chat_template(case["messages"], **kwargs)
     assert ids == case["input_ids"]
@@ -190,8 +204,12 @@ def test_glm4_apply_chat_template(variant, case):
         assert out["position_ids"].tolist() == [case["position_ids"]]
         assert (tok.encode(case["text"]) == ids) == case["encode_of_text_equals_input_ids"]
     default = tokenizer(V4, template_variant=variant)
-    assert default.apply_chat_template(case["messages"], case["add_generation_prompt"],
-                                       add_special_tokens=kwargs["add_special_tokens"]) == case["input_ids"]
+    assert (
+        default.apply_chat_template(
+            case["messages"], case["add_generation_prompt"], add_special_tokens=kwargs["add_special_tokens"]
+        )
+        == case["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("case", cases(V4, "postprocess.json", "process_response"))
@@ -221,7 +239,10 @@ def test_glm4_openai_server_process_response(case):
 
 def test_glm4_parse_response_defaults():
     tok = tokenizer(V4)
-    assert tok.parse_response('get_weather\n{"city": "北京"}') == {"name": "get_weather", "parameters": {"city": "北京"}}
+    assert tok.parse_response('get_weather\n{"city": "北京"}') == {
+        "name": "get_weather",
+        "parameters": {"city": "北京"},
+    }
     assert tok.parse_response("get_weather\nnot json") == {"name": "get_weather", "content": "not json"}
     assert tok.parse_response("  你好！ ") == {"content": "你好！"}
 
@@ -252,7 +273,7 @@ def test_empty_tools_lists():
     tok3 = tokenizer(V3)
     system = tok3.build_single_message("system", "", "x\n[]")
     ids = tok3.apply_chat_template([{"role": "system", "content": "x", "tools": []}, {"role": "user", "content": "q"}])
-    assert ids[2:2 + len(system)] == system
+    assert ids[2 : 2 + len(system)] == system
     # GLM-4: the jinja template tests `tools is defined`, the Python override `item.get("tools")` (truthy).
     msgs = [{"role": "system", "content": "", "tools": []}, {"role": "user", "content": "q"}]
     tok4 = tokenizer(V4)

@@ -5,6 +5,7 @@ on exactly these files (encode(text, add_special_tokens=False), decode). The mer
 consistent ("Ġ w" / "Ġwor ld" vs "w or" / "wor ld"), so merging by pair rank and merging by the rank of the
 merged bytes (tiktoken) give different ids for " world".
 """
+
 import json
 
 import pytest
@@ -12,14 +13,35 @@ import pytest
 from glm_jax.tokenizers import load_tokenizer
 from glm_jax.tokenizers.gpt2 import bytes_to_unicode
 
-MERGES = ["Ġ t", "Ġt h", "Ġth e", "h e", "l l", "he ll", "hell o", "o r", "w or", "l d", "wor ld", "Ġ w",
-          "Ġw or", "Ġwor ld", "Ġ Ġ", "ĠĠ ĠĠ", "' s", "Ġ 1", "1 2"]
+MERGES = [
+    "Ġ t",
+    "Ġt h",
+    "Ġth e",
+    "h e",
+    "l l",
+    "he ll",
+    "hell o",
+    "o r",
+    "w or",
+    "l d",
+    "wor ld",
+    "Ġ w",
+    "Ġw or",
+    "Ġwor ld",
+    "Ġ Ġ",
+    "ĠĠ ĠĠ",
+    "' s",
+    "Ġ 1",
+    "1 2",
+]
 
 CASES = [
     ("hello world", [262, 220, 266]),
     ("Hello the world's 123 hellohello", [39, 68, 260, 78, 258, 220, 266, 272, 273, 17, 18, 220, 262, 262]),
-    ("  the   world\n\nhello\t 你好 😀",
-     [220, 258, 270, 220, 266, 198, 198, 262, 197, 220, 160, 121, 254, 161, 98, 121, 220, 172, 253, 246, 222]),
+    (
+        "  the   world\n\nhello\t 你好 😀",
+        [220, 258, 270, 220, 266, 198, 198, 262, 197, 220, 160, 121, 254, 161, 98, 121, 220, 172, 253, 246, 222],
+    ),
     ("", []),
     ("it's the world<|endoftext|>", [72, 83, 272, 258, 220, 266, 275]),
     ("[CLS]hello [MASK] x", [276, 262, 220, 277, 220, 87]),

@@ -1,4 +1,5 @@
 """Tokenizers against the golden chat-templates fixtures: loading, special ids, encode.json of each family."""
+
 import functools
 import json
 import pathlib
@@ -12,13 +13,13 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "chat-templates"
 FAMILIES = {"chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3", "glm-4-9b-chat": "glm4"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fixture(family: str, name: str) -> dict:
     with open(FIXTURES / family / name, encoding="utf-8") as f:
         return json.load(f)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer(family: str, **kwargs):
     return load_tokenizer(FIXTURES / family, **kwargs)
 
@@ -146,8 +147,9 @@ def test_encode_decode(case, request):
         all_names = tokenizer(family, encode_special_tokens=True)
         assert all_names.encode(text, add_special_tokens=True) == case["ids_encode_special_tokens_true"]
         roles = tokenizer(family, encode_special_tokens=True, role_tokens_only=True)
-        assert (roles.encode(text, add_special_tokens=True)
-                == case["ids_encode_special_tokens_true_chatglm3_6b_32k_file"])
+        assert (
+            roles.encode(text, add_special_tokens=True) == case["ids_encode_special_tokens_true_chatglm3_6b_32k_file"]
+        )
 
 
 @pytest.mark.parametrize("case", cases("chatglm-6b", "encode.json", "num_image_tokens_20000.cases"))

@@ -1,4 +1,5 @@
 """compile_only: the train step compiled ahead of time for a TPU topology (libtpu) on this CPU host."""
+
 import json
 
 from test_train_util import CACHE
@@ -11,10 +12,24 @@ def test_libtpu_is_importable():
 
 def test_compile_only_v5e_2x2_writes_a_report(tmp_path, capsys):
     from train.main import main
+
     out = tmp_path / "plan"
-    rc = main(["--config", "tiny", f"output_dir={out}", "compile_only=true", "topology=v5e:2x2", "mesh.fsdp=2",
-               "mesh.tensor=2", "scan_layers=true", "remat=full", "batch_size=4", "grad_accum=2",
-               f"compilation_cache_dir={CACHE}"])
+    rc = main(
+        [
+            "--config",
+            "tiny",
+            f"output_dir={out}",
+            "compile_only=true",
+            "topology=v5e:2x2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+            "scan_layers=true",
+            "remat=full",
+            "batch_size=4",
+            "grad_accum=2",
+            f"compilation_cache_dir={CACHE}",
+        ]
+    )
     assert rc == 0
     verdict = capsys.readouterr().out.strip().splitlines()[-1]
     assert verdict.startswith("v5e:2x2 mesh") and "fits" in verdict
@@ -25,12 +40,13 @@ def test_compile_only_v5e_2x2_writes_a_report(tmp_path, capsys):
     assert r["flops"] > 0 and r["model_flops_per_step"] > 0
     # the scanned, accumulated step counts one layer and one microbatch: the extrapolation restores the rest
     assert r["xla_flops_per_step"] > 1.5 * r["xla_flops_as_compiled"]
-    assert 1.0 < r["xla_over_model_flops"] < 2.5      # full remat recomputes the forward pass
+    assert 1.0 < r["xla_over_model_flops"] < 2.5  # full remat recomputes the forward pass
     assert "extrapolated" in r["flops_method"]
 
 
 def test_unknown_topology_is_bad_input(tmp_path, capsys):
     from train.main import main
+
     rc = main(["--config", "tiny", f"output_dir={tmp_path}", "compile_only=true", "topology=v5e:banana"])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()

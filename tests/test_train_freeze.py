@@ -1,16 +1,17 @@
 """freeze=[patterns]: matching params stay bit-identical through training; the rest train."""
+
 import jax
 import numpy as np
 import pytest
-
 from test_train_util import checkpoint_steps, flat, load_params, tiny, train
 
 
 def test_frozen_params_are_bit_identical(tmp_path):
     from train.trainer import Run
+
     out = tmp_path / "run"
     keys = ("steps=3", "freeze=[embed/*, layers_0/block/attn]", "weight_decay=0.5")
-    init_run = Run(tiny(tmp_path / "init", *keys))           # the exact initial state the run starts from
+    init_run = Run(tiny(tmp_path / "init", *keys))  # the exact initial state the run starts from
     init = flat(jax.tree.map(np.asarray, init_run.state["params"]))
     train(tiny(out, *keys))
     final = flat(load_params(out, checkpoint_steps(out)[-1]))
@@ -25,5 +26,6 @@ def test_frozen_params_are_bit_identical(tmp_path):
 
 def test_freeze_pattern_that_matches_nothing_is_bad_input(tmp_path):
     from train.config import TrainConfigError
+
     with pytest.raises(TrainConfigError, match="matches no parameter"):
         train(tiny(tmp_path / "run", "freeze=[no_such_param/*]"))

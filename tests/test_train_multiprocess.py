@@ -1,23 +1,47 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives, 4 CPU devices each) train exactly like
 one process with 8 devices on the same (2, 2, 2) mesh: each process reads its own data shard and the global
 batch is assembled with jax.make_array_from_process_local_data."""
+
 import subprocess
 
 import numpy as np
-
-from test_train_util import (CACHE, MESH_222, checkpoint_steps, cli, cli_env, free_port, losses,  # noqa: F401
-                             mesh_222_run)
+from test_train_util import (
+    CACHE,
+    MESH_222,
+    checkpoint_steps,
+    cli,
+    cli_env,
+    free_port,
+    losses,
+)
 
 MESH = MESH_222
 
 
-def test_two_processes_equal_one(tmp_path, mesh_222_run):  # noqa: F811
+def test_two_processes_equal_one(tmp_path, mesh_222_run):
     one, two = mesh_222_run, tmp_path / "two"
     port = free_port()
-    args = ["--config", "tiny", f"output_dir={two}", "steps=4", "progress=lines", f"compilation_cache_dir={CACHE}",
-            *MESH, f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2"]
-    procs = [subprocess.Popen(cli(*args, f"distributed.process_id={i}"), env=cli_env(4), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    args = [
+        "--config",
+        "tiny",
+        f"output_dir={two}",
+        "steps=4",
+        "progress=lines",
+        f"compilation_cache_dir={CACHE}",
+        *MESH,
+        f"distributed.coordinator=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            cli(*args, f"distributed.process_id={i}"),
+            env=cli_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p in procs:
         try:

@@ -1,8 +1,8 @@
 """A NaN in a batch never reaches the params: the jitted step reports it and keeps params and optimizer state."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from test_train_util import checkpoint_steps, flat, load_params, metrics, tiny, train
 
 
@@ -10,19 +10,22 @@ def _setup(tmp_path):
     from glm_jax.model.transformer import GLMModel, param_shapes
     from train import step as step_lib
     from train.trainer import model_config
+
     tc = tiny(tmp_path)
     cfg, _ = model_config(tc)
-    rng = np.random.default_rng(0)   # numpy init: this test is about the step, not the initializer
+    rng = np.random.default_rng(0)  # numpy init: this test is about the step, not the initializer
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape).astype(s.dtype)), param_shapes(cfg))
     frozen = step_lib.frozen_mask(params, [])
     tx = step_lib.make_optimizer(tc, params, frozen)
     step = jax.jit(step_lib.make_train_step(GLMModel(cfg), tx, tc, step_lib.make_schedule(tc, 2), frozen))
     B, T = 4, 16
-    batch = {"tokens": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
-             "targets": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
-             "loss_mask": np.ones((B, T), np.float32),
-             "position_ids": np.broadcast_to(np.arange(T, dtype=np.int32), (B, 2, T)).copy(),
-             "prefix_len": np.full((B,), 4, np.int32)}
+    batch = {
+        "tokens": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
+        "targets": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
+        "loss_mask": np.ones((B, T), np.float32),
+        "position_ids": np.broadcast_to(np.arange(T, dtype=np.int32), (B, 2, T)).copy(),
+        "prefix_len": np.full((B,), 4, np.int32),
+    }
     return step, step_lib.init_state(params, tx), batch
 
 
@@ -32,7 +35,7 @@ def _equal(a, b):
 
 def test_nan_batch_is_skipped_inside_the_step(tmp_path):
     step, state, batch = _setup(tmp_path)
-    state, m = step(state, batch)                      # one good step first: Adam moments are non-zero
+    state, m = step(state, batch)  # one good step first: Adam moments are non-zero
     assert int(m["skipped"]) == 0 and int(state["step"]) == 1
     before = jax.tree.map(np.asarray, state)
     for poison in ("loss_mask", "nan_logit_path"):
@@ -40,13 +43,13 @@ def test_nan_batch_is_skipped_inside_the_step(tmp_path):
         if poison == "loss_mask":
             bad["loss_mask"][1, 3] = np.nan
         else:
-            bad["loss_mask"][0, 0] = np.inf            # inf weight: loss inf, gradients inf/NaN
+            bad["loss_mask"][0, 0] = np.inf  # inf weight: loss inf, gradients inf/NaN
         state, m = step(state, bad)
         assert int(m["skipped"]) == 1
         assert not np.isfinite(float(m["loss"]))
         assert _equal(state["params"], before["params"]) and _equal(state["opt_state"], before["opt_state"])
-        assert int(state["step"]) == 1                 # the schedule does not advance either
-    state, m = step(state, batch)                      # and training goes on
+        assert int(state["step"]) == 1  # the schedule does not advance either
+    state, m = step(state, batch)  # and training goes on
     assert int(m["skipped"]) == 0 and int(state["step"]) == 2
     assert not _equal(state["params"], before["params"])
 

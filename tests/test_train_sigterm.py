@@ -1,4 +1,5 @@
 """SIGTERM in the middle of a run: the trainer saves a checkpoint, exits 0, and the checkpoint restores."""
+
 import json
 import signal
 import subprocess
@@ -9,9 +10,21 @@ from test_train_util import CACHE, checkpoint_steps, cli, cli_env, metrics, tiny
 
 def test_sigterm_saves_a_checkpoint_that_restores(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen(cli("--config", "tiny", f"output_dir={out}", "steps=100000", "checkpoint_every=100000",
-                             "progress=none", f"compilation_cache_dir={CACHE}"),
-                         env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cli(
+            "--config",
+            "tiny",
+            f"output_dir={out}",
+            "steps=100000",
+            "checkpoint_every=100000",
+            "progress=none",
+            f"compilation_cache_dir={CACHE}",
+        ),
+        env=cli_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and p.poll() is None:

@@ -1,4 +1,5 @@
 """Helpers shared by the glm-train tests (no tests here): tiny configs, metrics and checkpoint readers."""
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,13 @@ CACHE = os.environ.get("GLM_TRAIN_TEST_CACHE") or tempfile.mkdtemp(prefix="glm-t
 def tiny(out_dir, *overrides) -> dict:
     """The tiny test config (train/configs/tiny.yaml) writing to out_dir, with key=value overrides."""
     from train.config import build
+
     return build("tiny", [f"output_dir={out_dir}", "progress=none", f"compilation_cache_dir={CACHE}", *overrides])
 
 
 def train(tc: dict) -> dict:
     from train.trainer import train as _train
+
     return _train(tc)
 
 
@@ -44,6 +47,7 @@ def load_params(out_dir, step) -> dict:
     """A saved params pytree as numpy arrays (restored onto one device, whatever the saved sharding)."""
     import jax
     import orbax.checkpoint as ocp
+
     path = pathlib.Path(out_dir).absolute() / "checkpoints" / str(step) / "params"
     ckptr = ocp.StandardCheckpointer()
     meta = ckptr.metadata(path)
@@ -55,6 +59,7 @@ def load_params(out_dir, step) -> dict:
 
 def flat(tree) -> dict:
     from flax import traverse_util
+
     return traverse_util.flatten_dict(tree, sep="/")
 
 
@@ -66,8 +71,12 @@ def free_port() -> int:
 
 def cli_env(devices: int = 8) -> dict:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(ROOT),
+    )
     return env
 
 

@@ -5,6 +5,7 @@ Every key that may be set is a field of TrainConfig (nested sections: `mesh.fsdp
 `data.mixture=glm_large`). A key that is not there is bad input (exit 2); `model_overrides` takes GLMConfig
 fields (checked when the model is built) and `data` takes DataConfig fields (glm_jax.data).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,6 +34,7 @@ HostHeap = Literal["auto", "keep", "system"]
 @dataclasses.dataclass
 class MeshConfig:
     """Devices along each mesh axis; -1 on one axis: all remaining devices."""
+
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
@@ -41,49 +43,50 @@ class MeshConfig:
 @dataclasses.dataclass
 class DistributedConfig:
     """Several processes (jax.distributed); all zero/empty: one process, or what the environment says."""
+
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1
     cpu_collectives: str = "gloo"
     local_device_count: int = 0
-    auto_initialize: bool = False    # jax.distributed.initialize() with no arguments (Cloud TPU, SLURM, ...)
+    auto_initialize: bool = False  # jax.distributed.initialize() with no arguments (Cloud TPU, SLURM, ...)
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # what to train
-    model: str = "glm_small"         # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
-    model_overrides: dict = dataclasses.field(default_factory=dict)   # GLMConfig fields set on top of the model
+    model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # GLMConfig fields set on top of the model
     objective: Objective = "blank_infilling"
-    data: dict = dataclasses.field(default_factory=dict)   # DataConfig fields (glm_jax.data): source, tokenizer, ...
+    data: dict = dataclasses.field(default_factory=dict)  # DataConfig fields (glm_jax.data): source, tokenizer, ...
     # schedule
     steps: int = 300
-    stop_at: int = 0                 # >0: save and stop once this step is reached (the schedule still uses `steps`)
-    batch_size: int = 16             # global rows per optimizer step (all processes, all microbatches)
+    stop_at: int = 0  # >0: save and stop once this step is reached (the schedule still uses `steps`)
+    batch_size: int = 16  # global rows per optimizer step (all processes, all microbatches)
     seq_len: int = 256
     seed: int = 0
     learning_rate: float = 1e-3
-    schedule: Schedule = "cosine"    # all after a linear warmup
-    warmup_steps: int = 0            # 0: warmup_ratio * steps
+    schedule: Schedule = "cosine"  # all after a linear warmup
+    warmup_steps: int = 0  # 0: warmup_ratio * steps
     warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1        # final learning rate / peak
+    min_lr_ratio: float = 0.1  # final learning rate / peak
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     adam_eps: float = 1e-8
-    weight_decay: float = 0.1        # decoupled (AdamW); never on norms, biases or embeddings
-    grad_clip: float = 1.0           # global-norm clip; 0 = off
-    grad_accum: int = 1              # microbatches per step (batch_size must divide)
-    z_loss: float = 0.0              # coefficient of mean(logsumexp(logits)^2) over loss tokens
-    loss_select: bool = True         # output projection only at loss positions (packed per batch shard; exact)
-    loss_chunk: int = 0              # >0: the output projection + loss in blocks of this many positions (memory)
-    embedding_grad_shrink: float = 1.0   # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
-    freeze: list = dataclasses.field(default_factory=list)   # param path patterns (fnmatch); frozen = untouched
+    weight_decay: float = 0.1  # decoupled (AdamW); never on norms, biases or embeddings
+    grad_clip: float = 1.0  # global-norm clip; 0 = off
+    grad_accum: int = 1  # microbatches per step (batch_size must divide)
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) over loss tokens
+    loss_select: bool = True  # output projection only at loss positions (packed per batch shard; exact)
+    loss_chunk: int = 0  # >0: the output projection + loss in blocks of this many positions (memory)
+    embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
+    freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     # numerics and memory
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: Remat = "none"
     scan_layers: bool = False
-    host_heap: HostHeap = "auto"     # keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
+    host_heap: HostHeap = "auto"  # keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
     # parallelism
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -96,16 +99,16 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     plot_every_seconds: float = 10.0
-    progress: Progress = "auto"      # a bar on a terminal, lines otherwise
+    progress: Progress = "auto"  # a bar on a terminal, lines otherwise
     compilation_cache_dir: str = ""  # persistent XLA compilation cache (a restart or resume skips compiling)
-    peak_flops: float = 0.0          # per device, for the MFU estimate; 0 = known accelerator table / measured on CPU
+    peak_flops: float = 0.0  # per device, for the MFU estimate; 0 = known accelerator table / measured on CPU
     # planning
     compile_only: bool = False
-    topology: str = ""               # e.g. v5p:4x4x4, v5e:2x2, v6e:16x16
-    hbm_bytes: float = 0.0           # per chip, for the compile_only verdict; 0 = table by TPU generation
-    flops_extrapolate: bool = True   # compile_only: also compile 1 and 2 unrolled layers to count flops per layer
+    topology: str = ""  # e.g. v5p:4x4x4, v5e:2x2, v6e:16x16
+    hbm_bytes: float = 0.0  # per chip, for the compile_only verdict; 0 = table by TPU generation
+    flops_extrapolate: bool = True  # compile_only: also compile 1 and 2 unrolled layers to count flops per layer
     # testing aids
-    debug_nan_steps: list = dataclasses.field(default_factory=list)   # steps whose loss mask gets a NaN
+    debug_nan_steps: list = dataclasses.field(default_factory=list)  # steps whose loss mask gets a NaN
 
     def to_dict(self) -> dict:
         """JSON-ready (a Python-API tokenizer object under data is written as its repr)."""
@@ -119,8 +122,21 @@ class TrainConfig:
 DEFAULTS: dict = dataclasses.asdict(TrainConfig())
 OPEN_SECTIONS = ("model_overrides", "data")
 POSITIVE = ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
-_FINITE = ("learning_rate", "warmup_ratio", "min_lr_ratio", "adam_b1", "adam_b2", "adam_eps", "weight_decay",
-           "grad_clip", "z_loss", "embedding_grad_shrink", "plot_every_seconds", "peak_flops", "hbm_bytes")
+_FINITE = (
+    "learning_rate",
+    "warmup_ratio",
+    "min_lr_ratio",
+    "adam_b1",
+    "adam_b2",
+    "adam_eps",
+    "weight_decay",
+    "grad_clip",
+    "z_loss",
+    "embedding_grad_shrink",
+    "plot_every_seconds",
+    "peak_flops",
+    "hbm_bytes",
+)
 
 
 def _parse_value(text: str):
@@ -180,6 +196,7 @@ def _merge(cfg: dict, updates: dict, prefix: str = ""):
 
 def _suggest(key: str) -> str:
     import difflib
+
     flat = [k for k in _flat_keys(DEFAULTS)]
     close = difflib.get_close_matches(key, flat, n=1)
     return f"; did you mean {close[0]!r}?" if close else "; see train/config.py TrainConfig for the keys"
@@ -242,8 +259,9 @@ def build(config_file=None, overrides=()) -> TrainConfig:
         key, text = item.split("=", 1)
         _merge(cfg, _dotted_to_nested(key.strip(), _parse_value(text)))
     validate(cfg)
-    return TrainConfig(**{**cfg, "mesh": MeshConfig(**cfg["mesh"]),
-                          "distributed": DistributedConfig(**cfg["distributed"])})
+    return TrainConfig(
+        **{**cfg, "mesh": MeshConfig(**cfg["mesh"]), "distributed": DistributedConfig(**cfg["distributed"])}
+    )
 
 
 def _choices() -> dict:
@@ -283,5 +301,6 @@ def _check_data_keys(data: dict) -> None:
     names = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise TrainConfigError(f"unknown data key(s) {['data.' + k for k in unknown]}; "
-                               f"DataConfig has {', '.join(sorted(names))}")
+        raise TrainConfigError(
+            f"unknown data key(s) {['data.' + k for k in unknown]}; DataConfig has {', '.join(sorted(names))}"
+        )

@@ -7,6 +7,7 @@ random draw derives from (seed, global sample index), a run on several processes
 run on one (in another row order), provided the objective is drawn per sample (`data.mixture_per=sample`,
 or the causal objective); with the reference's per-batch draw each process draws for its own share.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from train.config import TrainConfigError
 
 DEVICE_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "prefix_len", "segment_ids")
-EVAL_SEED_OFFSET = 1_000_003   # eval batches: the same corpus drawn with another seed
+EVAL_SEED_OFFSET = 1_000_003  # eval batches: the same corpus drawn with another seed
 
 
 def process_rows(sharding, global_rows: int) -> tuple[int, int]:
@@ -23,8 +24,10 @@ def process_rows(sharding, global_rows: int) -> tuple[int, int]:
     spans = sorted({(s[0].start or 0, s[0].stop if s[0].stop is not None else global_rows) for s in idx.values()})
     lo, hi = spans[0][0], spans[-1][1]
     if sum(b - a for a, b in spans) != hi - lo:
-        raise TrainConfigError("this process's devices hold a non-contiguous part of the batch; "
-                               "order the mesh so that each process's devices are adjacent")
+        raise TrainConfigError(
+            "this process's devices hold a non-contiguous part of the batch; "
+            "order the mesh so that each process's devices are adjacent"
+        )
     return lo, hi
 
 
@@ -32,17 +35,27 @@ def data_config(tc, rows: int, shard_index: int, shard_count: int, eval_split: b
     extra = dict(tc.data)
     for k in ("objective", "seq_len", "batch_size", "seed", "shard_index", "shard_count"):
         if k in extra:
-            raise TrainConfigError(f"data.{k}: set the top-level key {k!r} instead"
-                                   if k not in ("shard_index", "shard_count") else
-                                   f"data.{k} is set by glm-train from the mesh and process index")
+            raise TrainConfigError(
+                f"data.{k}: set the top-level key {k!r} instead"
+                if k not in ("shard_index", "shard_count")
+                else f"data.{k} is set by glm-train from the mesh and process index"
+            )
     seed = tc.seed + (EVAL_SEED_OFFSET if eval_split else 0)
-    return dict(objective=tc.objective, seq_len=tc.seq_len, batch_size=rows, seed=seed,
-                shard_index=shard_index, shard_count=shard_count, **extra)
+    return dict(
+        objective=tc.objective,
+        seq_len=tc.seq_len,
+        batch_size=rows,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        **extra,
+    )
 
 
 def make_batches(tc, rows: int, shard_index: int, shard_count: int, eval_split: bool = False):
     """An iterator of numpy batches with get_state()/set_state() (a glm_jax.data Pipeline)."""
     from glm_jax.data.pipeline import make_pipeline
+
     try:
         return make_pipeline(data_config(tc, rows, shard_index, shard_count, eval_split))
     except (ValueError, TypeError, FileNotFoundError) as e:

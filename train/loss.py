@@ -23,7 +23,7 @@ def model_inputs(cfg, batch):
     if two_d and pos.ndim == 2:
         pos = jnp.stack([pos, jnp.zeros_like(pos)], axis=1)
     elif not two_d and pos.ndim == 3:
-        pos = pos[:, 0]   # 1-D families take the Part A index (GLM-130B style: no block channel)
+        pos = pos[:, 0]  # 1-D families take the Part A index (GLM-130B style: no block channel)
     return batch["tokens"], pos, batch.get("prefix_len"), batch.get("segment_ids")
 
 
@@ -80,8 +80,11 @@ def _head_grads(cfg, z_loss, h, w, targets, mask):
     h2, d2 = hd.reshape(-1, D), dlogits.reshape(-1, V)
     one = (((0,), (0,)), ((), ()))
     acc = jnp.float32 if dt == jnp.float32 else None
-    dw = (jax.lax.dot_general(d2, h2, one, preferred_element_type=acc) if tied
-          else jax.lax.dot_general(h2, d2, one, preferred_element_type=acc))
+    dw = (
+        jax.lax.dot_general(d2, h2, one, preferred_element_type=acc)
+        if tied
+        else jax.lax.dot_general(h2, d2, one, preferred_element_type=acc)
+    )
     return sums, dh.astype(h.dtype), dw.astype(w.dtype)
 
 
@@ -114,13 +117,15 @@ def _packed(cfg, h_BTD, targets_BT, mask_BT, fn, full):
 
     def packed(C):
         def run(h, t, m):
-            if C == n:
+            if n == C:
                 return full()
             idx = jax.vmap(lambda row: jnp.nonzero(row != 0, size=C, fill_value=0)[0])(m)
             take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
             valid = jnp.arange(C)[None] < count_G[:, None]
             return fn(take(h), take(t), jnp.where(valid, take(m), 0.0), idx)
+
         return run
+
     branch = sum((jnp.max(count_G) > c).astype(jnp.int32) for c in caps[:-1])
     return jax.lax.switch(branch, [packed(c) for c in caps], h, t, m)
 
@@ -130,8 +135,14 @@ def fused_head(cfg, z_loss, h_BTD, w, targets_BT, mask_BT):
     """The output projection + loss sums [CE·mask, lse²·mask, correct·mask] at the loss positions only (packed,
     see _packed). Differentiable for the objective sums[0] + z_loss·sums[1] (its gradients are computed in
     the forward pass, _head_grads); the cotangent of sums[0] scales them, the other sums are reports."""
-    return _packed(cfg, h_BTD, targets_BT, mask_BT, lambda h, t, m, idx: _head_sums(cfg, h, w, t, m),
-                   lambda: _head_sums(cfg, h_BTD, w, targets_BT, mask_BT))
+    return _packed(
+        cfg,
+        h_BTD,
+        targets_BT,
+        mask_BT,
+        lambda h, t, m, idx: _head_sums(cfg, h, w, t, m),
+        lambda: _head_sums(cfg, h_BTD, w, targets_BT, mask_BT),
+    )
 
 
 def _fused_head_fwd(cfg, z_loss, h_BTD, w, targets_BT, mask_BT):
@@ -142,8 +153,10 @@ def _fused_head_fwd(cfg, z_loss, h_BTD, w, targets_BT, mask_BT):
         G = idx.shape[0]
         dh_full = jnp.zeros((G, B * T // G, D), dh.dtype).at[jnp.arange(G)[:, None], idx].add(dh)
         return sums, dh_full.reshape(B, T, D), dw
-    sums, dh, dw = _packed(cfg, h_BTD, targets_BT, mask_BT, some,
-                           lambda: _head_grads(cfg, z_loss, h_BTD, w, targets_BT, mask_BT))
+
+    sums, dh, dw = _packed(
+        cfg, h_BTD, targets_BT, mask_BT, some, lambda: _head_grads(cfg, z_loss, h_BTD, w, targets_BT, mask_BT)
+    )
     return sums, (dh, dw)
 
 
@@ -173,7 +186,7 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     targets_BT = batch["targets"].astype(jnp.int32)
     B, T = targets_BT.shape
-    if chunk and T > chunk and T % chunk == 0:
+    if chunk and chunk < T and T % chunk == 0:
         n = T // chunk
         split = lambda x: jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
         body = jax.checkpoint(lambda acc, xs: (acc + _head_sums(cfg, xs[0], w, xs[1], xs[2]), None))
@@ -184,5 +197,3 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
         out = _head_sums(cfg, h_BTD, w, targets_BT, mask_BT)
     sums = {"ce": out[0], "z": out[1], "correct": out[2], "count": jnp.sum(mask_BT)}
     return out[0] + z_loss * out[1], sums
-
-

@@ -3,6 +3,7 @@
 Only process 0 writes. On resume, metrics.jsonl keeps the lines up to the restored step, so the file reads as
 one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,18 @@ import jax
 import numpy as np
 
 # bf16 dense peak per chip (the MFU denominator), by jax device_kind
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
 
 
 def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
@@ -36,6 +46,7 @@ def measure_matmul_peak(sizes=(1024, 2048), repeats: int = 6, dtype="float32") -
     best of all: on a shared host one busy moment during a single 1024 product read the peak at half its
     value (and the MFU estimate at 137%)."""
     import jax.numpy as jnp
+
     f = jax.jit(lambda a: a @ a)
     best = 0.0
     for n in sizes:
@@ -44,7 +55,7 @@ def measure_matmul_peak(sizes=(1024, 2048), repeats: int = 6, dtype="float32") -
         for _ in range(repeats):
             t = time.perf_counter()
             f(x).block_until_ready()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+            best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
 
@@ -52,10 +63,12 @@ def _summary_writer():
     """tensorboardX.SummaryWriter, imported without pulling in torch (tensorboardX imports it when it can,
     which costs seconds and is needed only for torch tensors)."""
     import sys
+
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
         from tensorboardX import SummaryWriter
+
         return SummaryWriter
-    sys.modules["torch"] = None   # makes `import torch` inside tensorboardX raise ImportError
+    sys.modules["torch"] = None  # makes `import torch` inside tensorboardX raise ImportError
     try:
         from tensorboardX import SummaryWriter
     finally:
@@ -69,7 +82,9 @@ def _clean(v):
 
 
 class Reporter:
-    def __init__(self, output_dir, total_steps: int, start_step: int, progress: str = "auto", plot_every_s: float = 10.0):
+    def __init__(
+        self, output_dir, total_steps: int, start_step: int, progress: str = "auto", plot_every_s: float = 10.0
+    ):
         self.dir = pathlib.Path(output_dir)
         self.main = jax.process_index() == 0
         self.history: list[dict] = []
@@ -96,7 +111,7 @@ class Reporter:
                     if "eval_loss" in rec:
                         self.eval_history.append(rec)
             self.path.write_text("".join(x + "\n" for x in kept))
-        self.fh = open(self.path, "a")
+        self.fh = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed by close()
         self.tb = _summary_writer()(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         mode = progress
         if mode == "auto":
@@ -104,6 +119,7 @@ class Reporter:
         self.mode = mode
         if mode == "bar":
             from tqdm import tqdm
+
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def log(self, rec: dict) -> None:
@@ -118,10 +134,12 @@ class Reporter:
                 self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, step)
         self.history.append(rec)
         f = lambda k, spec: "nan" if rec.get(k) is None else format(rec[k], spec)  # noqa: E731
-        line = (f"step {step}: loss {f('loss', '.4f')}  acc {f('accuracy', '.3f')}  grad_norm {f('grad_norm', '.3f')}"
-                f"  lr {f('learning_rate', '.2e')}  {f('tokens_per_second', ',.0f')} tok/s  "
-                f"mfu {100 * (rec.get('mfu') or 0):.1f}%" + (f"  skipped {rec['skipped_steps']}"
-                                                              if rec.get("skipped_steps") else ""))
+        line = (
+            f"step {step}: loss {f('loss', '.4f')}  acc {f('accuracy', '.3f')}  grad_norm {f('grad_norm', '.3f')}"
+            f"  lr {f('learning_rate', '.2e')}  {f('tokens_per_second', ',.0f')} tok/s  "
+            f"mfu {100 * (rec.get('mfu') or 0):.1f}%"
+            + (f"  skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else "")
+        )
         if "eval_loss" in rec:
             self.eval_history.append(rec)
             line += f"  eval_loss {f('eval_loss', '.4f')}"
@@ -149,8 +167,10 @@ class Reporter:
         if not self.main or not self.history:
             return
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(7, 4))
         pts = [(r["step"], r["loss"]) for r in self.history if r.get("loss") is not None]
         if pts:

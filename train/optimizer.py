@@ -22,8 +22,13 @@ def make_schedule(tc, warmup: int):
         after = optax.constant_schedule(peak)
     if warmup <= 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1
-                                 else optax.constant_schedule(peak), after], [warmup])
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1 else optax.constant_schedule(peak),
+            after,
+        ],
+        [warmup],
+    )
 
 
 def _paths(tree):
@@ -46,11 +51,11 @@ def frozen_mask(params, patterns):
 
 def make_optimizer(tc, params, frozen):
     """AdamW direction + decoupled weight decay (the learning rate is applied by the step); frozen → zero."""
-    tx = optax.chain(optax.scale_by_adam(tc.adam_b1, tc.adam_b2, tc.adam_eps),
-                     optax.add_decayed_weights(tc.weight_decay, mask=decay_mask(params)))
+    tx = optax.chain(
+        optax.scale_by_adam(tc.adam_b1, tc.adam_b2, tc.adam_eps),
+        optax.add_decayed_weights(tc.weight_decay, mask=decay_mask(params)),
+    )
     if any(jax.tree.leaves(frozen)):
         labels = jax.tree.map(lambda f: "freeze" if f else "train", frozen)
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return tx
-
-

@@ -4,13 +4,15 @@ Nothing here names a mesh axis except through `glm_jax.sharding.RULES`: params g
 `param_axes(cfg)`, optimizer moments take the sharding of the param they belong to, batches use
 `activation_batch`.
 """
+
 from __future__ import annotations
 
 import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.sharding import logical_to_spec, make_mesh, tree_shardings
 from train.config import DistributedConfig, MeshConfig, TrainConfigError
@@ -30,14 +32,19 @@ def init_distributed(dc: DistributedConfig) -> None:
         jax.config.update("jax_num_cpu_devices", dc.local_device_count)
     if coord or nproc > 1:
         if not (coord and nproc > 0 and pid >= 0):
-            raise TrainConfigError("a multi-process run needs distributed.coordinator, distributed.num_processes "
-                                   "and distributed.process_id (or the JAX_* environment variables)")
+            raise TrainConfigError(
+                "a multi-process run needs distributed.coordinator, distributed.num_processes "
+                "and distributed.process_id (or the JAX_* environment variables)"
+            )
         if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
         jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid)
-    elif dc.auto_initialize or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or \
-            int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-        jax.distributed.initialize()   # jax detects the cluster (Cloud TPU pod slice, GKE, SLURM, ...)
+    elif (
+        dc.auto_initialize
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+        or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    ):
+        jax.distributed.initialize()  # jax detects the cluster (Cloud TPU pod slice, GKE, SLURM, ...)
 
 
 def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -64,6 +71,7 @@ def replicated(mesh):
 
 def param_shardings(cfg, params_shapes, mesh):
     from glm_jax.model.transformer import param_axes
+
     return tree_shardings(param_axes(cfg), params_shapes, mesh)
 
 
@@ -94,6 +102,7 @@ def like_params_shardings(tree_shapes, params_shapes, p_shardings, mesh):
             if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
                 return hit[1]
         return replicated(mesh)
+
     return jax.tree_util.tree_map_with_path(pick, tree_shapes)
 
 
@@ -120,7 +129,9 @@ def check_batch_divisible(batch_size: int, grad_accum: int, mesh) -> None:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = batch_size // grad_accum
     if micro % dp:
-        raise TrainConfigError(f"batch_size/grad_accum = {micro} rows per microbatch is not divisible by the "
-                               f"{dp} data-parallel shards (mesh.data x mesh.fsdp)")
+        raise TrainConfigError(
+            f"batch_size/grad_accum = {micro} rows per microbatch is not divisible by the "
+            f"{dp} data-parallel shards (mesh.data x mesh.fsdp)"
+        )
     if batch_size % jax.process_count():
         raise TrainConfigError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")

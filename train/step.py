@@ -14,14 +14,16 @@ import optax
 
 from train.loss import loss_sums
 
-EMBED_PATH = ("embed", "embedding")   # the word-embedding table (GLM-130B gradient shrink applies here)
+EMBED_PATH = ("embed", "embedding")  # the word-embedding table (GLM-130B gradient shrink applies here)
 
 
 def _microbatches(batch, A: int):
     """[B, ...] → [A, B/A, ...], microbatch a = rows a, A+a, 2A+a, ... (keeps each device's rows local)."""
+
     def split(x):
         x = x.reshape((x.shape[0] // A, A) + x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
+
     return jax.tree.map(split, batch)
 
 
@@ -45,10 +47,14 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None):
         if A == 1:
             grads, sums = grads_of(params, batch)
         else:
+
             def body(carry, mb):
                 g, s = grads_of(params, mb)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], _microbatches(batch, A))))
+
+            zero = jax.tree.map(
+                jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], _microbatches(batch, A)))
+            )
             (grads, sums), _ = jax.lax.scan(body, zero, _microbatches(batch, A))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -67,16 +73,22 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None):
 
         def apply(params, opt_state):
             updates, new_opt = tx.update(grads, opt_state, params)
-            new_params = jax.tree.map(lambda p, u, f: p if f else (p - lr * u).astype(p.dtype),
-                                      params, updates, frozen)
+            new_params = jax.tree.map(lambda p, u, f: p if f else (p - lr * u).astype(p.dtype), params, updates, frozen)
             return new_params, new_opt
+
         # a non-finite step leaves params and optimizer state as they were (a branch, not a select between old
         # and new: the donated buffers are then updated in place instead of copied first)
         new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), params, opt_state)
         new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": new_params, "opt_state": new_opt}
-        metrics = {"loss": loss, "accuracy": sums["correct"] / count, "grad_norm": grad_norm,
-                   "learning_rate": lr, "z_loss": sums["z"] / count, "loss_tokens": sums["count"],
-                   "skipped": 1 - ok.astype(jnp.int32)}
+        metrics = {
+            "loss": loss,
+            "accuracy": sums["correct"] / count,
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "z_loss": sums["z"] / count,
+            "loss_tokens": sums["count"],
+            "skipped": 1 - ok.astype(jnp.int32),
+        }
         return new_state, metrics
 
     return train_step
@@ -86,10 +98,9 @@ def make_eval_step(module, chunk: int = 0, select: bool = True):
     def eval_step(params, batch):
         _, sums = loss_sums(module, params, batch, chunk=chunk, select=select)
         return {k: sums[k] for k in ("ce", "correct", "count")}
+
     return eval_step
 
 
 def init_state(params, tx):
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-

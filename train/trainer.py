@@ -1,4 +1,5 @@
 """The training loop: model and state on the mesh, resume, steps, logging, eval, checkpoints, SIGTERM."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,10 +33,11 @@ def model_config(tc: TrainConfig):
     try:
         p = pathlib.Path(name)
         if p.is_dir():
-            if (p / "glm_jax.json").is_file():   # written by `glm-convert to-jax`
+            if (p / "glm_jax.json").is_file():  # written by `glm-convert to-jax`
                 cfg = GLMConfig.from_dict(json.loads((p / "glm_jax.json").read_text())["config"])
             else:
                 from glm_jax import checkpoint
+
                 cfg = checkpoint.config_from_folder(p)
             return cfg.replace(**over, **compute), name
         return GLMConfig.preset(name).replace(**over, **compute), None
@@ -46,9 +48,16 @@ def model_config(tc: TrainConfig):
 def load_pretrained(path, cfg, overrides):
     import glm_jax
     from glm_jax.checkpoint import CheckpointFormatError
+
     try:
-        lm = glm_jax.from_pretrained(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                                     scan_layers=cfg.scan_layers, **overrides)
+        lm = glm_jax.from_pretrained(
+            path,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+            **overrides,
+        )
     except (ConfigError, CheckpointFormatError, OSError) as e:
         raise TrainConfigError(f"model={path}: {e}") from None
     return lm.params
@@ -58,16 +67,21 @@ def load_pretrained(path, cfg, overrides):
 def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     """Optimizer, frozen mask, the train step function, and the state's shardings and abstract shapes."""
     from glm_jax.model.transformer import GLMModel, param_shapes
+
     pshapes = param_shapes(cfg)
     frozen = optimizer.frozen_mask(pshapes, tc.freeze)
     if tc.freeze and not any(jax.tree.leaves(frozen)):
-        raise TrainConfigError(f"freeze={tc.freeze} matches no parameter; paths look like "
-                               f"{', '.join(list(_paths(pshapes))[:3])}")
+        raise TrainConfigError(
+            f"freeze={tc.freeze} matches no parameter; paths look like {', '.join(list(_paths(pshapes))[:3])}"
+        )
     tx = optimizer.make_optimizer(tc, pshapes, frozen)
     p_sh = parallel.param_shardings(cfg, pshapes, mesh)
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), pshapes)
-    state_sh = {"step": parallel.replicated(mesh), "params": p_sh,
-                "opt_state": parallel.like_params_shardings(abstract["opt_state"], pshapes, p_sh, mesh)}
+    state_sh = {
+        "step": parallel.replicated(mesh),
+        "params": p_sh,
+        "opt_state": parallel.like_params_shardings(abstract["opt_state"], pshapes, p_sh, mesh),
+    }
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
     schedule = optimizer.make_schedule(tc, tc.warmup)
     train_step = step_lib.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh)
@@ -81,11 +95,13 @@ class Run:
         self.tc = tc
         self.cfg, self.pretrained = model_config(tc)
         if self.cfg.position == "learned_2d" and tc.seq_len > self.cfg.max_position_embeddings:
-            raise TrainConfigError(f"seq_len {tc.seq_len} exceeds the model's {self.cfg.max_position_embeddings} "
-                                   "learned positions")
+            raise TrainConfigError(
+                f"seq_len {tc.seq_len} exceeds the model's {self.cfg.max_position_embeddings} learned positions"
+            )
         self.mesh = parallel.build_mesh(tc.mesh)
         parallel.check_batch_divisible(tc.batch_size, tc.grad_accum, self.mesh)
         from glm_jax.model.transformer import GLMModel
+
         self.module = GLMModel(self.cfg)
         self.setup_state()
         self.setup_data()
@@ -98,6 +114,7 @@ class Run:
     def setup_state(self):
         tc, cfg, mesh = self.tc, self.cfg, self.mesh
         from glm_jax.model.transformer import init_params
+
         lay = state_layout(tc, cfg, mesh)
         self.tx, self.frozen, self.state_sh, self.abstract = lay["tx"], lay["frozen"], lay["state_sh"], lay["abstract"]
         out = pathlib.Path(tc.output_dir)
@@ -107,7 +124,7 @@ class Run:
         self.start_step, self.meta = 0, None
         latest = self.checkpointer.latest_step()
         loaded = None
-        if latest is None and self.pretrained:   # (outside the rules context: loading builds param boxes)
+        if latest is None and self.pretrained:  # (outside the rules context: loading builds param boxes)
             loaded = load_pretrained(self.pretrained, cfg, tc.model_overrides)
         with self.ctx():
             if latest is not None:
@@ -124,15 +141,18 @@ class Run:
         self.train_step = lay["train_step"]
         self.metric_sh = parallel.replicated(mesh)
         self.step_fn = None  # jitted lazily, once the batch shardings are known
-        self.eval_fn = jax.jit(step_lib.make_eval_step(self.module, tc.loss_chunk, tc.loss_select), out_shardings=self.metric_sh)
+        self.eval_fn = jax.jit(
+            step_lib.make_eval_step(self.module, tc.loss_chunk, tc.loss_select), out_shardings=self.metric_sh
+        )
 
     def _check_meta(self, meta):
         saved = {k: v for k, v in meta.get("config", {}).items() if k != "hf_config"}
         now = {k: v for k, v in self.cfg.to_dict().items() if k != "hf_config"}
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
-            raise TrainConfigError(f"{self.tc.output_dir} holds a run of another model (fields {diff} differ); "
-                                   "use a new output_dir")
+            raise TrainConfigError(
+                f"{self.tc.output_dir} holds a run of another model (fields {diff} differ); use a new output_dir"
+            )
 
     def setup_data(self):
         tc, mesh = self.tc, self.mesh
@@ -151,24 +171,35 @@ class Run:
         if self.meta is not None:
             states = self.meta.get("data_states") or [self.meta["data_state"]]
             if len(states) != jax.process_count():
-                raise TrainConfigError(f"the checkpoint was written by {len(states)} processes, this run has "
-                                       f"{jax.process_count()}; resume with the same process count")
+                raise TrainConfigError(
+                    f"the checkpoint was written by {len(states)} processes, this run has "
+                    f"{jax.process_count()}; resume with the same process count"
+                )
             self.data.set_state(states[jax.process_index()])
 
     def device_batch(self, local: dict):
         if self.step_fn is None:
             shapes = {k: jax.ShapeDtypeStruct((self.tc.batch_size,) + v.shape[1:], v.dtype) for k, v in local.items()}
             self.batch_sh = parallel.batch_shardings(self.mesh, shapes)
-            self.step_fn = jax.jit(self.train_step, in_shardings=(self.state_sh, self.batch_sh),
-                                   out_shardings=(self.state_sh, self.metric_sh), donate_argnums=(0,))
+            self.step_fn = jax.jit(
+                self.train_step,
+                in_shardings=(self.state_sh, self.batch_sh),
+                out_shardings=(self.state_sh, self.metric_sh),
+                donate_argnums=(0,),
+            )
         return parallel.global_batch(local, self.batch_sh, self.tc.batch_size)
 
     def save(self, step: int) -> None:
         states = gather_json(self.data.get_state())
-        meta = {"step": step, "updates": int(self.state["step"]), "config": self.cfg.to_dict(),
-                "data_state": states[0], "data_states": states,
-                "train_config": self.tc.to_dict(),
-                "process_count": jax.process_count()}
+        meta = {
+            "step": step,
+            "updates": int(self.state["step"]),
+            "config": self.cfg.to_dict(),
+            "data_state": states[0],
+            "data_states": states,
+            "train_config": self.tc.to_dict(),
+            "process_count": jax.process_count(),
+        }
         self.checkpointer.save(step, self.state, meta)
 
     def evaluate(self) -> dict:
@@ -186,6 +217,7 @@ class Run:
 
 def _paths(tree):
     from flax import traverse_util
+
     return traverse_util.flatten_dict(tree, sep="/")
 
 
@@ -205,6 +237,7 @@ class _Stop:
         if jax.process_count() == 1:
             return self.flag
         from jax.experimental import multihost_utils
+
         return bool(np.max(multihost_utils.process_allgather(np.array([int(self.flag)], np.int32))))
 
     def restore(self):
@@ -220,8 +253,9 @@ def use_compilation_cache(path: str) -> None:
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        try:   # jax decides once per process whether to use the cache: make it look again
+        try:  # jax decides once per process whether to use the cache: make it look again
             from jax._src import compilation_cache
+
             compilation_cache.reset_cache()
         except (ImportError, AttributeError):
             pass
@@ -240,14 +274,17 @@ def train(tc: TrainConfig) -> dict:
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_per_step = flops_lib.flops_per_token(run.cfg, tc.seq_len) * tokens_per_step
     if run.start_step >= min(steps, tc.stop_at or steps):
-        rep.say(f"{tc.output_dir} is already at step {run.start_step}: nothing to do (raise steps= to go on)",
-                always=True)
+        rep.say(
+            f"{tc.output_dir} is already at step {run.start_step}: nothing to do (raise steps= to go on)", always=True
+        )
     elif run.start_step:
         rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
-    rep.say(f"model {tc.model}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
-            f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
-            f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
-            + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else ""))
+    rep.say(
+        f"model {tc.model}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
+        f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
+        f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
+        + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else "")
+    )
     step, pending, last_loss = run.start_step, [], None
     t_start = t_mark = time.perf_counter()
     steps_since, first = 0, True
@@ -266,7 +303,7 @@ def train(tc: TrainConfig) -> dict:
             do_eval = run.eval_data is not None and step % tc.eval_every == 0
             do_ckpt = step % tc.checkpoint_every == 0
             extra = {}
-            if do_eval:   # eval (and checkpoint) time is not counted in tokens_per_second
+            if do_eval:  # eval (and checkpoint) time is not counted in tokens_per_second
                 jax.block_until_ready(run.state)
                 t_pause = time.perf_counter()
                 extra = run.evaluate()
@@ -275,11 +312,16 @@ def train(tc: TrainConfig) -> dict:
                 vals = jax.device_get(pending)
                 dt = max(time.perf_counter() - t_mark, 1e-9)
                 nsteps = steps_since or len(vals)
-                rec = _summarise(step, vals, tokens_per_step * nsteps / dt, flops_per_step * nsteps / dt / (peak * n_dev))
+                rec = _summarise(
+                    step, vals, tokens_per_step * nsteps / dt, flops_per_step * nsteps / dt / (peak * n_dev)
+                )
                 for i, v in enumerate(vals):
                     if v["skipped"]:
-                        rep.say(f"warning: step {step - len(vals) + i + 1}: non-finite loss or gradient "
-                                f"(loss {float(v['loss'])}); the update was skipped", always=True)
+                        rep.say(
+                            f"warning: step {step - len(vals) + i + 1}: non-finite loss or gradient "
+                            f"(loss {float(v['loss'])}); the update was skipped",
+                            always=True,
+                        )
                 rep.log({**rec, **extra})
                 last_loss = rec["loss"]
                 pending, t_mark, steps_since = [], time.perf_counter(), 0
@@ -309,10 +351,17 @@ def train(tc: TrainConfig) -> dict:
 def _summarise(step, vals, tps, mfu) -> dict:
     ok = [v for v in vals if not v["skipped"]]
     mean = lambda k: float(np.mean([float(v[k]) for v in ok])) if ok else float("nan")  # noqa: E731
-    rec = {"step": step, "loss": mean("loss"), "accuracy": mean("accuracy"), "grad_norm": mean("grad_norm"),
-           "learning_rate": float(vals[-1]["learning_rate"]), "tokens_per_second": tps, "mfu": mfu,
-           "loss_tokens": float(np.mean([float(v["loss_tokens"]) for v in vals])),
-           "skipped_steps": int(sum(int(v["skipped"]) for v in vals))}
+    rec = {
+        "step": step,
+        "loss": mean("loss"),
+        "accuracy": mean("accuracy"),
+        "grad_norm": mean("grad_norm"),
+        "learning_rate": float(vals[-1]["learning_rate"]),
+        "tokens_per_second": tps,
+        "mfu": mfu,
+        "loss_tokens": float(np.mean([float(v["loss_tokens"]) for v in vals])),
+        "skipped_steps": int(sum(int(v["skipped"]) for v in vals)),
+    }
     if any(float(v["z_loss"]) for v in ok):
         rec["z_loss"] = mean("z_loss")
     return rec

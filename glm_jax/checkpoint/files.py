@@ -19,8 +19,10 @@ from glm_jax.dtypes import ST_DTYPES, torch_to_numpy
 from glm_jax.errors import CheckpointFormatError, ConfigError
 
 MAX_HEADER_BYTES = 100_000_000
-INDEX_NAMES = {"safetensors": ("model.safetensors.index.json", "model.safetensors"),
-               "bin": ("pytorch_model.bin.index.json", "pytorch_model.bin")}
+INDEX_NAMES = {
+    "safetensors": ("model.safetensors.index.json", "model.safetensors"),
+    "bin": ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+}
 
 
 def read_json_object(f: pathlib.Path, what: str = "") -> dict:
@@ -55,22 +57,28 @@ def check_safetensors_header(header, data_bytes: int, where: str) -> None:
         dt, shape, off = h["dtype"], h["shape"], h["data_offsets"]
         if dt not in ST_DTYPES:
             raise CheckpointFormatError(f"{where}: tensor {k!r} has unsupported dtype {dt!r}")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                    for s in shape)):
+        if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
             raise CheckpointFormatError(f"{where}: tensor {k!r} has a bad shape {shape!r}")
-        if (not isinstance(off, list) or len(off) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
+        if (
+            not isinstance(off, list)
+            or len(off) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)
+        ):
             raise CheckpointFormatError(f"{where}: tensor {k!r} has bad data_offsets {off!r}")
         a, b = off
         if a < 0 or b < a:
             raise CheckpointFormatError(f"{where}: tensor {k!r} has data_offsets {off} (negative or reversed)")
         if b > data_bytes:
-            raise CheckpointFormatError(f"{where}: truncated: tensor {k!r} ends at data byte {b}, the file holds "
-                                        f"{data_bytes} bytes of data")
+            raise CheckpointFormatError(
+                f"{where}: truncated: tensor {k!r} ends at data byte {b}, the file holds {data_bytes} bytes of data"
+            )
         need = math.prod(shape) * np.dtype(ST_DTYPES[dt]).itemsize
         if b - a != need:
-            raise CheckpointFormatError(f"{where}: tensor {k!r} is {dt}{shape} ({need} bytes) but its data_offsets "
-                                        f"span {b - a} bytes")
+            raise CheckpointFormatError(
+                f"{where}: tensor {k!r} is {dt}{shape} ({need} bytes) but its data_offsets span {b - a} bytes"
+            )
         spans.append((a, b, k))
     spans.sort()
     end = 0
@@ -114,7 +122,7 @@ class SafetensorsFile:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         h = self.header[key]
         a, b = h["data_offsets"]
-        raw = self._mm[self.offset + a:self.offset + b]
+        raw = self._mm[self.offset + a : self.offset + b]
         return raw.view(ST_DTYPES[h["dtype"]]).reshape(h["shape"])
 
 
@@ -132,7 +140,7 @@ class TorchFile:
                 if "mmap" not in str(e):
                     raise
                 sd = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "weights_only" in str(e) or "Unsupported global" in str(e):
                 msg = "refused: the pickle references objects other than tensors (it could run code); " + msg
@@ -189,8 +197,10 @@ def find_weight_files(path) -> tuple[str, list[pathlib.Path], dict]:
     mp = sorted(p.glob("mp_rank_*_model_states.pt")) or sorted(p.glob("*/mp_rank_*_model_states.pt"))
     if mp:
         return "megatron", mp, {}
-    raise CheckpointFormatError(f"{p}: no weights found (expected model.safetensors, pytorch_model.bin, an index json, "
-                                f"or mp_rank_XX_model_states.pt)")
+    raise CheckpointFormatError(
+        f"{p}: no weights found (expected model.safetensors, pytorch_model.bin, an index json, "
+        f"or mp_rank_XX_model_states.pt)"
+    )
 
 
 def open_weights(path):
@@ -203,6 +213,6 @@ def open_weights(path):
     readers = {}
     for f in files:
         r = SafetensorsFile(f) if fmt == "safetensors" else TorchFile(f)
-        for k in r.keys():
+        for k in r.keys():  # noqa: SIM118 - readers have keys()
             readers[k] = r
     return fmt, readers

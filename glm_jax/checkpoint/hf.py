@@ -7,7 +7,7 @@ missing, extra and mis-shaped keys against the config before it yields anything 
 from __future__ import annotations
 
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -48,19 +48,21 @@ def iter_params(cfg, readers: dict, source: str = "", layout=None) -> Iterator[t
     names = {k: k for k in readers}
     prefix = fam.optional_key_prefix
     if prefix and not any(k.startswith(prefix) for k in readers):
-        names = {prefix + k: k for k in readers}   # stored without the prefix (Megatron naming)
+        names = {prefix + k: k for k in readers}  # stored without the prefix (Megatron naming)
         readers = {prefix + k: r for k, r in readers.items()}
     keys = set(readers)
     wanted = {k for r in rows for k in r.hf}
     missing = sorted(wanted - keys)
     if missing:
-        raise CheckpointFormatError(f"{source}: missing {len(missing)} key(s) that a {cfg.family} model with this "
-                                    f"config.json needs, e.g. {missing[:3]}")
-    extra = sorted(k for k in keys - wanted
-                   if not k.endswith(fam.buffer_suffixes) and not fam.is_tied_alias(cfg, k))
+        raise CheckpointFormatError(
+            f"{source}: missing {len(missing)} key(s) that a {cfg.family} model with this "
+            f"config.json needs, e.g. {missing[:3]}"
+        )
+    extra = sorted(k for k in keys - wanted if not k.endswith(fam.buffer_suffixes) and not fam.is_tied_alias(cfg, k))
     if extra:
-        raise CheckpointFormatError(f"{source}: {len(extra)} unexpected key(s) for a {cfg.family} model with this "
-                                    f"config.json, e.g. {extra[:3]}")
+        raise CheckpointFormatError(
+            f"{source}: {len(extra)} unexpected key(s) for a {cfg.family} model with this config.json, e.g. {extra[:3]}"
+        )
     shapes = unstack_layers(param_shapes(cfg.replace(scan_layers=False)))
     for r in rows:
         arrays = []
@@ -69,18 +71,22 @@ def iter_params(cfg, readers: dict, source: str = "", layout=None) -> Iterator[t
                 arrays.append(readers[k].get(names[k]))
             except CheckpointFormatError:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise CheckpointFormatError(f"{source}: cannot read tensor {k!r}: {e}") from None
         try:
             outs = r.load(cfg, arrays)
         except ValueError as e:
-            raise CheckpointFormatError(f"{source}: tensor(s) {list(r.hf)} have shapes {[a.shape for a in arrays]} "
-                                        f"that do not fit the config: {e}") from None
+            raise CheckpointFormatError(
+                f"{source}: tensor(s) {list(r.hf)} have shapes {[a.shape for a in arrays]} "
+                f"that do not fit the config: {e}"
+            ) from None
         for path, a in zip(r.jax, outs):
             want = _get(shapes, path).shape
             if tuple(a.shape) != tuple(want):
-                raise CheckpointFormatError(f"{source}: tensor {r.hf[0]!r} gives {path} of shape {tuple(a.shape)}, "
-                                            f"but config.json implies {tuple(want)}")
+                raise CheckpointFormatError(
+                    f"{source}: tensor {r.hf[0]!r} gives {path} of shape {tuple(a.shape)}, "
+                    f"but config.json implies {tuple(want)}"
+                )
             yield path, a
 
 

@@ -13,6 +13,7 @@ Merging is lazy: `get(key)` reads and joins that key's slices only.
 Megatron checkpoints carry no config.json: `glm-convert to-jax` takes it from a config.json beside the files,
 or from `--config FILE` (a GLM config.json).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,10 @@ def pick_files(files) -> list:
         root = files[0].parent.parent
         tracker = next((root / t for t in TRACKERS if (root / t).is_file()), None)
         if tracker is None:
-            raise CheckpointFormatError(f"{root}: holds several checkpoints ({', '.join(sorted(d.name for d in by_dir))}) "
-                                        f"and no {TRACKERS[0]} or {TRACKERS[1]} to say which; pass the tag folder")
+            raise CheckpointFormatError(
+                f"{root}: holds several checkpoints ({', '.join(sorted(d.name for d in by_dir))}) "
+                f"and no {TRACKERS[0]} or {TRACKERS[1]} to say which; pass the tag folder"
+            )
         tag = tracker.read_text().strip()
         names = [tag] + ([f"iter_{int(tag):07d}"] if tag.isdigit() else [])
         chosen = next((root / n for n in names if root / n in by_dir), None)
@@ -59,11 +62,18 @@ def pick_files(files) -> list:
 def _megatron_globals():
     """Let weights_only=True read the numpy RNG state and argparse.Namespace saved beside the weights."""
     import argparse
-    import torch
     import importlib
+
+    import torch
+
     mu = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
-    allowed = [argparse.Namespace, np.ndarray, np.dtype, (mu._reconstruct, "numpy.core.multiarray._reconstruct"),
-               (mu._reconstruct, "numpy._core.multiarray._reconstruct")]
+    allowed = [
+        argparse.Namespace,
+        np.ndarray,
+        np.dtype,
+        (mu._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (mu._reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
     allowed += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object)) if n.endswith("DType")]
     with torch.serialization.safe_globals(allowed):
         yield
@@ -73,7 +83,7 @@ class MergedReader:
     """One key of a model-parallel checkpoint, joined across ranks on demand."""
 
     def __init__(self, ranks: list, names: dict):
-        self.ranks, self.names = ranks, names     # names: clean key → key in the files
+        self.ranks, self.names = ranks, names  # names: clean key → key in the files
 
     def keys(self):
         return list(self.names)
@@ -106,5 +116,5 @@ def open_megatron(files) -> dict:
             diff = sorted(set(r.keys()) ^ set(keys))[:3]
             raise CheckpointFormatError(f"{r.path}: its keys differ from {ranks[0].path}, e.g. {diff}")
     strip = "module." if keys and all(k.startswith("module.") for k in keys) else ""
-    reader = MergedReader(ranks, {k[len(strip):]: k for k in keys})
-    return {k: reader for k in reader.keys()}
+    reader = MergedReader(ranks, {k[len(strip) :]: k for k in keys})
+    return dict.fromkeys(reader.keys(), reader)

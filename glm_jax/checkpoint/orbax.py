@@ -1,4 +1,4 @@
-"""glm-jax checkpoint folders (written by `glm-convert to-jax`) and glm-train run directories, read one tensor at a time.
+"""glm-jax checkpoint folders (written by `glm-convert to-jax`) and glm-train run directories, one tensor at a time.
 
 A to-jax folder:
     glm_jax.json   {"format": "glm-jax", "version": 1, "config": GLMConfig.to_dict(), "source": manifest, "mesh": ...}
@@ -35,6 +35,7 @@ FORMAT = "glm-jax"
 def quiet_absl():
     """Orbax logs routine warnings through absl; keep them off stderr while we call it."""
     from absl import logging as alog
+
     old = alog.get_verbosity()
     alog.set_verbosity(alog.FATAL)
     try:
@@ -52,11 +53,12 @@ class ParamStore:
     def __init__(self, directory):
         import orbax.checkpoint as ocp
         from etils import epath
+
         self.dir = epath.Path(pathlib.Path(directory).absolute())
         try:
             with quiet_absl():
                 md = ocp.PyTreeCheckpointer().metadata(self.dir).item_metadata
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for a broken folder
+        except Exception as e:
             raise CheckpointFormatError(f"{directory}: not a readable Orbax params checkpoint ({e})") from None
         self.use_zarr3 = bool(md.use_zarr3)
         self.leaves = {}
@@ -90,7 +92,7 @@ class ParamStore:
         name, idx = self._locate(path)
         t = self._store(name)
         t = t if idx is None else t[idx]
-        return np.asarray(t[start:min(stop, t.shape[0])].read().result())
+        return np.asarray(t[start : min(stop, t.shape[0])].read().result())
 
     def read_async(self, path):
         """A tensorstore future of the array (so the next read can overlap with other work)."""
@@ -104,20 +106,28 @@ class ParamStore:
             from orbax.checkpoint._src.path import format_utils
             from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
             from orbax.checkpoint._src.serialization import types as ser_types
+
             ocdbt = format_utils.is_ocdbt_checkpoint(self.dir)
-            info = ser_types.ParamInfo(name=self.leaves[name].name, parent_dir=self.dir, is_ocdbt_checkpoint=ocdbt,
-                                       use_zarr3=self.use_zarr3, ts_context=self._context(ocdbt))
+            info = ser_types.ParamInfo(
+                name=self.leaves[name].name,
+                parent_dir=self.dir,
+                is_ocdbt_checkpoint=ocdbt,
+                use_zarr3=self.use_zarr3,
+                ts_context=self._context(ocdbt),
+            )
             spec = ts_utils.build_array_read_spec(info, use_ocdbt=ocdbt).json
             self._open[name] = ts.open(spec, read=True, context=info.ts_context).result()
         return self._open[name]
 
     def _context(self, ocdbt):
         if not hasattr(self, "_ctx"):
-            from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
             import tensorstore as ts
+            from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
             # chunk files are mapped, not read(): no copy into freshly allocated buffers (~4x faster reads)
-            self._ctx = ts.Context(ts.Context.Spec({"file_io_mode": {"mode": "memmap"}}),
-                                   parent=ts_utils.get_ts_context(use_ocdbt=ocdbt))
+            self._ctx = ts.Context(
+                ts.Context.Spec({"file_io_mode": {"mode": "memmap"}}), parent=ts_utils.get_ts_context(use_ocdbt=ocdbt)
+            )
         return self._ctx
 
 
@@ -144,8 +154,9 @@ def unflatten(flat):
 def is_jax_checkpoint(p: pathlib.Path) -> bool:
     """A to-jax folder, a glm-train run directory, or one step of a run (rather than a PyTorch folder)."""
     p = pathlib.Path(p)
-    return ((p / JSON_NAME).is_file() or (p / "checkpoints").is_dir()
-            or ((p / "params").is_dir() and (p / "meta").is_dir()))
+    return (
+        (p / JSON_NAME).is_file() or (p / "checkpoints").is_dir() or ((p / "params").is_dir() and (p / "meta").is_dir())
+    )
 
 
 class JaxCheckpoint:
@@ -179,13 +190,17 @@ def _step_dir(p: pathlib.Path) -> pathlib.Path:
         return p
     ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if not ck.is_dir() or not any(c.name.isdigit() for c in ck.iterdir()):
-        raise CheckpointFormatError(f"{p}: neither a to-jax folder ({JSON_NAME} missing) nor a glm-train run "
-                                    f"directory (checkpoints/<step>/)")
+        raise CheckpointFormatError(
+            f"{p}: neither a to-jax folder ({JSON_NAME} missing) nor a glm-train run directory (checkpoints/<step>/)"
+        )
     import orbax.checkpoint as ocp
+
     with quiet_absl():
         try:
-            step = ocp.CheckpointManager(ck.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)).latest_step()
-        except Exception:  # noqa: BLE001
+            step = ocp.CheckpointManager(
+                ck.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+            ).latest_step()
+        except Exception:
             step = None
     if step is None:
         raise CheckpointFormatError(f"{ck}: no complete checkpoint step (an interrupted save leaves none)")
@@ -194,10 +209,11 @@ def _step_dir(p: pathlib.Path) -> pathlib.Path:
 
 def _read_meta(step: pathlib.Path) -> dict:
     import orbax.checkpoint as ocp
+
     try:
         with quiet_absl():
             meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore((step / "meta").absolute())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointFormatError(f"{step / 'meta'}: cannot read the step's meta item ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointFormatError(f"{step / 'meta'}: expected a JSON object")
@@ -211,5 +227,6 @@ def load_jax(path) -> tuple[GLMConfig, dict]:
     params = unflatten({p: np.asarray(f.result()) for p, f in reads.items()})
     if not ck.cfg.scan_layers and "layers" in params:
         from glm_jax.model.transformer import unstack_layers
+
         params = unstack_layers(params)
     return ck.cfg, params

@@ -37,12 +37,24 @@ Resume: get_state() holds grain's iterator position plus counters; every random 
 (seed, global sample index), so restored pipelines (with the same config, data, tokenizer, shard
 and num_workers) yield exactly the batches the original would have.
 """
+
 from glm_jax.data.batching import attention_mask, collate
 from glm_jax.data.config import MIXTURES, DataConfig
 from glm_jax.data.pipeline import Pipeline, make_pipeline
 from glm_jax.data.sources import build_local_text, bundled_files, open_source
 from glm_jax.data.tokenize import bundled_tokenizer, resolve_tokenizer, special_ids
 
-__all__ = ["DataConfig", "MIXTURES", "Pipeline", "make_pipeline", "attention_mask", "collate",
-           "build_local_text", "bundled_files", "open_source", "bundled_tokenizer", "resolve_tokenizer",
-           "special_ids"]
+__all__ = [
+    "DataConfig",
+    "MIXTURES",
+    "Pipeline",
+    "make_pipeline",
+    "attention_mask",
+    "collate",
+    "build_local_text",
+    "bundled_files",
+    "open_source",
+    "bundled_tokenizer",
+    "resolve_tokenizer",
+    "special_ids",
+]

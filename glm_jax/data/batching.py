@@ -12,6 +12,7 @@ Batch (B rows per process, T = seq_len; rows right-padded with 0 like the refere
 The dense [T, T] mask is never built on the host; `attention_mask` builds it where it is used
 (pass xp=jax.numpy inside a jitted step).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ def collate(rows: list[dict], seq_len: int, *, two_d: bool, segment_ids: bool) -
     for b, row in enumerate(rows):
         L = len(row["tokens"])
         if L > T:
-            raise AssertionError(f"row of length {L} exceeds seq_len {T}")   # objectives fit rows to T
+            raise AssertionError(f"row of length {L} exceeds seq_len {T}")  # objectives fit rows to T
         tokens_BT[b, :L] = row["tokens"]
         targets_BT[b, :L] = row["targets"]
         loss_BT[b, :L] = row["loss_mask"]
@@ -41,8 +42,14 @@ def collate(rows: list[dict], seq_len: int, *, two_d: bool, segment_ids: bool) -
         prefix_B[b] = row["sep"]
         mode_B[b] = row["mode"]
         seg_BT[b, :L] = row["seg"]
-    out = {"tokens": tokens_BT, "targets": targets_BT, "loss_mask": loss_BT, "position_ids": pos,
-           "prefix_len": prefix_B, "mode": mode_B}
+    out = {
+        "tokens": tokens_BT,
+        "targets": targets_BT,
+        "loss_mask": loss_BT,
+        "position_ids": pos,
+        "prefix_len": prefix_B,
+        "mode": mode_B,
+    }
     if segment_ids:
         out["segment_ids"] = seg_BT
     return out

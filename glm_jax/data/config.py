@@ -1,4 +1,5 @@
 """DataConfig: every knob of the data pipeline, plus the released GLM objective mixtures (spec §3.1)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,14 +9,42 @@ OBJECTIVES = ("blank_infilling", "causal", "chatglm_prefix")
 
 # THUDM/GLM config/ds_block_*.sh (spec §3.1). bert = token level, sentence = [sMASK], rest = document.
 MIXTURES: dict[str, dict[str, Any]] = {
-    "glm_large": dict(bert_prob=1.0, gap_sentence_prob=0.0, gpt_min_ratio=0.5, task_mask=False,
-                      block_mask_prob=0.0, short_seq_prob=0.0, single_span_prob=0.0),
-    "glm_10b": dict(bert_prob=0.5, gap_sentence_prob=0.3, gpt_min_ratio=0.25, task_mask=True,
-                    block_mask_prob=0.1, short_seq_prob=0.02, single_span_prob=0.0),
-    "glm_10b_longer": dict(bert_prob=0.4, gap_sentence_prob=0.3, gpt_min_ratio=0.25, task_mask=True,
-                           block_mask_prob=0.1, short_seq_prob=0.5, single_span_prob=0.05),
-    "glm_large_chinese": dict(bert_prob=0.4, gap_sentence_prob=0.3, gpt_min_ratio=0.25, task_mask=True,
-                              block_mask_prob=0.1, short_seq_prob=0.02, single_span_prob=0.0),
+    "glm_large": dict(
+        bert_prob=1.0,
+        gap_sentence_prob=0.0,
+        gpt_min_ratio=0.5,
+        task_mask=False,
+        block_mask_prob=0.0,
+        short_seq_prob=0.0,
+        single_span_prob=0.0,
+    ),
+    "glm_10b": dict(
+        bert_prob=0.5,
+        gap_sentence_prob=0.3,
+        gpt_min_ratio=0.25,
+        task_mask=True,
+        block_mask_prob=0.1,
+        short_seq_prob=0.02,
+        single_span_prob=0.0,
+    ),
+    "glm_10b_longer": dict(
+        bert_prob=0.4,
+        gap_sentence_prob=0.3,
+        gpt_min_ratio=0.25,
+        task_mask=True,
+        block_mask_prob=0.1,
+        short_seq_prob=0.5,
+        single_span_prob=0.05,
+    ),
+    "glm_large_chinese": dict(
+        bert_prob=0.4,
+        gap_sentence_prob=0.3,
+        gpt_min_ratio=0.25,
+        task_mask=True,
+        block_mask_prob=0.1,
+        short_seq_prob=0.02,
+        single_span_prob=0.0,
+    ),
 }
 DEFAULT_MIXTURE = "glm_10b"
 
@@ -33,6 +62,7 @@ class DataConfig:
     mixture: a name in MIXTURES; any of its fields given explicitly below (not None) wins.
     mixture_per: 'batch' (the reference: one objective per batch) or 'sample'.
     """
+
     objective: str = "blank_infilling"
     seq_len: int = 512
     batch_size: int = 8
@@ -49,7 +79,7 @@ class DataConfig:
     block_mask_prob: float | None = None
     short_seq_prob: float | None = None
     single_span_prob: float | None = None
-    gpt_infill_prob: float = 0.5       # probability of the *prefix* layout in document-level batches
+    gpt_infill_prob: float = 0.5  # probability of the *prefix* layout in document-level batches
     bert_ratio: float = 0.15
     gap_sentence_ratio: float = 0.15
     avg_block_length: float = 3.0
@@ -57,20 +87,20 @@ class DataConfig:
     shuffle_blocks: bool = True
     block_position: bool = True
     # --- batches ---
-    segment_ids: bool = False          # packed documents do not attend each other (see batching.py)
+    segment_ids: bool = False  # packed documents do not attend each other (see batching.py)
     # --- documents ---
-    min_doc_tokens: int = 3            # shorter documents are skipped (and counted)
-    max_doc_chars: int = 4_000_000     # longer documents are truncated (and counted)
-    special_ids: dict | None = None    # overrides, e.g. {"cls": 3, "eos": 2, "dblock": 9}
+    min_doc_tokens: int = 3  # shorter documents are skipped (and counted)
+    max_doc_chars: int = 4_000_000  # longer documents are truncated (and counted)
+    special_ids: dict | None = None  # overrides, e.g. {"cls": 3, "eos": 2, "dblock": 9}
     # --- grain ---
-    shard_index: int | None = None     # None: jax.process_index()
-    shard_count: int | None = None     # None: jax.process_count()
-    num_workers: int = 0               # >0: grain multiprocessing prefetch workers
-    num_threads: int = 0               # >0: grain read threads (in-process)
-    cache_dir: str | None = None       # default: $GLM_JAX_CACHE or ~/.cache/glm_jax
+    shard_index: int | None = None  # None: jax.process_index()
+    shard_count: int | None = None  # None: jax.process_count()
+    num_workers: int = 0  # >0: grain multiprocessing prefetch workers
+    num_threads: int = 0  # >0: grain read threads (in-process)
+    cache_dir: str | None = None  # default: $GLM_JAX_CACHE or ~/.cache/glm_jax
 
     @classmethod
-    def from_any(cls, cfg: "DataConfig | dict | None" = None, **overrides) -> "DataConfig":
+    def from_any(cls, cfg: DataConfig | dict | None = None, **overrides) -> DataConfig:
         if cfg is None:
             cfg = {}
         if isinstance(cfg, DataConfig):
@@ -109,10 +139,15 @@ class DataConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         r = self.resolved()
-        if not (0 <= r["bert_prob"] <= 1 and 0 <= r["gap_sentence_prob"] <= 1
-                and r["bert_prob"] + r["gap_sentence_prob"] <= 1 + 1e-9):
-            raise ValueError("need 0 <= bert_prob, gap_sentence_prob and bert_prob + gap_sentence_prob <= 1; "
-                             f"got {r['bert_prob']}, {r['gap_sentence_prob']}")
+        if not (
+            0 <= r["bert_prob"] <= 1
+            and 0 <= r["gap_sentence_prob"] <= 1
+            and r["bert_prob"] + r["gap_sentence_prob"] <= 1 + 1e-9
+        ):
+            raise ValueError(
+                "need 0 <= bert_prob, gap_sentence_prob and bert_prob + gap_sentence_prob <= 1; "
+                f"got {r['bert_prob']}, {r['gap_sentence_prob']}"
+            )
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("give both shard_index and shard_count, or neither")
         if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:

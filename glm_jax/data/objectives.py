@@ -5,6 +5,7 @@ A *sample* is a packed token row `[CLS] doc <eos> [CLS] doc ...` (see packing.py
 (0 at every [CLS]) and 1-based document ids `seg`. A *row* is what one batch row holds: the output
 of `glm_jax.infilling.layout` / `prefix_layout` (or the causal shift) plus `seg`, `mode` and `sep`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import numpy as np
 
 from glm_jax import infilling
 
-MODES = ("token", "sentence", "document", "causal", "prefix")   # row["mode"] indexes this tuple
+MODES = ("token", "sentence", "document", "causal", "prefix")  # row["mode"] indexes this tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +32,14 @@ class SpecialIds:
 
 @dataclasses.dataclass
 class Sample:
-    tokens: np.ndarray      # int32 [N]
-    loss_mask: np.ndarray   # int32 [N]
-    seg: np.ndarray         # int32 [N], 1-based document index inside the sample
+    tokens: np.ndarray  # int32 [N]
+    loss_mask: np.ndarray  # int32 [N]
+    seg: np.ndarray  # int32 [N], 1-based document index inside the sample
 
     def __len__(self):
         return int(self.tokens.shape[0])
 
-    def head(self, n: int) -> "Sample":
+    def head(self, n: int) -> Sample:
         return Sample(self.tokens[:n], self.loss_mask[:n], self.seg[:n])
 
 
@@ -91,8 +92,9 @@ def _spans_in_region(lengths, region_len: int, offset: int, rng: np.random.Gener
     return list(zip(starts.tolist(), (starts + lengths).tolist()))
 
 
-def place_spans(tokens_N: np.ndarray, lengths, rng: np.random.Generator, *, eos_id: int,
-                cls_id: int | None, ratio: float = 0.15) -> list[tuple[int, int]] | None:
+def place_spans(
+    tokens_N: np.ndarray, lengths, rng: np.random.Generator, *, eos_id: int, cls_id: int | None, ratio: float = 0.15
+) -> list[tuple[int, int]] | None:
     """Reference `sample_span_in_document`: spans (in list order) for shuffled `lengths`, or None
     when not all fit (the reference then drops the sample). Shorter documents take consecutive
     lengths up to int(ratio * len) each; the longest takes the rest while sum + gaps <= its length;
@@ -110,13 +112,14 @@ def place_spans(tokens_N: np.ndarray, lengths, rng: np.random.Generator, *, eos_
                 break
             total, count = total + nxt, count + 1
         if count:
-            spans += _spans_in_region(lengths[cursor:cursor + count], length, offset, rng)
+            spans += _spans_in_region(lengths[cursor : cursor + count], length, offset, rng)
             cursor += count
     return spans if len(spans) == len(lengths) else None
 
 
-def sentence_spans(tokens_N: np.ndarray, is_end_V: np.ndarray, *, eos_id: int,
-                   cls_id: int | None) -> list[tuple[int, int]]:
+def sentence_spans(
+    tokens_N: np.ndarray, is_end_V: np.ndarray, *, eos_id: int, cls_id: int | None
+) -> list[tuple[int, int]]:
     """Reference sentence segmentation (spec §1.5): a sentence ends at a token containing . ? ! ; :
     (and CJK forms, newline); text after a document's last sentence end is not a sentence."""
     n = len(tokens_N)
@@ -161,8 +164,9 @@ def _part_b_order(spans, rng, shuffle: bool):
     return [spans[j] for j in rng.permutation(len(spans))]
 
 
-def token_level(sample: Sample, rng: np.random.Generator, o, ids: SpecialIds, seq_len: int,
-                stats: dict, single_span: bool = False) -> dict:
+def token_level(
+    sample: Sample, rng: np.random.Generator, o, ids: SpecialIds, seq_len: int, stats: dict, single_span: bool = False
+) -> dict:
     """Token-level blanks ([MASK], Poisson spans until >= bert_ratio), trimmed so T <= seq_len."""
     cdf = span_length_cdf(o["avg_block_length"], o["max_block_length"])
     n0, spans = len(sample), []
@@ -174,8 +178,11 @@ def token_level(sample: Sample, rng: np.random.Generator, o, ids: SpecialIds, se
         csum = np.cumsum(stream)
         n = n0
         while True:
-            m = 1 if single_span else (
-                0 if int(o["bert_ratio"] * n) <= 0 else int(np.searchsorted(csum, int(o["bert_ratio"] * n))) + 1)
+            m = (
+                1
+                if single_span
+                else (0 if int(o["bert_ratio"] * n) <= 0 else int(np.searchsorted(csum, int(o["bert_ratio"] * n))) + 1)
+            )
             if n + 2 * m <= seq_len:
                 break
             n = seq_len - 2 * m
@@ -189,21 +196,28 @@ def token_level(sample: Sample, rng: np.random.Generator, o, ids: SpecialIds, se
         sample = sample.head(min(n0, seq_len))
     if not spans:
         stats["samples_without_spans"] = stats.get("samples_without_spans", 0) + 1
-    out = infilling.layout_with_source(sample.tokens, _part_b_order(spans, rng, o["shuffle_blocks"]),
-                                       mask_id=ids.mask, sop_id=ids.sop, eop_id=ids.eop,
-                                       block_position=o["block_position"], eos_id=ids.eos)
+    out = infilling.layout_with_source(
+        sample.tokens,
+        _part_b_order(spans, rng, o["shuffle_blocks"]),
+        mask_id=ids.mask,
+        sop_id=ids.sop,
+        eop_id=ids.eop,
+        block_position=o["block_position"],
+        eos_id=ids.eos,
+    )
     p = o["block_mask_prob"]
-    if p > 0:   # [dBLOCK] corruption of Part B inputs (not the sop), seeded here (reference: global random)
+    if p > 0:  # [dBLOCK] corruption of Part B inputs (not the sop), seeded here (reference: global random)
         t = out["tokens"]
         hit = (np.arange(len(t)) >= out["sep"]) & (t != ids.sop) & (rng.random(len(t)) < p)
         t[hit] = ids.dblock
     return _row_from_layout(out, sample, "token")
 
 
-def sentence_level(sample: Sample, rng: np.random.Generator, o, ids: SpecialIds, seq_len: int,
-                   is_end_V: np.ndarray, stats: dict) -> dict:
+def sentence_level(
+    sample: Sample, rng: np.random.Generator, o, ids: SpecialIds, seq_len: int, is_end_V: np.ndarray, stats: dict
+) -> dict:
     """Whole sentences ([sMASK] with task_mask) until >= gap_sentence_ratio, trimmed so T <= seq_len."""
-    seed = int(rng.integers(2 ** 63))
+    seed = int(rng.integers(2**63))
     n = min(len(sample), seq_len)
     for _ in range(16):
         sents = sentence_spans(sample.tokens[:n], is_end_V, eos_id=ids.eos, cls_id=ids.cls)
@@ -218,9 +232,15 @@ def sentence_level(sample: Sample, rng: np.random.Generator, o, ids: SpecialIds,
         stats["samples_without_spans"] = stats.get("samples_without_spans", 0) + 1
     mask_id = ids.smask if o["task_mask"] and ids.smask is not None else ids.mask
     sub = np.random.default_rng(seed + 1)
-    out = infilling.layout_with_source(sample.tokens[:n], _part_b_order(spans, sub, o["shuffle_blocks"]),
-                                       mask_id=mask_id, sop_id=ids.sop, eop_id=ids.eop,
-                                       block_position=o["block_position"], eos_id=ids.eos)
+    out = infilling.layout_with_source(
+        sample.tokens[:n],
+        _part_b_order(spans, sub, o["shuffle_blocks"]),
+        mask_id=mask_id,
+        sop_id=ids.sop,
+        eop_id=ids.eop,
+        block_position=o["block_position"],
+        eos_id=ids.eos,
+    )
     return _row_from_layout(out, sample.head(n), "sentence")
 
 
@@ -230,8 +250,17 @@ def generation_length(sample_lens, rng: np.random.Generator, min_ratio: float) -
     return int(rng.integers(lo, max(lo, hi) + 1))
 
 
-def document_level(sample: Sample, G: int, rng: np.random.Generator, o, ids: SpecialIds,
-                   seq_len: int, stats: dict, mode: str = "document", infill_prob: float | None = None) -> dict:
+def document_level(
+    sample: Sample,
+    G: int,
+    rng: np.random.Generator,
+    o,
+    ids: SpecialIds,
+    seq_len: int,
+    stats: dict,
+    mode: str = "document",
+    infill_prob: float | None = None,
+) -> dict:
     """[gMASK] generation of a suffix: the prefix layout, or (probability 1 - gpt_infill_prob, single
     documents only) one span of the same length placed inside the document. infill_prob=1 (the
     ChatGLM prefix LM) always takes the prefix layout, which adds one token instead of two."""
@@ -250,11 +279,24 @@ def document_level(sample: Sample, G: int, rng: np.random.Generator, o, ids: Spe
     if not (multi or rng.random() < p):
         spans = place_spans(sample.tokens, [g], rng, eos_id=ids.eos, cls_id=ids.cls, ratio=o["bert_ratio"])
     if spans is None:
-        out = infilling.prefix_layout(sample.tokens, n - g, gmask_id=gmask, sop_id=ids.sop,
-                                      loss_mask=sample.loss_mask, block_position=o["block_position"])
+        out = infilling.prefix_layout(
+            sample.tokens,
+            n - g,
+            gmask_id=gmask,
+            sop_id=ids.sop,
+            loss_mask=sample.loss_mask,
+            block_position=o["block_position"],
+        )
     else:
-        out = infilling.layout_with_source(sample.tokens, spans, mask_id=gmask, sop_id=ids.sop,
-                                           eop_id=ids.eop, block_position=o["block_position"], eos_id=ids.eos)
+        out = infilling.layout_with_source(
+            sample.tokens,
+            spans,
+            mask_id=gmask,
+            sop_id=ids.sop,
+            eop_id=ids.eop,
+            block_position=o["block_position"],
+            eos_id=ids.eos,
+        )
     return _row_from_layout(out, sample, mode)
 
 
@@ -270,13 +312,21 @@ def causal(sample: Sample, seq_len: int, segment_ids: bool) -> dict:
         pos = np.arange(len(toks)) - np.repeat(first, np.diff(np.concatenate([first, [len(toks)]])))
     else:
         pos = np.arange(len(toks))
-    return {"tokens": toks.astype(np.int32), "targets": s.tokens[1:].astype(np.int32), "loss_mask": loss,
-            "position_ids": pos.astype(np.int32), "block_position_ids": None, "sep": 0,
-            "seg": seg, "mode": MODES.index("causal")}
+    return {
+        "tokens": toks.astype(np.int32),
+        "targets": s.tokens[1:].astype(np.int32),
+        "loss_mask": loss,
+        "position_ids": pos.astype(np.int32),
+        "block_position_ids": None,
+        "sep": 0,
+        "seg": seg,
+        "mode": MODES.index("causal"),
+    }
 
 
-def split_short(sample: Sample, target_length: int, rng: np.random.Generator, ids: SpecialIds,
-                is_end_V: np.ndarray) -> Sample:
+def split_short(
+    sample: Sample, target_length: int, rng: np.random.Generator, ids: SpecialIds, is_end_V: np.ndarray
+) -> Sample:
     """Reference `split_samples` for one sample: a window of target_length tokens snapped to sentence
     boundaries, re-prefixed with [CLS]. (The reference takes (seq_len-1)//target_length windows per
     sample and grows the batch; batches here have a fixed size, so one window per sample is kept.)"""
@@ -298,23 +348,38 @@ def split_short(sample: Sample, target_length: int, rng: np.random.Generator, id
     if ids.cls is None:
         return body
     seg0 = body.seg[:1] if len(body) else np.ones(1, np.int32)
-    return Sample(np.concatenate([[ids.cls], body.tokens]).astype(np.int32),
-                  np.concatenate([[0], body.loss_mask]).astype(np.int32),
-                  np.concatenate([seg0, body.seg]).astype(np.int32))
+    return Sample(
+        np.concatenate([[ids.cls], body.tokens]).astype(np.int32),
+        np.concatenate([[0], body.loss_mask]).astype(np.int32),
+        np.concatenate([seg0, body.seg]).astype(np.int32),
+    )
 
 
-def blank_infilling_rows(samples, batch_rng, sample_rngs, o, ids: SpecialIds, seq_len: int,
-                         is_end_V: np.ndarray, stats: dict, per_sample: bool = False) -> list[dict]:
+def blank_infilling_rows(
+    samples,
+    batch_rng,
+    sample_rngs,
+    o,
+    ids: SpecialIds,
+    seq_len: int,
+    is_end_V: np.ndarray,
+    stats: dict,
+    per_sample: bool = False,
+) -> list[dict]:
     """Reference `construct_blocks` (spec §1.3): r0 short-sequence split, r1 single span, r2 objective;
     the objective (and the document-level generation length) is drawn once per batch, or per sample."""
+
     def draws(rng):
         short = rng.random() < o["short_seq_prob"]
-        lo = min(32, seq_len - 2)                    # reference: randrange(32, seq_len - 1)
+        lo = min(32, seq_len - 2)  # reference: randrange(32, seq_len - 1)
         target = int(rng.integers(lo, max(lo + 1, seq_len - 1))) if short else 0
         single = rng.random() < o["single_span_prob"]
         r2 = 0.0 if single else rng.random()
-        mode = "token" if r2 < o["bert_prob"] else (
-            "sentence" if r2 < o["bert_prob"] + o["gap_sentence_prob"] else "document")
+        mode = (
+            "token"
+            if r2 < o["bert_prob"]
+            else ("sentence" if r2 < o["bert_prob"] + o["gap_sentence_prob"] else "document")
+        )
         return target, single, mode
 
     if not per_sample:

@@ -15,6 +15,7 @@ inside a document is right-stripped back to a sentence end unless that loses ove
 Only the text needed is tokenized (a window of about the sample's size), so huge documents cost
 no more than small ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,13 +52,13 @@ class DocStore:
 
 @dataclasses.dataclass(frozen=True)
 class PackSpec:
-    max_len: int               # tokens per sample, [CLS]s and <eos>s included
+    max_len: int  # tokens per sample, [CLS]s and <eos>s included
     eos_id: int
     cls_id: int | None
-    unit_chars: int            # U: characters per sampling unit
+    unit_chars: int  # U: characters per sampling unit
     chars_per_token: float
     min_doc_tokens: int = 3
-    right_strip: bool = True   # GLM: end a cut sample on a sentence end (reference); off for causal LM
+    right_strip: bool = True  # GLM: end a cut sample on a sentence end (reference); off for causal LM
 
     def num_units(self, store: DocStore) -> int:
         return max(1, -(-store.total // self.unit_chars))
@@ -70,7 +71,7 @@ def estimate_chars_per_token(store: DocStore, tok, probe_chars: int = 100_000) -
         t = (store.text(d) or "")[: probe_chars - chars]
         try:
             ids += len(tok.encode(t)) if t else 0
-        except Exception:   # noqa: BLE001 -- counted when the document is met while packing
+        except Exception:
             continue
         chars += len(t)
         if chars >= probe_chars:
@@ -87,7 +88,7 @@ def _snap_start(text: str, off: int, rng: np.random.Generator, max_shift: int) -
     else:
         m = _SENT_END.search(text, max(0, off - 1), min(len(text), off + max_shift))
         q = m.end() if m else None
-    if q is None:   # no sentence end in reach: at least start on a word
+    if q is None:  # no sentence end in reach: at least start on a word
         m = re.compile(r"\s").search(text, off)
         q = m.end() if m else off
     while q < len(text) and text[q].isspace():
@@ -104,7 +105,7 @@ def _encode_from(tok, text: str, off: int, need: int, cpt: float) -> tuple[list[
         if end >= len(text):
             return list(tok.encode(text[off:])), True
         cut = max(text.rfind(" ", off, end), text.rfind("\n", off, end))
-        ids = list(tok.encode(text[off:cut if cut > off else end]))
+        ids = list(tok.encode(text[off : cut if cut > off else end]))
         if len(ids) >= need:
             return ids, False
         width *= 2
@@ -114,16 +115,17 @@ def _right_strip(tokens: list[int], is_end_V: np.ndarray, keep_at_least: int) ->
     """Length after cutting back to the last sentence-end token, unless fewer than keep_at_least remain."""
     arr = np.asarray(tokens)
     ok = (arr < len(is_end_V)) & is_end_V[np.minimum(arr, len(is_end_V) - 1)]
-    idx = np.flatnonzero(ok[keep_at_least - 1:])
+    idx = np.flatnonzero(ok[keep_at_least - 1 :])
     return keep_at_least + int(idx[-1]) if idx.size else len(tokens)
 
 
-def build_sample(store: DocStore, tok, unit: int, rng: np.random.Generator, spec: PackSpec,
-                 is_end_V: np.ndarray, stats: dict) -> Sample:
+def build_sample(
+    store: DocStore, tok, unit: int, rng: np.random.Generator, spec: PackSpec, is_end_V: np.ndarray, stats: dict
+) -> Sample:
     p = min(unit * spec.unit_chars + int(rng.integers(spec.unit_chars)), store.total - 1)
     d, off = store.locate(p)
     if store.chars_D[d] <= spec.unit_chars:
-        off = 0                      # a document that fits is taken whole, from its start
+        off = 0  # a document that fits is taken whole, from its start
     tokens: list[int] = []
     seg: list[int] = []
     head = [spec.cls_id] if spec.cls_id is not None else []
@@ -139,7 +141,7 @@ def build_sample(store: DocStore, tok, unit: int, rng: np.random.Generator, spec
         try:
             ids, at_end = _encode_from(tok, text, off, need, spec.chars_per_token) if text else ([], True)
             failed = False
-        except Exception:   # noqa: BLE001 -- a tokenizer failing on one document must not stop training
+        except Exception:
             stats["docs_skipped_encode_error"] = stats.get("docs_skipped_encode_error", 0) + 1
             ids, at_end, failed = [], True, True
         if failed:

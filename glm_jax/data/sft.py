@@ -33,6 +33,7 @@ Formats (record; ids; loss flags):
 The ptuning formats drop a record with an empty or null prompt or response (encode returns None) and turn a
 label equal to the pad id into -100.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,9 +48,14 @@ from glm_jax.tokenizers import templates
 FORMATS = ("chatglm3", "chatglm3_finetune_hf", "glm4", "glm4_combine", "ptuning_chatglm", "ptuning_chatglm2")
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "observation")
-_TOKENIZER_FAMILY = {"chatglm3": ("chatglm3",), "chatglm3_finetune_hf": ("chatglm3",), "glm4": ("glm4",),
-                     "glm4_combine": ("glm4",), "ptuning_chatglm": ("chatglm",),
-                     "ptuning_chatglm2": ("chatglm2", "chatglm3")}
+_TOKENIZER_FAMILY = {
+    "chatglm3": ("chatglm3",),
+    "chatglm3_finetune_hf": ("chatglm3",),
+    "glm4": ("glm4",),
+    "glm4_combine": ("glm4",),
+    "ptuning_chatglm": ("chatglm",),
+    "ptuning_chatglm2": ("chatglm2", "chatglm3"),
+}
 TOOL_DEFINITION_PREFIX = "Answer the following questions as best as you can. You have access to the following tools:\n"
 
 
@@ -211,8 +217,10 @@ def _glm4(tok, example, combine: bool):
         text = "[gMASK]<sop>" + "".join(_glm4_render(m, f"messages[{i}]") for i, m in enumerate(messages))
         ids = list(tok.encode(text))
         if assistant not in ids:
-            raise SFTRecordError("record: no assistant message with non-empty content (combine mode trains "
-                                 "what follows the last <|assistant|>)")
+            raise SFTRecordError(
+                "record: no assistant message with non-empty content (combine mode trains "
+                "what follows the last <|assistant|>)"
+            )
         last = len(ids) - 1 - ids[::-1].index(assistant)
         flags = [j > last for j in range(len(ids))]
     else:
@@ -242,8 +250,9 @@ def _prompt_response_history(example, history_default):
     if history is None and history_default is not None:
         history = history_default
     if not isinstance(history, list):
-        raise SFTRecordError(f"record: 'history' must be a list of [query, response] pairs, "
-                             f"got {type(history).__name__}")
+        raise SFTRecordError(
+            f"record: 'history' must be a list of [query, response] pairs, got {type(history).__name__}"
+        )
     for i, turn in enumerate(history):
         if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise SFTRecordError(f"record: history[{i}] must be a [query, response] pair of strings, got {turn!r}")
@@ -256,8 +265,10 @@ def _ptuning_chatglm(tok, example):
         return None
     prompt, response, history = record
     if history is not None:
-        prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history)) + \
-            f"[Round {len(history)}]\n问：{prompt}\n答："
+        prompt = (
+            "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+            + f"[Round {len(history)}]\n问：{prompt}\n答："
+        )
     bos, pad = _special(tok, "<sop>"), tok.pad_token_id
     ids = tok.encode(prompt) + [_special(tok, "[gMASK]"), bos] + tok.encode(response) + [_special(tok, "<eop>")]
     start = ids.index(bos)
@@ -286,8 +297,9 @@ def encode(tok, example, format: str):
         raise ValueError(f"unknown SFT format {format!r}; expected one of {FORMATS}")
     family = getattr(tok, "chat_format", None)
     if family is not None and family not in _TOKENIZER_FAMILY[format]:
-        raise ValueError(f"format {format!r} needs a {' or '.join(_TOKENIZER_FAMILY[format])} tokenizer, "
-                         f"got a {family} one")
+        raise ValueError(
+            f"format {format!r} needs a {' or '.join(_TOKENIZER_FAMILY[format])} tokenizer, got a {family} one"
+        )
     if format in ("chatglm3", "chatglm3_finetune_hf"):
         return _chatglm3(tok, example, trust_loss=format == "chatglm3")
     if format in ("glm4", "glm4_combine"):
@@ -308,8 +320,9 @@ class SFTReport:
     truncated: int = 0
 
     def summary(self) -> str:
-        head = (f"{self.records} records, {len(self.skipped)} skipped, {self.dropped} dropped, "
-                f"{self.truncated} truncated")
+        head = (
+            f"{self.records} records, {len(self.skipped)} skipped, {self.dropped} dropped, {self.truncated} truncated"
+        )
         return "\n".join([head] + [f"{path}:{line}: {reason}" for path, line, reason in self.skipped])
 
 
@@ -329,8 +342,11 @@ def _jsonl_files(path) -> list[str]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl")) \
-        if os.path.isdir(path) else [path]
+    files = (
+        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
+        if os.path.isdir(path)
+        else [path]
+    )
     if not files:
         raise FileNotFoundError(f"{path}: no .jsonl files in this folder")
     return files
@@ -375,8 +391,7 @@ class SFTReader:
                     yield truncate(*out, max_len, rep) if max_len is not None else out
 
 
-def read_jsonl(path_or_dir, tok, format: str, max_len: int | None = None,
-               report: SFTReport | None = None) -> SFTReader:
+def read_jsonl(path_or_dir, tok, format: str, max_len: int | None = None, report: SFTReport | None = None) -> SFTReader:
     """(input_ids, labels) of every record of a .jsonl file, or of the .jsonl files of a folder (name order).
     Bad lines (invalid UTF-8 or JSON, SFTRecordError) are skipped and listed in `.report.skipped` as
     (file, line number, reason); with max_len every record is cut by truncate()."""
@@ -415,8 +430,10 @@ def pack(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int) 
             used.append(0)
         rows[r].append((ids, labels))
         used[r] += len(ids)
-    out = {k: np.zeros((len(rows), seq_len), np.float32 if k == "loss_mask" else np.int32)
-           for k in ("tokens", "targets", "loss_mask", "segment_ids", "position_ids")}
+    out = {
+        k: np.zeros((len(rows), seq_len), np.float32 if k == "loss_mask" else np.int32)
+        for k in ("tokens", "targets", "loss_mask", "segment_ids", "position_ids")
+    }
     for r, convs in enumerate(rows):
         start = 0
         for s, (ids, labels) in enumerate(convs, 1):

@@ -11,6 +11,7 @@ Source specs accepted by `open_source`:
   a sequence of str/bytes/dicts               used as is (tests, small in-memory corpora)
 Documents stay raw bytes until the pipeline decodes them, so invalid UTF-8 is detected and counted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,13 +21,19 @@ import logging
 import os
 import pathlib
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 CORPUS_DIR = pathlib.Path(__file__).parent / "corpus"
-SCAN_STATS = ("docs_total", "docs_skipped_empty", "docs_skipped_invalid_utf8", "docs_truncated_huge",
-              "docs_skipped_malformed")
+SCAN_STATS = (
+    "docs_total",
+    "docs_skipped_empty",
+    "docs_skipped_invalid_utf8",
+    "docs_truncated_huge",
+    "docs_skipped_malformed",
+)
 
 
 def bundled_files() -> list[pathlib.Path]:
@@ -54,13 +61,16 @@ def _builder_class():
 
     class GlmLocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Local .txt / .jsonl files as one 'train' split of raw-text documents (array_record)."""
+
         name = "glm_local_text"
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
             return tfds.core.DatasetInfo(
-                builder=self, description="Local text documents for glm_jax pretraining.",
-                features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+                builder=self,
+                description="Local text documents for glm_jax pretraining.",
+                features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -103,11 +113,19 @@ def iter_documents(path, fmt: str = "auto", doc_split: str = "file", text_key: s
         raise ValueError(f"format must be 'auto', 'text' or 'jsonl', got {fmt!r}")
 
 
-def build_local_text(paths: Sequence, data_dir, *, name: str | None = None, format: str = "auto",
-                     doc_split: str = "file", text_key: str = "text") -> str:
+def build_local_text(
+    paths: Sequence,
+    data_dir,
+    *,
+    name: str | None = None,
+    format: str = "auto",
+    doc_split: str = "file",
+    text_key: str = "text",
+) -> str:
     """Writes `paths` as TFDS dataset 'glm_local_text/<name>' (array_record) under data_dir, once.
     Returns the TFDS name to pass to `tfds.data_source(name, data_dir=data_dir)`."""
     import tensorflow_datasets as tfds
+
     paths = tuple(str(pathlib.Path(p).resolve()) for p in paths)
     if not paths:
         raise ValueError("build_local_text needs at least one file")
@@ -122,7 +140,7 @@ def build_local_text(paths: Sequence, data_dir, *, name: str | None = None, form
     tfds.display_progress_bar(False)
     absl_log = logging.getLogger("absl")
     level = absl_log.level
-    absl_log.setLevel(logging.ERROR)       # "Using custom data configuration ..." is expected here
+    absl_log.setLevel(logging.ERROR)  # "Using custom data configuration ..." is expected here
     try:
         builder = builder_cls(config=cfg, data_dir=str(data_dir), file_format="array_record")
         builder.download_and_prepare()
@@ -158,12 +176,18 @@ def open_source(spec: Any, cache_dir=None) -> DocSource:
         spec = {"files": [str(p) for p in bundled_files()], "doc_split": "file", "name": None}
     if isinstance(spec, dict) and "files" in spec:
         data_dir = pathlib.Path(spec.get("data_dir") or cache / "tfds")
-        name = build_local_text(spec["files"], data_dir, name=spec.get("name"),
-                                format=spec.get("format", "auto"), doc_split=spec.get("doc_split", "file"),
-                                text_key=spec.get("text_key", "text"))
+        name = build_local_text(
+            spec["files"],
+            data_dir,
+            name=spec.get("name"),
+            format=spec.get("format", "auto"),
+            doc_split=spec.get("doc_split", "file"),
+            text_key=spec.get("text_key", "text"),
+        )
         spec = {"tfds": name, "data_dir": str(data_dir), "split": "train", "text_key": "text"}
     if isinstance(spec, dict) and "tfds" in spec:
         import tensorflow_datasets as tfds
+
         split = spec.get("split", "train")
         ds = tfds.data_source(spec["tfds"], split=split, data_dir=spec.get("data_dir"))
         fp = json.dumps([spec["tfds"], str(spec.get("data_dir")), split, len(ds)])
@@ -186,9 +210,9 @@ def decode_doc(raw, max_chars: int) -> tuple[str | None, str | None]:
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError as e:
-            if not (clipped and e.start >= len(chunk) - 3):   # only a multi-byte char cut by the clip
+            if not (clipped and e.start >= len(chunk) - 3):  # only a multi-byte char cut by the clip
                 return None, "invalid_utf8"
-            text = chunk[:e.start].decode("utf-8")
+            text = chunk[: e.start].decode("utf-8")
     else:
         text = raw
     if not text.strip():

@@ -8,6 +8,7 @@
 * any object with `.encode(text) -> list[int]` is used as is. Its special ids come from a
   `special_tokens` dict (name -> id) when it has one, else from `special_ids` overrides.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,10 +22,23 @@ from glm_jax.data.objectives import SpecialIds
 from glm_jax.data.sources import bundled_files, default_cache_dir
 
 BUNDLED_CONTROL = ("[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>", "[dBLOCK]")
-BUNDLED_OPTIONS = dict(model_type="unigram", vocab_size=8000, character_coverage=1.0, byte_fallback=True,
-                       pad_id=0, unk_id=1, bos_id=-1, eos_id=2, normalization_rule_name="identity",
-                       remove_extra_whitespaces=False, shuffle_input_sentence=False, num_threads=1,
-                       split_digits=True, max_sentence_length=100000, minloglevel=2)
+BUNDLED_OPTIONS = dict(
+    model_type="unigram",
+    vocab_size=8000,
+    character_coverage=1.0,
+    byte_fallback=True,
+    pad_id=0,
+    unk_id=1,
+    bos_id=-1,
+    eos_id=2,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    shuffle_input_sentence=False,
+    num_threads=1,
+    split_digits=True,
+    max_sentence_length=100000,
+    minloglevel=2,
+)
 # names under which tokenizers expose each GLM command token
 ALIASES = {
     "eos": ("eos", "<eos>", "</s>", "<|endoftext|>", "eod"),
@@ -45,6 +59,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_proto: bytes, special_tokens: dict[str, int] | None = None):
         import sentencepiece as spm
+
         self.model_proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self.vocab_size = self.sp.get_piece_size()
@@ -65,7 +80,7 @@ class SentencePieceTokenizer:
         if i in self._names or i >= self.sp.get_piece_size():
             return self._names.get(i, "")
         piece = self.sp.id_to_piece(int(i))
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:   # byte-fallback piece
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # byte-fallback piece
             return bytes([int(piece[3:5], 16)]).decode("latin-1")
         return piece.replace("\u2581", " ")
 
@@ -79,6 +94,7 @@ class SentencePieceTokenizer:
 def train_bundled_sentencepiece(cache_dir=None, **overrides) -> pathlib.Path:
     """Trains (once) the bundled corpus' sentencepiece model; returns the cached .model path."""
     import sentencepiece as spm
+
     opts = {**BUNDLED_OPTIONS, **overrides}
     files = bundled_files()
     h = hashlib.sha256(b"iter-v2" + repr(sorted(opts.items())).encode() + repr(BUNDLED_CONTROL).encode())
@@ -90,8 +106,9 @@ def train_bundled_sentencepiece(cache_dir=None, **overrides) -> pathlib.Path:
         # Lines go in through an iterator, not as file names: the trainer records input file paths
         # in the model proto, which would make the bytes depend on where the checkout lives.
         lines = (line for f in files for line in f.read_text(encoding="utf-8").splitlines())
-        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=buf,
-                                       control_symbols=list(BUNDLED_CONTROL), **opts)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=buf, control_symbols=list(BUNDLED_CONTROL), **opts
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(buf.getvalue())
@@ -122,7 +139,7 @@ def resolve_tokenizer(spec, cache_dir=None):
         return spec
     path = pathlib.Path(spec)
     try:
-        from glm_jax.tokenizers import load_tokenizer   # another module of this package
+        from glm_jax.tokenizers import load_tokenizer  # another module of this package
     except ImportError:
         load_tokenizer = None
     if load_tokenizer is not None:
@@ -158,7 +175,7 @@ def _token_text(tok, i: int) -> str:
         return tok.id_to_piece(i)
     try:
         return tok.decode([i])
-    except Exception:   # noqa: BLE001 -- any tokenizer; an undecodable id is simply not a sentence end
+    except Exception:
         return ""
 
 

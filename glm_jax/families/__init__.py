@@ -30,8 +30,10 @@ def detect(d: dict) -> Family:
     for m in _MODULES:
         if m.FAMILY.recognise(d):
             return m.FAMILY
-    raise ConfigError(f"unrecognised config: model_type={d.get('model_type')!r}, "
-                      f"architectures={d.get('architectures')!r}; supported families: {', '.join(IDS)}")
+    raise ConfigError(
+        f"unrecognised config: model_type={d.get('model_type')!r}, "
+        f"architectures={d.get('architectures')!r}; supported families: {', '.join(IDS)}"
+    )
 
 
 def presets() -> dict:

@@ -8,13 +8,18 @@ compares a family id with a literal.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from glm_jax.errors import ConfigError
 
 # values that the reference config classes assume when a key is absent (so writing them adds nothing)
-CLASS_DEFAULTS = {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "max_sequence_length": 512,
-                  "block_position_encoding": True, "tie_word_embeddings": False}
+CLASS_DEFAULTS = {
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "max_sequence_length": 512,
+    "block_position_encoding": True,
+    "tie_word_embeddings": False,
+}
 
 
 def no_buffers(cfg, dtype: str) -> list:

@@ -12,16 +12,19 @@ from __future__ import annotations
 from glm_jax.families.base import Family, auto_map_names, eos_ids
 from glm_jax.families.rows import Row, megatron_layer_rows, qkv_blocks
 
-_AUTO = {"AutoConfig": "configuration_glm.GLMConfig", "AutoModel": "modeling_glm.GLMModel",
-         "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration"}
+_AUTO = {
+    "AutoConfig": "configuration_glm.GLMConfig",
+    "AutoModel": "modeling_glm.GLMModel",
+    "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+}
 
 # Command-token ids of the released GLM tokenizers, keyed by padded vocab size (and width, where GLM-RoBERTa and
 # GLM-2B/10B share a vocab size): (pad/eos, sop, eop, [MASK], [sMASK], [gMASK]).
 _TOKENS = {
-    (30592, None): (0, 30522, 30523, 103, None, None),            # BERT wordpiece (GLM-Base/Large/Doc/410M/515M)
-    (50304, "roberta"): (2, 50265, 50266, 50264, None, None),     # GLM-RoBERTa
+    (30592, None): (0, 30522, 30523, 103, None, None),  # BERT wordpiece (GLM-Base/Large/Doc/410M/515M)
+    (50304, "roberta"): (2, 50265, 50266, 50264, None, None),  # GLM-RoBERTa
     (50304, "gpt2"): (50256, 50257, 50258, 50260, 50264, 50263),  # GLM-2B, GLM-10B
-    (50048, None): (50000, 50006, 50007, 50003, 50008, 50009),    # GLM-Large-Chinese, GLM-10B-Chinese (HF ids)
+    (50048, None): (50000, 50006, 50007, 50003, 50008, 50009),  # GLM-Large-Chinese, GLM-10B-Chinese (HF ids)
 }
 
 
@@ -40,36 +43,68 @@ def _default_tokens(d):
 def _tokens(d):
     """Special ids from config.json when it names them, else those of the released tokenizer of that vocab."""
     pad, sop, eop, mask, smask, gmask = _default_tokens(d) or (None,) * 6
-    return dict(mask_token_id=d.get("mask_token_id", mask), smask_token_id=d.get("smask_token_id", smask),
-                gmask_token_id=d.get("gmask_token_id", gmask), bos_token_id=d.get("sop_token_id", sop),
-                pad_token_id=d.get("pad_token_id", pad),
-                eos_token_id=eos_ids(d) or tuple(t for t in (eop, pad) if t is not None))
+    return dict(
+        mask_token_id=d.get("mask_token_id", mask),
+        smask_token_id=d.get("smask_token_id", smask),
+        gmask_token_id=d.get("gmask_token_id", gmask),
+        bos_token_id=d.get("sop_token_id", sop),
+        pad_token_id=d.get("pad_token_id", pad),
+        eos_token_id=eos_ids(d) or tuple(t for t in (eop, pad) if t is not None),
+    )
 
 
 def from_hf(d: dict) -> dict:
     h = d.get("hidden_size", 1024)
     n = d.get("num_attention_heads", 16)
     return dict(
-        vocab_size=d.get("vocab_size", 30592), hidden_size=h,
-        num_layers=d.get("num_layers", d.get("num_hidden_layers", 24)), num_heads=n, num_kv_heads=n, head_dim=h // n,
-        ffn_size=4 * h, norm="layernorm", norm_eps=1e-5, position="learned_2d", rope_dim=0,
+        vocab_size=d.get("vocab_size", 30592),
+        hidden_size=h,
+        num_layers=d.get("num_layers", d.get("num_hidden_layers", 24)),
+        num_heads=n,
+        num_kv_heads=n,
+        head_dim=h // n,
+        ffn_size=4 * h,
+        norm="layernorm",
+        norm_eps=1e-5,
+        position="learned_2d",
+        rope_dim=0,
         max_position_embeddings=d.get("max_sequence_length", 512),
-        block_position_encoding=d.get("block_position_encoding", True), qkv_bias=True, out_bias=True,
-        mlp=d.get("gelu_variant", "gelu_erf"), mlp_bias=True, tie_word_embeddings=True, mask_rule="sep_at_sop",
-        **_tokens(d))
+        block_position_encoding=d.get("block_position_encoding", True),
+        qkv_bias=True,
+        out_bias=True,
+        mlp=d.get("gelu_variant", "gelu_erf"),
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        mask_rule="sep_at_sop",
+        **_tokens(d),
+    )
 
 
 def to_hf(c) -> dict:
-    return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
-            "num_attention_heads": c.num_heads, "max_sequence_length": c.max_position_embeddings,
-            "block_position_encoding": c.block_position_encoding}
+    return {
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "max_sequence_length": c.max_position_embeddings,
+        "block_position_encoding": c.block_position_encoding,
+    }
 
 
 def base_hf(c) -> dict:
-    return {"architectures": ["GLMForConditionalGeneration"], "model_type": "glm", "auto_map": dict(_AUTO),
-            "output_predict": True, "attention_scale": 1.0, "relative_encoding": False,
-            "embedding_dropout_prob": 0.1, "attention_dropout_prob": 0.1, "output_dropout_prob": 0.1,
-            "initializer_range": 0.02, "torch_dtype": "float32"}
+    return {
+        "architectures": ["GLMForConditionalGeneration"],
+        "model_type": "glm",
+        "auto_map": dict(_AUTO),
+        "output_predict": True,
+        "attention_scale": 1.0,
+        "relative_encoding": False,
+        "embedding_dropout_prob": 0.1,
+        "attention_dropout_prob": 0.1,
+        "output_dropout_prob": 0.1,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+    }
 
 
 def _block_positions(cfg) -> bool:
@@ -87,22 +122,37 @@ ROWS = (
 
 
 def _preset(**kw):
-    return dict(architectures=["GLMForConditionalGeneration"], model_type="glm", auto_map=dict(_AUTO),
-                block_position_encoding=True, output_predict=True, **kw)
+    return dict(
+        architectures=["GLMForConditionalGeneration"],
+        model_type="glm",
+        auto_map=dict(_AUTO),
+        block_position_encoding=True,
+        output_predict=True,
+        **kw,
+    )
 
 
 PRESETS = {
     # ~20M parameters: the default model of `make train`
-    "glm_small": _preset(vocab_size=8192, hidden_size=256, num_layers=4, num_attention_heads=4,
-                         max_sequence_length=512),
-    "glm_large": _preset(vocab_size=30592, hidden_size=1024, num_layers=24, num_attention_heads=16,
-                         max_sequence_length=512),
-    "glm_10b": _preset(vocab_size=50304, hidden_size=4096, num_layers=48, num_attention_heads=64,
-                       max_sequence_length=1024),
+    "glm_small": _preset(
+        vocab_size=8192, hidden_size=256, num_layers=4, num_attention_heads=4, max_sequence_length=512
+    ),
+    "glm_large": _preset(
+        vocab_size=30592, hidden_size=1024, num_layers=24, num_attention_heads=16, max_sequence_length=512
+    ),
+    "glm_10b": _preset(
+        vocab_size=50304, hidden_size=4096, num_layers=48, num_attention_heads=64, max_sequence_length=1024
+    ),
 }
 
 FAMILY = Family(
-    id="glm", recognise=recognise, from_hf=from_hf, to_hf=to_hf, base_hf=base_hf, rows=ROWS, presets=PRESETS,
-    optional_key_prefix="glm.",   # the Megatron state dict ('module' of mp_rank_XX) drops the "glm." prefix
+    id="glm",
+    recognise=recognise,
+    from_hf=from_hf,
+    to_hf=to_hf,
+    base_hf=base_hf,
+    rows=ROWS,
+    presets=PRESETS,
+    optional_key_prefix="glm.",  # the Megatron state dict ('module' of mp_rank_XX) drops the "glm." prefix
     reads_megatron=True,
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from glm_jax.errors import ConfigError
 from glm_jax.families.base import Family, eos_ids, eos_out
-from glm_jax.families.rows import D, F, KH, NH, V, Row, gate_up, layer_rows, linear, reshape_bias, untied
+from glm_jax.families.rows import KH, NH, D, F, Row, V, gate_up, layer_rows, linear, reshape_bias, untied
 
 
 def recognise(d: dict) -> bool:
@@ -33,22 +33,45 @@ def from_hf(d: dict, sandwich: bool = False) -> dict:
     if act != "silu":
         raise ConfigError(f"hidden_act {act!r} is not supported for {d.get('model_type')} (only 'silu')")
     return dict(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=n,
-        num_kv_heads=d.get("num_key_value_heads") or n, head_dim=hd, ffn_size=d["intermediate_size"],
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1.5625e-07), sandwich_norm=sandwich,
-        position="rope_interleaved", rope_dim=int(hd * factor), rope_base=theta,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=n,
+        num_kv_heads=d.get("num_key_value_heads") or n,
+        head_dim=hd,
+        ffn_size=d["intermediate_size"],
+        norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1.5625e-07),
+        sandwich_norm=sandwich,
+        position="rope_interleaved",
+        rope_dim=int(hd * factor),
+        rope_base=theta,
         max_position_embeddings=d.get("max_position_embeddings", 131072),
-        qkv_bias=bool(d.get("attention_bias", True)), out_bias=False, mlp="swiglu", mlp_bias=False,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), mask_rule="causal",
-        pad_token_id=d.get("pad_token_id"), eos_token_id=eos_ids(d))
+        qkv_bias=bool(d.get("attention_bias", True)),
+        out_bias=False,
+        mlp="swiglu",
+        mlp_bias=False,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        mask_rule="causal",
+        pad_token_id=d.get("pad_token_id"),
+        eos_token_id=eos_ids(d),
+    )
 
 
 def to_hf(c) -> dict:
-    out = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
-           "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-           "intermediate_size": c.ffn_size, "rms_norm_eps": c.norm_eps,
-           "max_position_embeddings": c.max_position_embeddings, "attention_bias": c.qkv_bias,
-           "tie_word_embeddings": c.tie_word_embeddings}
+    out = {
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.ffn_size,
+        "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "attention_bias": c.qkv_bias,
+        "tie_word_embeddings": c.tie_word_embeddings,
+    }
     src = c.hf_config or {}
     rope = {"rope_theta": c.rope_base, "partial_rotary_factor": c.rope_dim / c.head_dim}
     if "rope_parameters" in src:
@@ -59,9 +82,17 @@ def to_hf(c) -> dict:
 
 
 def base_hf(c, arch: str = "GlmForCausalLM", model_type: str = "glm") -> dict:
-    return {"architectures": [arch], "model_type": model_type, "hidden_act": "silu", "attention_dropout": 0.0,
-            "initializer_range": 0.02, "eos_token_id": eos_out(c), "pad_token_id": c.pad_token_id,
-            "use_cache": True, "dtype": "bfloat16"}
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "eos_token_id": eos_out(c),
+        "pad_token_id": c.pad_token_id,
+        "use_cache": True,
+        "dtype": "bfloat16",
+    }
 
 
 def _qkv_bias(cfg) -> bool:
@@ -74,26 +105,36 @@ def _sandwich(cfg) -> bool:
 
 ROWS = (
     Row(("model.embed_tokens.weight",), ("embed/embedding",)),
-    *layer_rows("model.layers.{l}.", "layers_{l}/block/", [
-        ("input_layernorm.weight", "input_norm/scale", None, None),
-        ("self_attn.q_proj.weight", "attn/q/kernel", linear(D, NH), None),
-        ("self_attn.q_proj.bias", "attn/q/bias", reshape_bias(NH), _qkv_bias),
-        ("self_attn.k_proj.weight", "attn/k/kernel", linear(D, KH), None),
-        ("self_attn.k_proj.bias", "attn/k/bias", reshape_bias(KH), _qkv_bias),
-        ("self_attn.v_proj.weight", "attn/v/kernel", linear(D, KH), None),
-        ("self_attn.v_proj.bias", "attn/v/bias", reshape_bias(KH), _qkv_bias),
-        ("self_attn.o_proj.weight", "attn/o/kernel", linear(NH, D), None),
-        ("post_self_attn_layernorm.weight", "post_attn_norm/scale", None, _sandwich),
-        ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),
-        ("mlp.gate_up_proj.weight", ("mlp/gate/kernel", "mlp/up/kernel"), gate_up(), None),
-        ("mlp.down_proj.weight", "mlp/down/kernel", linear(F, D), None),
-        ("post_mlp_layernorm.weight", "post_mlp_norm/scale", None, _sandwich),
-    ]),
+    *layer_rows(
+        "model.layers.{l}.",
+        "layers_{l}/block/",
+        [
+            ("input_layernorm.weight", "input_norm/scale", None, None),
+            ("self_attn.q_proj.weight", "attn/q/kernel", linear(D, NH), None),
+            ("self_attn.q_proj.bias", "attn/q/bias", reshape_bias(NH), _qkv_bias),
+            ("self_attn.k_proj.weight", "attn/k/kernel", linear(D, KH), None),
+            ("self_attn.k_proj.bias", "attn/k/bias", reshape_bias(KH), _qkv_bias),
+            ("self_attn.v_proj.weight", "attn/v/kernel", linear(D, KH), None),
+            ("self_attn.v_proj.bias", "attn/v/bias", reshape_bias(KH), _qkv_bias),
+            ("self_attn.o_proj.weight", "attn/o/kernel", linear(NH, D), None),
+            ("post_self_attn_layernorm.weight", "post_attn_norm/scale", None, _sandwich),
+            ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),
+            ("mlp.gate_up_proj.weight", ("mlp/gate/kernel", "mlp/up/kernel"), gate_up(), None),
+            ("mlp.down_proj.weight", "mlp/down/kernel", linear(F, D), None),
+            ("post_mlp_layernorm.weight", "post_mlp_norm/scale", None, _sandwich),
+        ],
+    ),
     Row(("model.norm.weight",), ("final_norm/scale",)),
     Row(("lm_head.weight",), ("lm_head/kernel",), *linear(D, V), when=untied),
 )
 
 FAMILY = Family(
-    id="glm-hf", recognise=recognise, from_hf=from_hf, to_hf=to_hf, base_hf=base_hf, rows=ROWS,
-    dtype_key="dtype", chat_formats=("glm4",),
+    id="glm-hf",
+    recognise=recognise,
+    from_hf=from_hf,
+    to_hf=to_hf,
+    base_hf=base_hf,
+    rows=ROWS,
+    dtype_key="dtype",
+    chat_formats=("glm4",),
 )

@@ -8,7 +8,7 @@ Shape helpers (`D`, `NH`, ...) take the config and give a shape tuple.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,11 +21,11 @@ def always(cfg) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    hf: tuple                    # HF key patterns; "{l}" stands for the layer index
-    jax: tuple                   # param paths, "/"-separated; "{l}" likewise
-    to_jax: Optional[Callable] = None   # (cfg, [hf arrays]) -> [param arrays]; default identity
-    to_hf: Optional[Callable] = None    # (cfg, [param arrays]) -> [hf arrays]; default identity
-    when: Callable = always             # cfg -> whether the row applies to this model
+    hf: tuple  # HF key patterns; "{l}" stands for the layer index
+    jax: tuple  # param paths, "/"-separated; "{l}" likewise
+    to_jax: Callable | None = None  # (cfg, [hf arrays]) -> [param arrays]; default identity
+    to_hf: Callable | None = None  # (cfg, [param arrays]) -> [hf arrays]; default identity
+    when: Callable = always  # cfg -> whether the row applies to this model
     per_layer: bool = False
 
     def load(self, cfg, arrays):
@@ -43,8 +43,14 @@ def expand(rows, cfg) -> list:
             continue
         if r.per_layer:
             for layer in range(cfg.num_layers):
-                out.append(dataclasses.replace(r, hf=tuple(k.format(l=layer) for k in r.hf),
-                                               jax=tuple(k.format(l=layer) for k in r.jax), per_layer=False))
+                out.append(
+                    dataclasses.replace(
+                        r,
+                        hf=tuple(k.format(l=layer) for k in r.hf),
+                        jax=tuple(k.format(l=layer) for k in r.jax),
+                        per_layer=False,
+                    )
+                )
         else:
             out.append(r)
     return out
@@ -88,14 +94,14 @@ def linear(in_shape_fn, out_shape_fn):
 
     def to_jax(cfg, a):
         (w,) = a
-        return [c(w.T).reshape(in_shape_fn(cfg) + out_shape_fn(cfg))]   # transposed as 2-D: the fast path
+        return [c(w.T).reshape(in_shape_fn(cfg) + out_shape_fn(cfg))]  # transposed as 2-D: the fast path
 
     def to_hf(cfg, a):
         (k,) = a
         i = int(np.prod(in_shape_fn(cfg)))
         return [c(k.reshape(i, -1).T)]
 
-    to_hf.linear_in = in_shape_fn       # lets a reader build a large one block by block (glm-convert's export)
+    to_hf.linear_in = in_shape_fn  # lets a reader build a large one block by block (glm-convert's export)
     return to_jax, to_hf
 
 
@@ -166,8 +172,8 @@ def gate_up():
     def to_hf(cfg, a):
         g, u = (np.asarray(x) for x in a)
         out = np.empty((g.shape[1] + u.shape[1], g.shape[0]), g.dtype)
-        copy_2d(out[:g.shape[1]], g.T)
-        copy_2d(out[g.shape[1]:], u.T)
+        copy_2d(out[: g.shape[1]], g.T)
+        copy_2d(out[g.shape[1] :], u.T)
         return [out]
 
     return to_jax, to_hf
@@ -190,20 +196,24 @@ def megatron_layer_rows(hf_prefix, qkv) -> list:
     """The per-layer rows that GLM and ChatGLM-6B share (Megatron naming, biases everywhere, GELU MLP); only the
     fused-qkv row layout differs, passed as `qkv` = ((w_to_jax, w_to_hf), (b_to_jax, b_to_hf))."""
     (w, b) = qkv
-    return layer_rows(hf_prefix, "layers_{l}/block/", [
-        ("input_layernorm.weight", "input_norm/scale", None, None),
-        ("input_layernorm.bias", "input_norm/bias", None, None),
-        ("attention.query_key_value.weight", ("attn/q/kernel", "attn/k/kernel", "attn/v/kernel"), w, None),
-        ("attention.query_key_value.bias", ("attn/q/bias", "attn/k/bias", "attn/v/bias"), b, None),
-        ("attention.dense.weight", "attn/o/kernel", linear(NH, D), None),
-        ("attention.dense.bias", "attn/o/bias", None, None),
-        ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),
-        ("post_attention_layernorm.bias", "mlp_norm/bias", None, None),
-        ("mlp.dense_h_to_4h.weight", "mlp/up/kernel", linear(D, F), None),
-        ("mlp.dense_h_to_4h.bias", "mlp/up/bias", None, None),
-        ("mlp.dense_4h_to_h.weight", "mlp/down/kernel", linear(F, D), None),
-        ("mlp.dense_4h_to_h.bias", "mlp/down/bias", None, None),
-    ])
+    return layer_rows(
+        hf_prefix,
+        "layers_{l}/block/",
+        [
+            ("input_layernorm.weight", "input_norm/scale", None, None),
+            ("input_layernorm.bias", "input_norm/bias", None, None),
+            ("attention.query_key_value.weight", ("attn/q/kernel", "attn/k/kernel", "attn/v/kernel"), w, None),
+            ("attention.query_key_value.bias", ("attn/q/bias", "attn/k/bias", "attn/v/bias"), b, None),
+            ("attention.dense.weight", "attn/o/kernel", linear(NH, D), None),
+            ("attention.dense.bias", "attn/o/bias", None, None),
+            ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),
+            ("post_attention_layernorm.bias", "mlp_norm/bias", None, None),
+            ("mlp.dense_h_to_4h.weight", "mlp/up/kernel", linear(D, F), None),
+            ("mlp.dense_h_to_4h.bias", "mlp/up/bias", None, None),
+            ("mlp.dense_4h_to_h.weight", "mlp/down/kernel", linear(F, D), None),
+            ("mlp.dense_4h_to_h.bias", "mlp/down/bias", None, None),
+        ],
+    )
 
 
 # ---------------------------------------------------------------- P-Tuning v2 prefix encoder (ChatGLM-6B, ChatGLM2/3)
@@ -232,11 +242,19 @@ def _prefix_width(cfg):
 
 PREFIX_ROWS = [
     Row((PREFIX + "embedding.weight",), ("prefix_encoder/embedding",), when=_ptuning),
-    Row((PREFIX + "trans.0.weight",), ("prefix_encoder/trans_0/kernel",), *linear(_prefix_embed, _prefix_hidden),
-        when=_projection),
+    Row(
+        (PREFIX + "trans.0.weight",),
+        ("prefix_encoder/trans_0/kernel",),
+        *linear(_prefix_embed, _prefix_hidden),
+        when=_projection,
+    ),
     Row((PREFIX + "trans.0.bias",), ("prefix_encoder/trans_0/bias",), when=_projection),
-    Row((PREFIX + "trans.2.weight",), ("prefix_encoder/trans_2/kernel",), *linear(_prefix_hidden, _prefix_width),
-        when=_projection),
+    Row(
+        (PREFIX + "trans.2.weight",),
+        ("prefix_encoder/trans_2/kernel",),
+        *linear(_prefix_hidden, _prefix_width),
+        when=_projection,
+    ),
     Row((PREFIX + "trans.2.bias",), ("prefix_encoder/trans_2/bias",), when=_projection),
 ]
 

@@ -1,4 +1,5 @@
 """Multi-head / grouped-query attention with rotary or learned positions, optional P-Tuning prefix and KV cache."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -76,8 +77,12 @@ class Attention(nn.Module):
         q = Dense((D,), (N, H), ("embed", "q_heads", "kv"), c.qkv_bias, name="q", **kw)(x_BTD)
         k = Dense((D,), (K, H), ("embed", "kv_heads", "kv"), c.qkv_bias, name="k", **kw)(x_BTD)
         v = Dense((D,), (K, H), ("embed", "kv_heads", "kv"), c.qkv_bias, name="v", **kw)(x_BTD)
-        q = constrain(apply_rope(q, position_ids, c), ("activation_batch", "activation_length", "activation_heads", None))
-        k = constrain(apply_rope(k, position_ids, c), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        q = constrain(
+            apply_rope(q, position_ids, c), ("activation_batch", "activation_length", "activation_heads", None)
+        )
+        k = constrain(
+            apply_rope(k, position_ids, c), ("activation_batch", "activation_length", "activation_kv_heads", None)
+        )
         v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
         new_cache = None
         kv_first = cache is not None
@@ -90,7 +95,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cv, flat_heads(v).astype(cv.dtype), cache_index, axis=1)
             new_cache = (k, v)
         if prefix_kv is not None:  # P-Tuning v2: P leading keys/values, not rotated, visible to every query
-            pk, pv = prefix_kv     # [B, P, K, H]
+            pk, pv = prefix_kv  # [B, P, K, H]
             P = pk.shape[1]
             if kv_first:
                 pk, pv = flat_heads(pk), flat_heads(pv)

@@ -1,9 +1,10 @@
 """One transformer layer. The residual scheme is config data:
 
-    pre-norm (GLM, ChatGLM2+, Glm):  x = x + Attn(N1(x));            x = x + MLP(N2(x))
-    residual_from_norm + alpha (ChatGLM-6B): a = N1(x); x = alpha·a + Attn(a); m = N2(x); x = alpha·m + MLP(m)
-    sandwich (Glm4):                 x = x + N1'(Attn(N1(x)));        x = x + N2'(MLP(N2(x)))
+pre-norm (GLM, ChatGLM2+, Glm):  x = x + Attn(N1(x));            x = x + MLP(N2(x))
+residual_from_norm + alpha (ChatGLM-6B): a = N1(x); x = alpha·a + Attn(a); m = N2(x); x = alpha·m + MLP(m)
+sandwich (Glm4):                 x = x + N1'(Attn(N1(x)));        x = x + N2'(MLP(N2(x)))
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

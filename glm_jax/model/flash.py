@@ -25,6 +25,7 @@ friendly for TPU Mosaic when block_q, block_k are multiples of 128 (or cover the
 backward pass Pallas' Mosaic lowering (tested on CPU via jax.export; never compiled or run on a TPU here). Off TPU
 the kernels run with interpret=True (also on GPU: these are Mosaic-style kernels, not Triton ones).
 """
+
 from __future__ import annotations
 
 import functools
@@ -113,8 +114,10 @@ def _visible(cfg, qi, ki, prefix):
 
 # ---------------------------------------------------------------- kernels (refs: one block each, batch/head squeezed)
 
-def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, cfg):
+
+def _fwd_kernel(
+    prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg
+):
     b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prefix = prefix_ref[b]
 
@@ -149,8 +152,9 @@ def _probs(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse
     return jnp.where(mask_qk, jnp.exp(s_qk - lse_ref[...]), 0.0)
 
 
-def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, dq_scr, *, cfg):
+def _dq_kernel(
+    prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, cfg
+):
     b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prefix = prefix_ref[b]
 
@@ -170,8 +174,24 @@ def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, d
         dq_ref[...] = (dq_scr[...] * (1.0 / float(q_ref.shape[-1]) ** 0.5)).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, dk_scr, dv_scr, *, cfg):
+def _dkv_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    valid_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    dk_scr,
+    dv_scr,
+    *,
+    cfg,
+):
     """Grid (B, K, nk, G·nq): the last axis walks the G query heads of kv head k and their q blocks."""
     b, ki, r = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     qi, prefix = lax.rem(r, cfg.nq), prefix_ref[b]
@@ -197,11 +217,13 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, 
 
 # ---------------------------------------------------------------- pallas_call wrappers
 
+
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, args):
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg),
-        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
-                                               out_specs=out_specs, scratch_shapes=scratch),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+        ),
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
@@ -210,6 +232,7 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, args):
 
 def _q_major_specs(cfg, H):
     """BlockSpecs for grid (B, N, nq, nk): q-side blocks follow (n, qi), kv-side blocks (n // G, ki)."""
+
     def q_map(b, n, qi, ki, prefix_ref):
         return b, n, qi, 0
 
@@ -234,12 +257,19 @@ def _forward(cfg, q_BNTH, k_BKSH, v_BKSH, prefix_B, qseg_BT1, kseg_B1S, valid_B1
     B, N, Tp, H = q_BNTH.shape
     q_spec, kv_spec, qrow_spec, krow_spec, col_spec = _q_major_specs(cfg, H)
     return _call(
-        _fwd_kernel, cfg, (B, N, cfg.nq, cfg.nk),
-        [q_spec, kv_spec, kv_spec, qrow_spec, krow_spec, krow_spec], [q_spec, col_spec],
+        _fwd_kernel,
+        cfg,
+        (B, N, cfg.nq, cfg.nk),
+        [q_spec, kv_spec, kv_spec, qrow_spec, krow_spec, krow_spec],
+        [q_spec, col_spec],
         [jax.ShapeDtypeStruct(q_BNTH.shape, q_BNTH.dtype), jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32)],
-        [pltpu.VMEM((cfg.bq, 1), jnp.float32), pltpu.VMEM((cfg.bq, 1), jnp.float32),
-         pltpu.VMEM((cfg.bq, H), jnp.float32)],
-        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S))
+        [
+            pltpu.VMEM((cfg.bq, 1), jnp.float32),
+            pltpu.VMEM((cfg.bq, 1), jnp.float32),
+            pltpu.VMEM((cfg.bq, H), jnp.float32),
+        ],
+        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S),
+    )
 
 
 def _backward_dq(cfg, res, do_BNTH, delta_BNT1):
@@ -247,10 +277,15 @@ def _backward_dq(cfg, res, do_BNTH, delta_BNT1):
     B, N, _, H = q_BNTH.shape
     q_spec, kv_spec, qrow_spec, krow_spec, col_spec = _q_major_specs(cfg, H)
     return _call(
-        _dq_kernel, cfg, (B, N, cfg.nq, cfg.nk),
-        [q_spec, kv_spec, kv_spec, qrow_spec, krow_spec, krow_spec, q_spec, col_spec, col_spec], q_spec,
-        jax.ShapeDtypeStruct(q_BNTH.shape, q_BNTH.dtype), [pltpu.VMEM((cfg.bq, H), jnp.float32)],
-        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1))
+        _dq_kernel,
+        cfg,
+        (B, N, cfg.nq, cfg.nk),
+        [q_spec, kv_spec, kv_spec, qrow_spec, krow_spec, krow_spec, q_spec, col_spec, col_spec],
+        q_spec,
+        jax.ShapeDtypeStruct(q_BNTH.shape, q_BNTH.dtype),
+        [pltpu.VMEM((cfg.bq, H), jnp.float32)],
+        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1),
+    )
 
 
 def _backward_dkv(cfg, res, do_BNTH, delta_BNT1):
@@ -274,12 +309,25 @@ def _backward_dkv(cfg, res, do_BNTH, delta_BNT1):
     col_spec = pl.BlockSpec((None, None, cfg.bq, 1), q_map)
     krow_spec = pl.BlockSpec((None, 1, cfg.bk), krow_map)
     return _call(
-        _dkv_kernel, cfg, (B, K, cfg.nk, cfg.groups * cfg.nq),
-        [q_spec, kv_spec, kv_spec, pl.BlockSpec((None, cfg.bq, 1), qrow_map), krow_spec, krow_spec,
-         q_spec, col_spec, col_spec], [kv_spec, kv_spec],
+        _dkv_kernel,
+        cfg,
+        (B, K, cfg.nk, cfg.groups * cfg.nq),
+        [
+            q_spec,
+            kv_spec,
+            kv_spec,
+            pl.BlockSpec((None, cfg.bq, 1), qrow_map),
+            krow_spec,
+            krow_spec,
+            q_spec,
+            col_spec,
+            col_spec,
+        ],
+        [kv_spec, kv_spec],
         [jax.ShapeDtypeStruct(k_BKSH.shape, k_BKSH.dtype), jax.ShapeDtypeStruct(v_BKSH.shape, v_BKSH.dtype)],
         [pltpu.VMEM((cfg.bk, H), jnp.float32), pltpu.VMEM((cfg.bk, H), jnp.float32)],
-        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1))
+        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -311,8 +359,20 @@ def _pad_axis(x, axis, size, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids=None, kv_segment_ids=None, prefix_len=None,
-                    kv_valid=None, causal=True, block_q=128, block_k=128, interpret=None):
+def flash_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    *,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    prefix_len=None,
+    kv_valid=None,
+    causal=True,
+    block_q=128,
+    block_k=128,
+    interpret=None,
+):
     """softmax(q·kᵀ/sqrt(H), masked by the module's rule) · v -> [B, T, N, H] in q's dtype. prefix_len: [B] int (None =
     0); segment ids: [B, T] / [B, S] ints (both or neither); kv_valid: [B, S] bool/int. Differentiable in q, k, v."""
     B, T, N = q_BTNH.shape[:3]

@@ -1,4 +1,5 @@
 """Small building blocks: logically partitioned params, norms, dense projections."""
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,11 @@ def param(module: nn.Module, name: str, shape, axes, init, dtype):
 
 def logical_axes(boxed_tree):
     """Tree of logical-name tuples from a tree of nn.Partitioned / LogicallyPartitioned boxes."""
-    return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * jnp.ndim(x),
-                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(
+        lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * jnp.ndim(x),
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
 
 
 def constrain(x, axes):
@@ -35,18 +39,20 @@ def matmul(x, w, n_in: int = 1, transpose_w: bool = False):
     matrix product: the leading dims of x and the in/out dims of w are merged first (free reshapes of
     row-major arrays). The gradient of w is then a product over one contracted dim, not several; XLA:CPU
     otherwise transposes the [B, T, F] activation gradients for it (1.7x slower MLP backward, measured)."""
-    lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    lead, ins = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
     k = math.prod(ins)
-    outs = w.shape[:w.ndim - n_in] if transpose_w else w.shape[n_in:]
+    outs = w.shape[: w.ndim - n_in] if transpose_w else w.shape[n_in:]
     w2 = w.reshape(-1, k) if transpose_w else w.reshape(k, -1)
     dims = ((1,), (1,)) if transpose_w else ((1,), (0,))
-    y = jax.lax.dot_general(x.reshape(-1, k), w2, (dims, ((), ())),
-                            preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+    y = jax.lax.dot_general(
+        x.reshape(-1, k), w2, (dims, ((), ())), preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None
+    )
     return y.reshape(lead + outs)
 
 
 class Norm(nn.Module):
     """LayerNorm (with bias) or RMSNorm; statistics in float32, output in the compute dtype."""
+
     kind: str
     eps: float
     dtype: str = "float32"
@@ -106,9 +112,10 @@ norm.defvjp(_norm_fwd, _norm_bwd)
 
 class Dense(nn.Module):
     """y = x · kernel (+ bias), contracting the last `len(in_shape)` dims of x; kernel is [in..., out...]."""
+
     in_shape: tuple
     out_shape: tuple
-    axes: tuple                # logical names of kernel dims (in..., out...)
+    axes: tuple  # logical names of kernel dims (in..., out...)
     use_bias: bool
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -116,8 +123,14 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = param(self, "kernel", self.in_shape + self.out_shape, self.axes,
-                       nn.initializers.normal(self.init_std), self.param_dtype)
+        kernel = param(
+            self,
+            "kernel",
+            self.in_shape + self.out_shape,
+            self.axes,
+            nn.initializers.normal(self.init_std),
+            self.param_dtype,
+        )
         dt = dtype_of(self.dtype)
         n_in = len(self.in_shape)
         y = matmul(x.astype(dt), kernel.astype(dt), n_in)

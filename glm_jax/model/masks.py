@@ -2,6 +2,7 @@
 
 Everything here is jit-able jnp code on [B, T] token ids. `allowed_BTS` is True where a query may attend a key.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -70,10 +71,18 @@ def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
         return jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
     ctx = context_length(cfg, input_ids, prefix_len)[:, None]
     if cfg.position in ("rope_2d", "rope_half"):
-        has_g = jnp.any(input_ids == cfg.gmask_token_id, axis=1) if cfg.gmask_token_id is not None else jnp.zeros((B,), bool)
+        has_g = (
+            jnp.any(input_ids == cfg.gmask_token_id, axis=1)
+            if cfg.gmask_token_id is not None
+            else jnp.zeros((B,), bool)
+        )
         gpos = _first_index(input_ids == cfg.gmask_token_id, 0) if cfg.gmask_token_id is not None else 0
-        mpos = _first_index(input_ids == cfg.mask_token_id, ctx[:, 0] - 1) if cfg.mask_token_id is not None else ctx[:, 0] - 1
-        mask_pos = (jnp.where(has_g, gpos, mpos)[:, None] - first_real)
+        mpos = (
+            _first_index(input_ids == cfg.mask_token_id, ctx[:, 0] - 1)
+            if cfg.mask_token_id is not None
+            else ctx[:, 0] - 1
+        )
+        mask_pos = jnp.where(has_g, gpos, mpos)[:, None] - first_real
         if cfg.position == "rope_half":  # 1-D mode: only [MASK] rows (not [gMASK]) pin Part B to the mask
             pos = jnp.where((t >= ctx) & ~has_g[:, None], mask_pos, t - first_real)
             return jnp.where(real, pos, 0).astype(jnp.int32)
@@ -87,9 +96,9 @@ def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
         return jnp.stack([base, jnp.zeros_like(base)], axis=1).astype(jnp.int32)
     in_b = t >= ctx
     is_sop = (input_ids == cfg.bos_token_id) & in_b
-    seg = jnp.cumsum(is_sop, axis=1)                                   # 1.. within Part B
+    seg = jnp.cumsum(is_sop, axis=1)  # 1.. within Part B
     is_mask = _is_any(input_ids, mask_ids) & ~in_b
-    mask_sorted = jnp.sort(jnp.where(is_mask, t, T), axis=1)           # mask indices in order
+    mask_sorted = jnp.sort(jnp.where(is_mask, t, T), axis=1)  # mask indices in order
     seg_mask = jnp.take_along_axis(mask_sorted, jnp.clip(seg - 1, 0, T - 1), axis=1)
     seg_mask = jnp.where(seg_mask >= T, ctx - 1, seg_mask) - first_real
     start = _cummax(jnp.where(is_sop, t, 0))
@@ -100,4 +109,5 @@ def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
 
 def _cummax(x_BT):
     import jax
+
     return jax.lax.cummax(x_BT, axis=1)

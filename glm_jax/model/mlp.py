@@ -1,4 +1,5 @@
 """Feed-forward blocks: SwiGLU (ChatGLM2+, Glm, Glm4) or GELU (GLM: erf or tanh; ChatGLM-6B: tanh)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

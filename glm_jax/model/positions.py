@@ -7,6 +7,7 @@
   frequencies rounded to float16.
 * rope_half (ChatGLM-6B 1-D mode): rotate-half over `rope_dim` dims with the position id.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -55,8 +56,8 @@ def apply_rope(x_BTNH, position_ids, cfg):
     r = cfg.rope_dim
     if cfg.position == "rope_2d":
         a = _rotate_half(x_BTNH[..., :r], _angles(position_ids[:, 0], cfg))
-        b = _rotate_half(x_BTNH[..., r:2 * r], _angles(position_ids[:, 1], cfg))
-        out = jnp.concatenate([a, b, x_BTNH[..., 2 * r:].astype(jnp.float32)], axis=-1)
+        b = _rotate_half(x_BTNH[..., r : 2 * r], _angles(position_ids[:, 1], cfg))
+        out = jnp.concatenate([a, b, x_BTNH[..., 2 * r :].astype(jnp.float32)], axis=-1)
     elif cfg.position == "rope_half":
         rot = _rotate_half(x_BTNH[..., :r], _angles(position_ids, cfg))
         out = jnp.concatenate([rot, x_BTNH[..., r:].astype(jnp.float32)], axis=-1)

@@ -1,4 +1,5 @@
 """The GLM language model: embeddings, layers (a Python loop or nn.scan), final norm, output projection."""
+
 from __future__ import annotations
 
 import functools
@@ -14,7 +15,7 @@ from glm_jax.model.block import ACT, Block
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, logical_axes, matmul, param
 from glm_jax.model.masks import default_allowed, default_positions
 
-if TYPE_CHECKING:   # annotations only: glm_jax.config imports this module for num_params
+if TYPE_CHECKING:  # annotations only: glm_jax.config imports this module for num_params
     from glm_jax.config import GLMConfig
 
 REMAT_POLICIES = {
@@ -25,6 +26,7 @@ REMAT_POLICIES = {
 
 class LayerBody(nn.Module):
     """One layer in the (carry, scanned inputs) form shared by the loop and nn.scan."""
+
     cfg: GLMConfig
 
     @nn.compact
@@ -32,8 +34,9 @@ class LayerBody(nn.Module):
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        y, new_cache = block(self.cfg, name="block")(x_BTD, position_ids, allowed_BTS, xs.get("prefix"),
-                                                     xs.get("cache"), cache_index)
+        y, new_cache = block(self.cfg, name="block")(
+            x_BTD, position_ids, allowed_BTS, xs.get("prefix"), xs.get("cache"), cache_index
+        )
         ys = {"hidden": x_BTD}
         if new_cache is not None:
             ys["cache"] = new_cache
@@ -42,6 +45,7 @@ class LayerBody(nn.Module):
 
 class PrefixEncoder(nn.Module):
     """P-Tuning v2: prefix ids 0..P-1 → per-layer keys and values [L, 2, P, K, H]."""
+
     cfg: GLMConfig
 
     @nn.compact
@@ -49,12 +53,20 @@ class PrefixEncoder(nn.Module):
         c = self.cfg
         width = c.prefix_width
         emb_w = (c.prefix_embed_size or width) if c.prefix_projection else width
-        e = param(self, "embedding", (c.pre_seq_len, emb_w), ("prefix", "prefix_embed"),
-                  nn.initializers.normal(0.02), c.param_dtype).astype(jnp.float32)
+        e = param(
+            self,
+            "embedding",
+            (c.pre_seq_len, emb_w),
+            ("prefix", "prefix_embed"),
+            nn.initializers.normal(0.02),
+            c.param_dtype,
+        ).astype(jnp.float32)
         if c.prefix_projection:
             kw = dict(dtype="float32", param_dtype=c.param_dtype)
             h = Dense((emb_w,), (c.prefix_hidden_size,), ("prefix_embed", "embed"), True, name="trans_0", **kw)(e)
-            e = Dense((c.prefix_hidden_size,), (width,), ("embed", "prefix_embed"), True, name="trans_2", **kw)(jnp.tanh(h))
+            e = Dense((c.prefix_hidden_size,), (width,), ("embed", "prefix_embed"), True, name="trans_2", **kw)(
+                jnp.tanh(h)
+            )
         e = e.reshape(c.pre_seq_len, c.num_layers, 2, c.num_kv_heads, c.head_dim)
         return e.transpose(1, 2, 0, 3, 4)
 
@@ -69,24 +81,41 @@ class GLMModel(nn.Module):
             rows = c.max_position_embeddings + (1 if c.block_position_encoding else 0)
             self.pos_embed = Embed(rows, c.hidden_size, ("positions", "embed"), c.param_dtype)
             if c.block_position_encoding:
-                self.block_pos_embed = Embed(c.max_position_embeddings + 1, c.hidden_size, ("positions", "embed"),
-                                             c.param_dtype)
+                self.block_pos_embed = Embed(
+                    c.max_position_embeddings + 1, c.hidden_size, ("positions", "embed"), c.param_dtype
+                )
         if c.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(c)
         if c.scan_layers:
-            self.layers = nn.scan(LayerBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(c)
+            self.layers = nn.scan(
+                LayerBody,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c)
         else:
             self.layers = [LayerBody(c, name=f"layers_{i}") for i in range(c.num_layers)]
         if c.final_norm:
             self.final_norm = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = Dense((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), False,
-                                 dtype=c.dtype, param_dtype=c.param_dtype)
+            self.lm_head = Dense(
+                (c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), False, dtype=c.dtype, param_dtype=c.param_dtype
+            )
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *,
-                 segment_ids=None, cache=None, cache_index=None, return_hidden=False):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        prefix_len=None,
+        *,
+        segment_ids=None,
+        cache=None,
+        cache_index=None,
+        return_hidden=False,
+    ):
         """Logits [B, T, V] in float32. With `cache` (from `init_cache`: {"k","v"} stacked [L, B·K, S, H], or
         without scan_layers per-layer tuples of L [B·K, S, H] arrays, which XLA updates in place instead of
         slicing and re-stacking) the caller passes a dense attention_mask [B, T, S] and position_ids, and gets
@@ -111,7 +140,7 @@ class GLMModel(nn.Module):
 
         xs = {}
         if c.pre_seq_len:
-            kv = self.prefix_encoder()                                    # [L, 2, P, K, H]
+            kv = self.prefix_encoder()  # [L, 2, P, K, H]
             B = input_ids.shape[0]
             kv = jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (B,) + kv.shape[2:])
             xs["prefix"] = (kv[:, 0], kv[:, 1])
@@ -126,8 +155,7 @@ class GLMModel(nn.Module):
         else:
             outs = []
             for i, layer in enumerate(self.layers):
-                xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else jax.tree.map(lambda a: a[i], v)
-                      for k, v in xs.items()}
+                xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else _index(v, i) for k, v in xs.items()}
                 x, y = layer(x, xi, position_ids, allowed, cache_index)
                 outs.append(y)
             cache_out = [y.pop("cache") for y in outs] if per_layer else None
@@ -157,8 +185,9 @@ class Embed(nn.Module):
     param_dtype: str = "float32"
 
     def setup(self):
-        self.embedding = param(self, "embedding", (self.num, self.dim), self.axes, nn.initializers.normal(0.02),
-                               self.param_dtype)
+        self.embedding = param(
+            self, "embedding", (self.num, self.dim), self.axes, nn.initializers.normal(0.02), self.param_dtype
+        )
 
     def __call__(self, ids):
         return jnp.take(self.embedding, ids, axis=0)
@@ -221,6 +250,11 @@ def _stack(*leaves):
     return np.stack(leaves)
 
 
+def _index(tree, i: int):
+    """Entry i of every leaf's leading (layer) axis."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
 def unstack_layers(params):
     """Inverse of stack_layers."""
     if "layers" not in params:
@@ -228,5 +262,5 @@ def unstack_layers(params):
     out = {k: v for k, v in params.items() if k != "layers"}
     n = jax.tree.leaves(params["layers"])[0].shape[0]
     for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
+        out[f"layers_{i}"] = _index(params["layers"], i)
     return out

@@ -1,10 +1,11 @@
 """Pieces shared by every GLM tokenizer: file checks, special-token splitting, padding, the base class."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def split_special(text: str, pattern: re.Pattern | None) -> list[tuple[str, bool
     out, pos = [], 0
     for m in pattern.finditer(text):
         if m.start() > pos:
-            out.append((text[pos:m.start()], False))
+            out.append((text[pos : m.start()], False))
         out.append((m.group(), True))
         pos = m.end()
     if pos < len(text):
@@ -74,8 +75,18 @@ def split_special(text: str, pattern: re.Pattern | None) -> list[tuple[str, bool
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' clean_up_tokenization (default on in transformers 4.30 decoding)."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text
 

@@ -1,11 +1,19 @@
 """ChatGLM-6B tokenizer: sentencepiece `ice_text.model` with the SPTokenizer text pre-processing."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from glm_jax.tokenizers import templates, tool_parse
-from glm_jax.tokenizers.base import (GLMTokenizer, as_id_list, clean_up_tokenization, load_sentencepiece,
-                                     sp_piece_id, special_pattern, split_special)
+from glm_jax.tokenizers.base import (
+    GLMTokenizer,
+    as_id_list,
+    clean_up_tokenization,
+    load_sentencepiece,
+    sp_piece_id,
+    special_pattern,
+    split_special,
+)
 
 GENERATION_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
 # transformers 4.30 cuts these (the class's bos/eos/mask/pad/unk attributes) out of the text and strips
@@ -19,11 +27,21 @@ class ChatGLMTokenizer(GLMTokenizer):
 
     chat_format = "chatglm"
 
-    def __init__(self, vocab_file: str, num_image_tokens: int = 0, max_blank_length: int = 80,
-                 remove_space: bool = False, do_lower_case: bool = False):
-        self._init_args = dict(vocab_file=vocab_file, num_image_tokens=num_image_tokens,
-                               max_blank_length=max_blank_length, remove_space=remove_space,
-                               do_lower_case=do_lower_case)
+    def __init__(
+        self,
+        vocab_file: str,
+        num_image_tokens: int = 0,
+        max_blank_length: int = 80,
+        remove_space: bool = False,
+        do_lower_case: bool = False,
+    ):
+        self._init_args = dict(
+            vocab_file=vocab_file,
+            num_image_tokens=num_image_tokens,
+            max_blank_length=max_blank_length,
+            remove_space=remove_space,
+            do_lower_case=do_lower_case,
+        )
         self.vocab_file = vocab_file
         self.sp = load_sentencepiece(vocab_file)
         self.num_image_tokens = int(num_image_tokens)
@@ -72,7 +90,7 @@ class ChatGLMTokenizer(GLMTokenizer):
         if self.do_lower_case:
             text = text.lower()
         parts = [list(p) for p in split_special(text, self._split)]
-        for i, (chunk, special) in enumerate(parts):
+        for i, (_chunk, special) in enumerate(parts):
             if special:
                 if i > 0 and not parts[i - 1][1]:
                     parts[i - 1][0] = parts[i - 1][0].rstrip()

@@ -1,9 +1,17 @@
 """ChatGLM2-6B and ChatGLM3-6B tokenizers: sentencepiece `tokenizer.model` plus appended special ids."""
+
 from __future__ import annotations
 
 from glm_jax.tokenizers import templates, tool_parse
-from glm_jax.tokenizers.base import (GLMTokenizer, as_id_list, check_messages, load_sentencepiece,
-                                     sp_piece_id, special_pattern, split_special)
+from glm_jax.tokenizers.base import (
+    GLMTokenizer,
+    as_id_list,
+    check_messages,
+    load_sentencepiece,
+    sp_piece_id,
+    special_pattern,
+    split_special,
+)
 
 GENERATION_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -23,12 +31,18 @@ class ChatGLM2Tokenizer(GLMTokenizer):
         self.sp = load_sentencepiece(vocab_file)
         n = self.sp.vocab_size()
         if min(self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()) < 0:
-            raise ValueError(f"{vocab_file}: sentencepiece model lacks <s>, </s> or <unk>; "
-                             f"not a ChatGLM2/ChatGLM3 tokenizer.model")
+            raise ValueError(
+                f"{vocab_file}: sentencepiece model lacks <s>, </s> or <unk>; not a ChatGLM2/ChatGLM3 tokenizer.model"
+            )
         self.appended = {tok: n + i for i, tok in enumerate(self.appended_tokens)}
         self.index_special = {i: tok for tok, i in self.appended.items()}
-        self.special_tokens = {**self.appended, "<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id(),
-                               "<unk>": self.sp.unk_id(), "<pad>": self.sp.unk_id()}
+        self.special_tokens = {
+            **self.appended,
+            "<bos>": self.sp.bos_id(),
+            "<eos>": self.sp.eos_id(),
+            "<unk>": self.sp.unk_id(),
+            "<pad>": self.sp.unk_id(),
+        }
         self.pad_token_id = self.sp.unk_id()
         self.eos_token_ids = [self.special_tokens[t] for t in self.stop_names]
         self.prefix_ids = [self.appended["[gMASK]"], self.appended["sop"]]
@@ -92,8 +106,9 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         """encode_special_tokens: encode special names written in text as their ids (all nine for the
         chatglm3-6b file; only the four role tokens with role_tokens_only, as the chatglm3-6b-32k file)."""
         super().__init__(vocab_file)
-        self._init_args = dict(vocab_file=vocab_file, encode_special_tokens=encode_special_tokens,
-                               role_tokens_only=role_tokens_only)
+        self._init_args = dict(
+            vocab_file=vocab_file, encode_special_tokens=encode_special_tokens, role_tokens_only=role_tokens_only
+        )
         self.encode_special_tokens = encode_special_tokens
         self._split = special_pattern(ROLE_TOKENS if role_tokens_only else self.appended_tokens)
 
@@ -130,8 +145,9 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         """Role id, then encode(metadata + newline) and encode(content) as two separate calls."""
         return templates.single_message_ids(self.appended[f"<|{role}|>"], metadata, content, self.sp.encode)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
-                            add_special_tokens: bool = True, **kwargs) -> list[int]:
+    def apply_chat_template(
+        self, messages, add_generation_prompt: bool = True, add_special_tokens: bool = True, **kwargs
+    ) -> list[int]:
         """build_chat_input: [gMASK] sop, every message, then a bare <|assistant|>. A system message's
         `tools` are appended to its content as JSON. stream_chat with a cache sends only the new message."""
         ids = list(self.prefix_ids) if add_special_tokens else []

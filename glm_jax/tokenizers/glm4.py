@@ -1,4 +1,5 @@
 """GLM-4 tokenizer: a tiktoken rank file (`tokenizer.model`) plus added special tokens."""
+
 from __future__ import annotations
 
 import base64
@@ -11,11 +12,26 @@ from glm_jax.tokenizers.base import GLMTokenizer, as_id_list, special_pattern, s
 
 # the added tokens in their released order (released ids: number of ranks + position)
 GLM4_SPECIAL_TOKENS = (
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
-    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>")
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+)
 # pre-tokenisation regex of the reference ChatGLM4Tokenizer
-PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _RANK_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
 
 
@@ -51,8 +67,9 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
         raise ValueError(f"{path}: ranks are not unique")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} single bytes have no rank (e.g. {missing[0]}); "
-                         f"not a byte-level BPE rank file")
+        raise ValueError(
+            f"{path}: {len(missing)} single bytes have no rank (e.g. {missing[0]}); not a byte-level BPE rank file"
+        )
     return ranks
 
 
@@ -61,15 +78,16 @@ class GLM4Tokenizer(GLMTokenizer):
 
     chat_format = "glm4"
 
-    def __init__(self, vocab_file: str, special_tokens: dict[str, int] | None = None,
-                 template_variant: str = "jinja"):
+    def __init__(self, vocab_file: str, special_tokens: dict[str, int] | None = None, template_variant: str = "jinja"):
         """special_tokens: name -> id (tokenizer_config.json added_tokens_decoder); default: released order
         after the last rank. template_variant: see templates.GLM4_TEMPLATE_VARIANTS."""
         import tiktoken
 
         if template_variant not in templates.GLM4_TEMPLATE_VARIANTS:
-            raise ValueError(f"unknown GLM-4 template variant {template_variant!r}; "
-                             f"expected one of {templates.GLM4_TEMPLATE_VARIANTS}")
+            raise ValueError(
+                f"unknown GLM-4 template variant {template_variant!r}; "
+                f"expected one of {templates.GLM4_TEMPLATE_VARIANTS}"
+            )
         self._init_args = dict(vocab_file=vocab_file, special_tokens=special_tokens, template_variant=template_variant)
         self.vocab_file = vocab_file
         self.template_variant = template_variant
@@ -129,14 +147,26 @@ class GLM4Tokenizer(GLMTokenizer):
         return " ".join(parts)
 
     # ---- chat
-    def render_chat(self, messages, add_generation_prompt: bool = True, add_special_tokens: bool = True,
-                    template_variant: str | None = None) -> str:
+    def render_chat(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = True,
+        template_variant: str | None = None,
+    ) -> str:
         """The prompt text (apply_chat_template with tokenize=False)."""
-        return templates.glm4_render(messages, add_generation_prompt, template_variant or self.template_variant,
-                                     add_special_tokens)
+        return templates.glm4_render(
+            messages, add_generation_prompt, template_variant or self.template_variant, add_special_tokens
+        )
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, add_special_tokens: bool = True,
-                            template_variant: str | None = None, **kwargs) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = True,
+        template_variant: str | None = None,
+        **kwargs,
+    ) -> list[int]:
         """Prompt ids. Jinja variants: the rendered text encoded at once (special tokens cut out, so a newline
         after a role merges with newlines starting the content; add_special_tokens cannot drop the literal
         '[gMASK]<sop>'). Python variant: message by message, each metadata+newline and content apart."""

@@ -1,4 +1,5 @@
 """GPT-2-style byte-level BPE (vocab.json + merges.txt), as used by the original English GLM models."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,13 @@ class GPT2BPETokenizer(GLMTokenizer):
 
     chat_format = "gpt2"
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added_tokens: dict[str, int] | None = None,
-                 source: str = "vocab.json"):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        added_tokens: dict[str, int] | None = None,
+        source: str = "vocab.json",
+    ):
         import regex  # a dependency of tiktoken; needed for \p{L} in the pre-tokeniser
 
         self._init_args = dict(vocab=vocab, merges=merges, added_tokens=added_tokens, source=source)
@@ -80,7 +86,7 @@ class GPT2BPETokenizer(GLMTokenizer):
         return parts
 
     @classmethod
-    def from_folder(cls, folder: str) -> "GPT2BPETokenizer":
+    def from_folder(cls, folder: str) -> GPT2BPETokenizer:
         vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):

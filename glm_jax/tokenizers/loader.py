@@ -1,4 +1,5 @@
 """load_tokenizer: pick the family from the files in a folder and build its tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,12 @@ import os
 from glm_jax.tokenizers.base import GLMTokenizer, read_tokenizer_config
 
 CHAT_FORMATS = ("chatglm", "chatglm2", "chatglm3", "glm4")
-_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model",
-          "glm4": "tokenizer.model"}
+_FILES = {
+    "chatglm": "ice_text.model",
+    "chatglm2": "tokenizer.model",
+    "chatglm3": "tokenizer.model",
+    "glm4": "tokenizer.model",
+}
 
 
 def _infer_format(folder: str, cfg: dict, model_file: str | None) -> str:
@@ -26,12 +31,15 @@ def _infer_format(folder: str, cfg: dict, model_file: str | None) -> str:
         found = [f for f in ("chatglm3", "chatglm2") if f in name]
         if len(found) == 1:
             return found[0]
-        raise ValueError(f"{model}: a sentencepiece tokenizer.model is used by both ChatGLM2 and ChatGLM3 and "
-                         f"tokenizer_config.json does not say which; pass chat_format='chatglm2' or 'chatglm3'")
+        raise ValueError(
+            f"{model}: a sentencepiece tokenizer.model is used by both ChatGLM2 and ChatGLM3 and "
+            f"tokenizer_config.json does not say which; pass chat_format='chatglm2' or 'chatglm3'"
+        )
     if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
         return "gpt2"
-    raise FileNotFoundError(f"{folder}: no tokenizer file found (expected ice_text.model, tokenizer.model, "
-                            f"or vocab.json + merges.txt)")
+    raise FileNotFoundError(
+        f"{folder}: no tokenizer file found (expected ice_text.model, tokenizer.model, or vocab.json + merges.txt)"
+    )
 
 
 def _glm4_special_ids(cfg: dict) -> dict[str, int] | None:
@@ -72,9 +80,11 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     if chat_format == "chatglm":
         from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
 
-        opts = {"num_image_tokens": cfg.get("num_image_tokens", 20000),  # 20000: the class default
-                "remove_space": bool(cfg.get("remove_space", False)),
-                "do_lower_case": bool(cfg.get("do_lower_case", False))}
+        opts = {
+            "num_image_tokens": cfg.get("num_image_tokens", 20000),  # 20000: the class default
+            "remove_space": bool(cfg.get("remove_space", False)),
+            "do_lower_case": bool(cfg.get("do_lower_case", False)),
+        }
         return ChatGLMTokenizer(vocab_file, **{**opts, **kwargs})
     from glm_jax.tokenizers.glm4 import is_tiktoken_file
 

@@ -1,8 +1,9 @@
 """Chat prompt formats of the GLM families, written in Python (no jinja)."""
+
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from glm_jax.tokenizers.base import check_messages
 
@@ -17,8 +18,10 @@ def messages_to_query_history(messages: Sequence[dict]) -> tuple[str, list[tuple
     body = msgs[:-1]
     pairs = list(zip(body[::2], body[1::2]))
     if len(body) % 2 or any(u["role"] != "user" or a["role"] != "assistant" for u, a in pairs):
-        raise ValueError("ChatGLM-6B/ChatGLM2 prompts take only alternating user/assistant messages "
-                         "(no system, observation or tools)")
+        raise ValueError(
+            "ChatGLM-6B/ChatGLM2 prompts take only alternating user/assistant messages "
+            "(no system, observation or tools)"
+        )
     return msgs[-1].get("content") or "", [(u.get("content") or "", a.get("content") or "") for u, a in pairs]
 
 
@@ -62,8 +65,10 @@ def chatglm3_content(m: dict) -> str:
     return content
 
 
-GLM4_PREAMBLE = ("你是一个名为 {name} 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
-                 "你的任务是针对用户的问题和要求提供适当的答复和支持。")
+GLM4_PREAMBLE = (
+    "你是一个名为 {name} 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。"
+)
 GLM4_FUNCTION_SUFFIX = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
 GLM4_PYTHON_TOOL = (
     "当你向 `python` 发送包含 Python 代码的消息时，该代码将会在一个有状态的 Jupyter notebook 环境中执行。\n"
@@ -89,8 +94,11 @@ GLM4_COGVIEW_TOOL = (
     "- 保持用户原始描述的意图。不要虚构内容或者没见过的人物。\n"
     "- 如无特殊说明，所在地为中国，持有中国立场并遵循中国社会主义价值观。"
 )
-GLM4_BUILTIN_TOOLS = {"python": GLM4_PYTHON_TOOL, "simple_browser": GLM4_SIMPLE_BROWSER_TOOL,
-                      "cogview": GLM4_COGVIEW_TOOL}
+GLM4_BUILTIN_TOOLS = {
+    "python": GLM4_PYTHON_TOOL,
+    "simple_browser": GLM4_SIMPLE_BROWSER_TOOL,
+    "cogview": GLM4_COGVIEW_TOOL,
+}
 
 # GLM-4 template variants:
 #   "jinja"        the tokenizer_config.json chat template as transformers >= 4.42 renders it (main reference):
@@ -134,15 +142,19 @@ def glm4_blocks(messages: Sequence[dict], variant: str = "jinja") -> list[tuple[
         raise ValueError(f"unknown GLM-4 template variant {variant!r}; expected one of {GLM4_TEMPLATE_VARIANTS}")
     blocks = []
     for m in check_messages(messages):
-        if (bool(m.get("tools")) if variant == "python" else "tools" in m):
+        if bool(m.get("tools")) if variant == "python" else "tools" in m:
             blocks.append(("system", "", glm4_tools_prompt(m.get("tools") or [], variant)))
         if m.get("content"):
             blocks.append((m["role"], message_metadata(m), m["content"]))
     return blocks
 
 
-def glm4_render(messages: Sequence[dict], add_generation_prompt: bool = True, variant: str = "jinja",
-                add_special_tokens: bool = True) -> str:
+def glm4_render(
+    messages: Sequence[dict],
+    add_generation_prompt: bool = True,
+    variant: str = "jinja",
+    add_special_tokens: bool = True,
+) -> str:
     """The prompt text; "[gMASK]<sop>" is literal template text (only the python variant drops it on request)."""
     blocks = glm4_blocks(messages, variant)
     prefix = "[gMASK]<sop>" if add_special_tokens or variant != "python" else ""

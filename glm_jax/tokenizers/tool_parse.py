@@ -3,6 +3,7 @@
 Each function reproduces its reference value for value; `eval` of ChatGLM3 tool calls is replaced by a
 safe parse of `tool_call(key=literal, ...)`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,8 @@ def chatglm_process_response(response: str) -> str:
     """ChatGLM-6B: strip, fill in the training date, half-width punctuation next to CJK to full-width."""
     response = response.strip().replace("[[训练时间]]", "2023年")
     for half, full in _PUNCT:
-        response = re.sub(r"([\u4e00-\u9fff])%s" % half, r"\1%s" % full, response)
-        response = re.sub(r"%s([\u4e00-\u9fff])" % half, r"%s\1" % full, response)
+        response = re.sub(r"([\u4e00-\u9fff])" + half, "\\1" + full, response)
+        response = re.sub(half + r"([\u4e00-\u9fff])", full + "\\1", response)
     return response
 
 
@@ -61,8 +62,9 @@ def _model_process_response(output: str, history: list, parse_call):
     """The model classes' process_response: (response, new_history); with tools, a call gives {name, parameters}."""
     content, history = "", copy.deepcopy(history)
     for metadata, content in _segments(output):
-        history.append({"role": "assistant", "metadata": metadata,
-                        "content": content.strip() if not metadata.strip() else content})
+        history.append(
+            {"role": "assistant", "metadata": metadata, "content": content.strip() if not metadata.strip() else content}
+        )
         if not metadata.strip():
             content = content.strip().replace("[[训练时间]]", "2023年")
         elif _has_tools(history):
@@ -115,14 +117,18 @@ def glm4_openai_process_response(output: str, tools=None, use_tool: bool = False
             except json.JSONDecodeError:
                 is_tool_call = function_name in special_tools
             if is_tool_call and use_tool:
-                content = {"name": function_name,
-                           "arguments": json.dumps(arguments_json if isinstance(arguments_json, dict) else arguments,
-                                                   ensure_ascii=False)}
+                content = {
+                    "name": function_name,
+                    "arguments": json.dumps(
+                        arguments_json if isinstance(arguments_json, dict) else arguments, ensure_ascii=False
+                    ),
+                }
                 if function_name == "simple_browser":
                     match = _BROWSER_SEARCH.match(arguments)
                     if match:
                         content["arguments"] = json.dumps(
-                            {"query": match.group(1), "recency_days": int(match.group(2))}, ensure_ascii=False)
+                            {"query": match.group(1), "recency_days": int(match.group(2))}, ensure_ascii=False
+                        )
                 elif function_name == "cogview":
                     content["arguments"] = json.dumps({"prompt": arguments}, ensure_ascii=False)
                 return content
