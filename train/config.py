@@ -29,6 +29,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
 Progress = Literal["auto", "bar", "lines", "none"]
 HostHeap = Literal["auto", "keep", "system"]
+Attention = Literal["xla", "flash", "auto"]
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ class TrainConfig:
     param_dtype: DType = "float32"
     remat: Remat = "none"
     scan_layers: bool = False
+    attention: Attention = "auto"   # xla | flash (the Pallas kernel) | auto (flash on TPU, xla elsewhere)
     host_heap: HostHeap = "auto"  # keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
     # parallelism
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

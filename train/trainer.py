@@ -22,7 +22,7 @@ from train.checkpointing import Checkpointer, gather_json
 from train.config import TrainConfig, TrainConfigError
 from train.metrics import Reporter, device_peak_flops
 
-COMPUTE_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
+COMPUTE_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 
 
 # ---------------------------------------------------------------- model
@@ -55,6 +55,7 @@ def load_pretrained(path, cfg, overrides):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             remat=cfg.remat,
+            attention=cfg.attention,
             scan_layers=cfg.scan_layers,
             **overrides,
         )
