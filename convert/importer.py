@@ -20,8 +20,8 @@ import numpy as np
 
 from convert import jax_io, torch_io
 from glm_jax import families
-from glm_jax.checkpoint.files import find_weight_files, open_weights, read_json_object
-from glm_jax.checkpoint.hf import config_from_folder, iter_params
+from glm_jax.checkpoint.files import find_weight_files, read_json_object
+from glm_jax.checkpoint.hf import config_from_folder, iter_params, open_weights
 from glm_jax.checkpoint.megatron import MergedReader, pick_files
 from glm_jax.checkpoint.orbax import flatten, unflatten
 from glm_jax.config import GLMConfig

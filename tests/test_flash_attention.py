@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm_jax.model.flash import NEG, flash_attention, flash_flops, visible_blocks
+from glm_jax.model.flash import NEG, flash_attention, visible_blocks
+from train.flops import flash_flops
 
 try:
     from glm_jax.model.attention import attend

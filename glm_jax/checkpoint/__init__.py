@@ -7,8 +7,8 @@ Megatron mp_rank files), glm-convert's to-jax folders and glm-train run director
     orbax.py     to-jax folders and glm-train runs (Orbax), one tensor at a time
 """
 
-from glm_jax.checkpoint.files import SafetensorsFile, TorchFile, find_weight_files, open_weights, read_config
-from glm_jax.checkpoint.hf import config_from_folder, iter_params, load_params
+from glm_jax.checkpoint.files import SafetensorsFile, TorchFile, find_weight_files, read_config
+from glm_jax.checkpoint.hf import config_from_folder, iter_params, load_params, open_weights
 from glm_jax.checkpoint.orbax import load_jax, open_jax
 from glm_jax.errors import CheckpointFormatError
 

@@ -201,18 +201,3 @@ def find_weight_files(path) -> tuple[str, list[pathlib.Path], dict]:
         f"{p}: no weights found (expected model.safetensors, pytorch_model.bin, an index json, "
         f"or mp_rank_XX_model_states.pt)"
     )
-
-
-def open_weights(path):
-    """(format, {key: reader}) for a folder; each reader has .get(key)."""
-    from glm_jax.checkpoint.megatron import open_megatron
-
-    fmt, files, _ = find_weight_files(path)
-    if fmt == "megatron":
-        return fmt, open_megatron(files)
-    readers = {}
-    for f in files:
-        r = SafetensorsFile(f) if fmt == "safetensors" else TorchFile(f)
-        for k in r.keys():  # noqa: SIM118 - readers have keys()
-            readers[k] = r
-    return fmt, readers

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from glm_jax import families
-from glm_jax.checkpoint.files import open_weights, read_config
+from glm_jax.checkpoint.files import SafetensorsFile, TorchFile, find_weight_files, read_config
+from glm_jax.checkpoint.megatron import open_megatron
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
 
@@ -24,6 +25,19 @@ def config_from_folder(path) -> GLMConfig:
         return GLMConfig.from_hf(d)
     except ConfigError as e:
         raise ConfigError(f"{pathlib.Path(path) / 'config.json'}: {e}") from None
+
+
+def open_weights(path):
+    """(format, {key: reader}) for a folder; each reader has .get(key)."""
+    fmt, files, _ = find_weight_files(path)
+    if fmt == "megatron":
+        return fmt, open_megatron(files)
+    readers = {}
+    for f in files:
+        r = SafetensorsFile(f) if fmt == "safetensors" else TorchFile(f)
+        for k in r.keys():  # noqa: SIM118 - readers have keys()
+            readers[k] = r
+    return fmt, readers
 
 
 def _set(tree, path, value):

@@ -407,20 +407,3 @@ def flash_attention(
     vmean_BKH = jnp.mean(v_BSKH.astype(jnp.float32), axis=1)
     vmean_BNH = jnp.repeat(vmean_BKH, N // K, axis=1)  # [B, K, H] -> [B, N, H]: a mean per head, not k/v
     return jnp.where(dead_BTN[..., None], vmean_BNH[:, None].astype(q_BTNH.dtype), o_BTNH).astype(q_BTNH.dtype)
-
-
-def flash_flops(B, T, S, N, H, causal, prefix_len_mean=0.0):
-    """Flops by formula (XLA's cost_analysis cannot see inside Pallas calls), on visible (t, s) pairs only.
-
-    fwd = 4·B·N·T·S·H·f (QKᵀ and PV, 2 flops per multiply-add), f = visible fraction of the [T, S] grid: 1 when not
-    causal; with causal and prefix P (T == S): (P² + (T(T+1) - P(P+1))/2) / (T·S), evaluated at P = prefix_len_mean
-    (exact for a constant prefix). bwd = 2.5·fwd = 10·B·N·T·S·H·f, the usual FlashAttention count (QKᵀ recompute,
-    dV, dP, dQ, dK). bwd_executed = 14·B·N·T·S·H·f counts what these kernels run: the dq and dk/dv kernels each
-    recompute QKᵀ and dO·Vᵀ (7 products). Skipped blocks run nothing; partly visible blocks run whole, uncounted."""
-    if causal:
-        P = min(max(float(prefix_len_mean), 0.0), float(T))
-        frac = (P * P + (T * (T + 1) - P * (P + 1)) / 2) / (T * S)
-    else:
-        frac = 1.0
-    unit = B * N * T * S * H * frac
-    return {"fwd": 4 * unit, "bwd": 10 * unit, "bwd_executed": 14 * unit, "visible_fraction": frac}
