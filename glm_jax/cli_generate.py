@@ -18,6 +18,8 @@ import pathlib
 import sys
 import traceback
 
+from glm_jax.platform import use_cpu_when_no_accelerator
+
 CHATGLM3_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -274,6 +276,7 @@ def load(args):
 
 def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    use_cpu_when_no_accelerator()  # before JAX starts: no libtpu probing on a machine without a TPU
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
@@ -305,5 +308,4 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

@@ -15,13 +15,14 @@ F(2) - F(1), and the step's flops = F(1) + (L - 1)·(F(2) - F(1)), exact for ide
 from __future__ import annotations
 
 import json
-import os
+import math
 import pathlib
 import re
 import time
 
 import jax
 
+from glm_jax.platform import describe_tpu_without_one
 from train.config import TrainConfigError
 
 GIB = 1024**3
@@ -61,14 +62,21 @@ def topology_name(topo: str) -> tuple[str, str]:
     return gen, f"{gen}:{shape}"
 
 
+def accelerator_type(topo: str) -> str:
+    """libtpu's accelerator-type name of a topology: v5p-128 (TensorCores), v5litepod-4, v6e-256 (chips)."""
+    gen, name = topology_name(topo)
+    chips = math.prod(int(x) for x in name.split(":")[1].split("x"))
+    if gen in ("v4", "v5p"):
+        return f"{gen}-{2 * chips}"
+    return f"{'v5litepod' if gen == 'v5e' else gen}-{chips}"
+
+
 def topology_devices(topo: str):
     try:
         import libtpu  # noqa: F401
     except ImportError as e:
         raise TrainConfigError(f"compile_only needs libtpu on this host (pip install 'jax[tpu]'): {e}") from None
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host discovery on a CPU host
-    # no TPU is driven here, so several planning processes may load libtpu at once (else: lockfile error)
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    describe_tpu_without_one(accelerator_type(topo))
     from jax.experimental import topologies
 
     gen, name = topology_name(topo)

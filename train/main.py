@@ -9,8 +9,9 @@ Exit codes: 0 ok, 2 bad input (one `error:` line on stderr), 1 internal error.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from glm_jax.platform import use_cpu_when_no_accelerator
 
 
 def parse_args(argv):
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help exits 0, a bad option 2
         return int(e.code or 0)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    use_cpu_when_no_accelerator()  # before JAX starts: no libtpu probing on a machine without a TPU
     try:
         from train.config import build
 
