@@ -65,7 +65,7 @@ def _source_config(src, fmt, files, config) -> GLMConfig:
                 f"beside the mp_rank files or pass --config FILE"
             )
     d = read_json_object(where)
-    if fmt == "megatron":  # the Megatron code computes GELU with the tanh approximation (spec §2.3)
+    if fmt == "megatron":  # the Megatron code computes GELU with the tanh approximation (gelu_impl in its mpu)
         d = {**d, "gelu_variant": d.get("gelu_variant", "gelu_tanh")}
     try:
         cfg = GLMConfig.from_hf(d)

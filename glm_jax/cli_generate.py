@@ -1,4 +1,4 @@
-"""glm-generate: answer one prompt, or chat interactively, with a GLM checkpoint (DESIGN §3.3).
+"""glm-generate: answer one prompt, or chat interactively, with a GLM checkpoint.
 
     glm-generate PATH --prompt TEXT [--max-new-tokens N] [--do-sample --temperature T --top-k K --top-p P]
     glm-generate PATH --chat [--system TEXT] [--tools FILE]      # lines from stdin; /reset, /exit or EOF

@@ -1,7 +1,7 @@
 """GLM autoregressive blank infilling: the pure layout functions.
 
-This is the reference `ConstructBlockStrategy.make_block_data` layout (THUDM/GLM `blocklm_utils.py`,
-spec GLM_BLANK_INFILLING.md §1.6) and the document-level "prefix" layout (§1.7), as pure numpy
+This is the reference `ConstructBlockStrategy.make_block_data` layout (THUDM/GLM `blocklm_utils.py`)
+and the document-level "prefix" layout of the same file, as pure numpy
 functions of (tokens, spans). No sentinel tokens, no [dBLOCK] corruption, no context masking.
 The samplers that choose the spans live in `glm_jax.data.objectives`.
 
@@ -126,7 +126,7 @@ def layout(
     block_position: bool = True,
     eos_id: int | None = None,
 ) -> Mapping:
-    """GLM blank-infilling layout of one sample (reference `make_block_data`, spec §1.6).
+    """GLM blank-infilling layout of one sample (THUDM/GLM `make_block_data`).
 
     tokens: 1-D ints, length N. spans: [(start, end), ...] half-open, in Part B order (the order in
     which they are generated); in Part A each span becomes one `mask_id`.
@@ -154,7 +154,7 @@ def prefix_layout(
     loss_mask: Sequence[int] | None = None,
     block_position: bool = True,
 ) -> dict:
-    """Document-level "prefix" (division) layout, spec §1.7; also ChatGLM's `[gMASK] <sop>` prefix LM.
+    """Document-level "prefix" (division) layout of THUDM/GLM; also ChatGLM's `[gMASK] <sop>` prefix LM.
 
     source = tokens[:k], target = tokens[k:] (g = N - k tokens):
       tokens  = source ++ [gMASK] ++ [sop] ++ target[:-1]     (length N + 1)

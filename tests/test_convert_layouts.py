@@ -63,7 +63,7 @@ def test_glm_hf_layout_loads_in_transformers(tmp_path):
 
 # ------------------------------------------------------------------ Megatron, 2-way model parallel
 def _split_megatron(sd, m):
-    """THUDM/GLM mp split (spec §2.9), written here from the spec: rows, columns, per-rank [Q_r; K_r; V_r]."""
+    """THUDM/GLM mp split, written here from its rule: rows, columns, per-rank [Q_r; K_r; V_r]."""
     import torch
 
     ranks = [{} for _ in range(m)]

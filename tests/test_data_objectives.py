@@ -1,4 +1,4 @@
-"""Span samplers and the objective mixture (spec §1.3-1.7), on synthetic token rows."""
+"""Span samplers and the objective mixture of THUDM/GLM's construct_blocks, on synthetic token rows."""
 
 import json
 

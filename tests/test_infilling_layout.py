@@ -40,7 +40,7 @@ def test_golden_cases_cover_every_fixture_case(fixtures_dir):
     assert len(_cases(fixtures_dir)[1]) == 3
 
 
-# Spec §1.11 (a): x1..x6 = 11..16, [M]=1, [S]=2, [E]=3; spans {x3}=[2,3) and {x5 x6}=[4,6), Part B order (x5 x6), (x3).
+# A worked case: x1..x6 = 11..16, [M]=1, [S]=2, [E]=3; spans {x3}=[2,3) and {x5 x6}=[4,6), Part B order (x5 x6), (x3).
 def test_worked_example_a_shuffled_part_b_order():
     out = infilling.layout([11, 12, 13, 14, 15, 16], [(4, 6), (2, 3)], mask_id=1, sop_id=2, eop_id=3)
     assert out["tokens"].tolist() == [11, 12, 1, 14, 1, 2, 15, 16, 2, 13]
@@ -73,7 +73,7 @@ def test_no_spans_is_part_a_only():
     assert out["tokens"].tolist() == [5, 6, 7] and out["sep"] == 3 and out["loss_mask"].sum() == 0
 
 
-# Spec §1.11 (e): [CLS] a b c d <eos> with g = 3 (k = 3); [CLS]=9 a..d=11..14 <eos>=8 [gMASK]=4 [S]=2.
+# Prefix layout, worked: [CLS] a b c d <eos> with g = 3 (k = 3); [CLS]=9 a..d=11..14 <eos>=8 [gMASK]=4 [S]=2.
 def test_worked_example_e_prefix_layout():
     out = infilling.prefix_layout([9, 11, 12, 13, 14, 8], 3, gmask_id=4, sop_id=2, loss_mask=[0, 1, 1, 1, 1, 1])
     assert out["tokens"].tolist() == [9, 11, 12, 4, 2, 13, 14]

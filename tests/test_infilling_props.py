@@ -1,4 +1,4 @@
-"""Property tests of the blank-infilling layout: rules from spec §1.6 / §1.9, checked on random inputs."""
+"""Property tests of the blank-infilling layout: rules of THUDM/GLM's make_block_data, checked on random inputs."""
 
 import numpy as np
 from hypothesis import given, settings

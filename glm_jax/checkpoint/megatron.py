@@ -5,7 +5,7 @@ states, ...}, read with `weights_only=True` (plus numpy RNG states and argparse.
 and DeepSpeed savers put beside the weights; nothing else that could run code). When several tags are saved,
 `latest_checkpointed_iteration.txt` (Megatron) or `latest` (DeepSpeed) names the one to read.
 
-With model-parallel size m > 1 (GLM_BLANK_INFILLING §2.9): word embeddings and `dense_h_to_4h` (weight and
+With model-parallel size m > 1 (THUDM/GLM's mpu layers): word embeddings and `dense_h_to_4h` (weight and
 bias) are split by rows, `attention.dense` and `dense_4h_to_h` weights by columns, and each rank's
 `query_key_value` holds [Q_r; K_r; V_r] (its slice of Q, of K and of V); everything else is replicated.
 Merging is lazy: `get(key)` reads and joins that key's slices only.

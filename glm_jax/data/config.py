@@ -1,4 +1,5 @@
-"""DataConfig: every knob of the data pipeline, plus the released GLM objective mixtures (spec §3.1)."""
+"""DataConfig: every knob of the data pipeline, plus the released GLM objective mixtures (THUDM/GLM
+config/ds_block_*.sh)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 OBJECTIVES = ("blank_infilling", "causal", "chatglm_prefix")
 
-# THUDM/GLM config/ds_block_*.sh (spec §3.1). bert = token level, sentence = [sMASK], rest = document.
+# THUDM/GLM config/ds_block_*.sh. bert = token level, sentence = [sMASK], rest = document.
 MIXTURES: dict[str, dict[str, Any]] = {
     "glm_large": dict(
         bert_prob=1.0,

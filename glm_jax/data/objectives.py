@@ -1,4 +1,5 @@
-"""GLM pretraining objectives: seeded span samplers and the per-batch mixture (spec §1.3-1.7, §3).
+"""GLM pretraining objectives: seeded span samplers and the per-batch mixture of THUDM/GLM's
+`ConstructBlockStrategy` (blocklm_utils.py).
 
 Every function takes an explicit `np.random.Generator`; nothing reads global random state.
 A *sample* is a packed token row `[CLS] doc <eos> [CLS] doc ...` (see packing.py) with a loss mask
@@ -120,7 +121,7 @@ def place_spans(
 def sentence_spans(
     tokens_N: np.ndarray, is_end_V: np.ndarray, *, eos_id: int, cls_id: int | None
 ) -> list[tuple[int, int]]:
-    """Reference sentence segmentation (spec §1.5): a sentence ends at a token containing . ? ! ; :
+    """Reference sentence segmentation: a sentence ends at a token containing . ? ! ; :
     (and CJK forms, newline); text after a document's last sentence end is not a sentence."""
     n = len(tokens_N)
     safe = np.minimum(tokens_N, len(is_end_V) - 1)
@@ -366,7 +367,7 @@ def blank_infilling_rows(
     stats: dict,
     per_sample: bool = False,
 ) -> list[dict]:
-    """Reference `construct_blocks` (spec §1.3): r0 short-sequence split, r1 single span, r2 objective;
+    """Reference `construct_blocks`: r0 short-sequence split, r1 single span, r2 objective;
     the objective (and the document-level generation length) is drawn once per batch, or per sample."""
 
     def draws(rng):

@@ -1,4 +1,5 @@
-"""Packing documents into samples, after the reference `BlockDataset` (spec §1.2).
+"""Packing documents into samples, after the reference `BlockDataset` (THUDM/GLM
+data_utils/datasets.py).
 
 A sample is `[CLS] doc <eos> [CLS] doc <eos> ...` of at most `max_len` tokens (no [CLS] for the
 causal / ChatGLM objectives). Positions are not reset per document (reference behaviour).

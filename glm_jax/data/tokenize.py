@@ -180,7 +180,7 @@ def _token_text(tok, i: int) -> str:
 
 
 def sentence_end_table(tok, ids: SpecialIds, vocab_size: int | None = None) -> np.ndarray:
-    """is_end_V[id]: the token's text contains a sentence end (spec §1.5); command tokens are False."""
+    """is_end_V[id]: the token's text contains a sentence end (THUDM/GLM's sentence rule); command tokens are False."""
     v = vocab_size or getattr(tok, "vocab_size", 0) or 0
     v = int(v() if callable(v) else v)
     if not v:

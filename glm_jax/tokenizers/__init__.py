@@ -1,4 +1,4 @@
-"""Tokenizers, chat templates and tool-call parsing of the GLM families (DESIGN section 3.4)."""
+"""Tokenizers, chat templates and tool-call parsing of the GLM families."""
 
 from glm_jax.tokenizers.base import GLMTokenizer
 from glm_jax.tokenizers.loader import CHAT_FORMATS, load_tokenizer
