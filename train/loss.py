@@ -111,7 +111,10 @@ def _packed(cfg, h_BTD, targets_BT, mask_BT, fn, full):
     caps = pack_caps(n)
     if len(caps) == 1:
         return full()
-    group = lambda x: x.reshape((G, n) + x.shape[2:])  # noqa: E731
+
+    def group(x):
+        return x.reshape((G, n) + x.shape[2:])
+
     h, t, m = group(h_BTD), group(targets_BT), group(mask_BT)
     count_G = jnp.sum(m != 0, axis=1)
 
@@ -120,7 +123,10 @@ def _packed(cfg, h_BTD, targets_BT, mask_BT, fn, full):
             if n == C:
                 return full()
             idx = jax.vmap(lambda row: jnp.nonzero(row != 0, size=C, fill_value=0)[0])(m)
-            take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+
+            def take(x):
+                return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
             valid = jnp.arange(C)[None] < count_G[:, None]
             return fn(take(h), take(t), jnp.where(valid, take(m), 0.0), idx)
 
@@ -188,7 +194,10 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
     B, T = targets_BT.shape
     if chunk and chunk < T and T % chunk == 0:
         n = T // chunk
-        split = lambda x: jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
+
+        def split(x):
+            return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
+
         body = jax.checkpoint(lambda acc, xs: (acc + _head_sums(cfg, xs[0], w, xs[1], xs[2]), None))
         out, _ = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (split(h_BTD), split(targets_BT), split(mask_BT)))
     elif select:

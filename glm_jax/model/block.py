@@ -27,7 +27,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):
         c = self.cfg
-        norm = lambda name: Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name=name)  # noqa: E731
+
+        def norm(name):
+            return Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name=name)
+
         a = norm("input_norm")(x_BTD)
         h, new_cache = Attention(c, name="attn")(a, position_ids, allowed_BTS, prefix_kv, cache, cache_index)
         if c.sandwich_norm:
