@@ -13,12 +13,13 @@ from test_train_util import (
     cli_env,
     free_port,
     losses,
+    mesh_222_run,  # noqa: F401  (a fixture)
 )
 
 MESH = MESH_222
 
 
-def test_two_processes_equal_one(tmp_path, mesh_222_run):
+def test_two_processes_equal_one(tmp_path, mesh_222_run):  # noqa: F811
     one, two = mesh_222_run, tmp_path / "two"
     port = free_port()
     args = [

@@ -8,6 +8,7 @@ from test_train_util import checkpoint_steps, flat, load_params, metrics, tiny, 
 
 def _setup(tmp_path):
     from glm_jax.model.transformer import GLMModel, param_shapes
+    from train import optimizer
     from train import step as step_lib
     from train.trainer import model_config
 
@@ -15,9 +16,9 @@ def _setup(tmp_path):
     cfg, _ = model_config(tc)
     rng = np.random.default_rng(0)  # numpy init: this test is about the step, not the initializer
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape).astype(s.dtype)), param_shapes(cfg))
-    frozen = step_lib.frozen_mask(params, [])
-    tx = step_lib.make_optimizer(tc, params, frozen)
-    step = jax.jit(step_lib.make_train_step(GLMModel(cfg), tx, tc, step_lib.make_schedule(tc, 2), frozen))
+    frozen = optimizer.frozen_mask(params, [])
+    tx = optimizer.make_optimizer(tc, params, frozen)
+    step = jax.jit(step_lib.make_train_step(GLMModel(cfg), tx, tc, optimizer.make_schedule(tc, 2), frozen))
     B, T = 4, 16
     batch = {
         "tokens": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
