@@ -193,6 +193,12 @@ def _step_dir(p: pathlib.Path) -> pathlib.Path:
         raise CheckpointFormatError(
             f"{p}: neither a to-jax folder ({JSON_NAME} missing) nor a glm-train run directory (checkpoints/<step>/)"
         )
+    # glm-train writes <step>/glm_manifest.json last, once the step is complete: the newest such step wins; a run
+    # written before manifests existed has none, and Orbax's latest committed step is taken
+    steps = sorted((int(c.name), c) for c in ck.iterdir() if c.name.isdigit() and c.is_dir())
+    complete = [c for _, c in steps if (c / "glm_manifest.json").is_file()]
+    if complete:
+        return complete[-1]
     import orbax.checkpoint as ocp
 
     with quiet_absl():
