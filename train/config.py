@@ -76,6 +76,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled (AdamW); never on norms, biases or embeddings
     grad_clip: float = 1.0  # global-norm clip; 0 = off
+    max_skipped_steps: int = 10  # this many consecutive non-finite (skipped) steps stop the run, exit 3; 0 = never
     grad_accum: int = 1  # microbatches per step (batch_size must divide)
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) over loss tokens
     loss_select: bool = True  # output projection only at loss positions (packed per batch shard; exact)
@@ -291,6 +292,8 @@ def validate(cfg: dict) -> None:
         raise TrainConfigError(f"embedding_grad_shrink must be in (0, 1], got {cfg['embedding_grad_shrink']}")
     if cfg["learning_rate"] < 0 or cfg["weight_decay"] < 0 or cfg["grad_clip"] < 0 or cfg["z_loss"] < 0:
         raise TrainConfigError("learning_rate, weight_decay, grad_clip and z_loss must be >= 0")
+    if cfg["max_skipped_steps"] < 0:
+        raise TrainConfigError(f"max_skipped_steps must be >= 0 (0: never stop), got {cfg['max_skipped_steps']}")
     if cfg["compile_only"] and not cfg["topology"]:
         raise TrainConfigError("compile_only=true needs topology=..., e.g. topology=v5e:2x2")
     if not isinstance(cfg["freeze"], list) or not all(isinstance(p, str) for p in cfg["freeze"]):

@@ -1,9 +1,12 @@
-"""glm-train [--config FILE] [key=value ...]
+"""glm-train [--config FILE] [key=value ...]  |  glm-train verify RUN
 
 Trains a GLM model (blank infilling or causal) on the mesh given by mesh.data x mesh.fsdp x mesh.tensor, or,
 with compile_only=true topology=v5p:4x4x4, compiles the train step ahead of time for a TPU topology and
 writes output_dir/compile_report.json. Keys and defaults: train/config.py; presets: train/configs/*.yaml.
-Exit codes: 0 ok, 2 bad input (one `error:` line on stderr), 1 internal error.
+`glm-train verify RUN` checks every checkpoint of a run against its manifest and reads it back, one line a step.
+Exit codes: 0 ok, 2 bad input (one `error:` line on stderr; for verify: a checkpoint failed), 3 the run stopped
+(max_skipped_steps consecutive non-finite steps, or a non-finite state; the last good checkpoint is kept),
+1 internal error.
 """
 
 from __future__ import annotations
@@ -31,8 +34,51 @@ def _bad_input_types():
     return (TrainConfigError, ConfigError, CheckpointFormatError)
 
 
+def verify_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="glm-train verify", description="checks every checkpoint of a glm-train run")
+    ap.add_argument("run", help="a run directory (output_dir) or its checkpoints/ folder")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    use_cpu_when_no_accelerator()
+    try:
+        from train.verify import verify_run
+
+        rc = verify_run(args.run, say=_say)
+        if rc:
+            print(f"error: {args.run}: a checkpoint failed verification (lines above)", file=sys.stderr)
+        return rc
+    except Exception as e:
+        return _report(e)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _report(e: Exception) -> int:
+    """The exit code of an exception, and its one `error:` line (a traceback too for an internal error)."""
+    from train.checkpointing import TrainingStopped
+
+    msg = " ".join(str(e).split())
+    if isinstance(e, _bad_input_types()):
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    if isinstance(e, TrainingStopped):
+        print(f"error: {msg}", file=sys.stderr)
+        return 3
+    import traceback
+
+    traceback.print_exc()
+    print(f"error: internal error: {type(e).__name__}: {msg[:500]}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "verify":
+        return verify_main(argv[1:])
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help exits 0, a bad option 2
@@ -67,15 +113,7 @@ def main(argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 1
     except Exception as e:
-        if isinstance(e, _bad_input_types()):
-            msg = " ".join(str(e).split())
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
-        import traceback
-
-        traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
-        return 1
+        return _report(e)
 
 
 if __name__ == "__main__":

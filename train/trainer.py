@@ -18,7 +18,7 @@ from train import data as data_lib
 from train import flops as flops_lib
 from train import optimizer, parallel
 from train import step as step_lib
-from train.checkpointing import Checkpointer, gather_json
+from train.checkpointing import Checkpointer, TrainingStopped, gather_json
 from train.config import TrainConfig, TrainConfigError
 from train.metrics import Reporter, device_peak_flops
 
@@ -122,15 +122,14 @@ class Run:
         if out.exists() and not out.is_dir():
             raise TrainConfigError(f"output_dir {out} exists and is not a folder")
         self.checkpointer = Checkpointer(out, tc.keep_checkpoints, tc.async_checkpointing)
-        self.start_step, self.meta = 0, None
-        latest = self.checkpointer.latest_step()
+        self.start_step = 0
+        # the newest checkpoint that verifies (its model config is compared before the restore)
+        self.state, self.meta = self.checkpointer.resume(self.abstract, self._check_meta, self.ctx)
         loaded = None
-        if latest is None and self.pretrained:  # (outside the rules context: loading builds param boxes)
+        if self.meta is None and self.pretrained:  # (outside the rules context: loading builds param boxes)
             loaded = load_pretrained(self.pretrained, cfg, tc.model_overrides)
         with self.ctx():
-            if latest is not None:
-                self.state, self.meta = self.checkpointer.restore(latest, self.abstract)
-                self._check_meta(self.meta)
+            if self.meta is not None:
                 self.start_step = int(self.meta["step"])
             elif self.pretrained:
                 params = jax.device_put(loaded, self.state_sh["params"])
@@ -151,8 +150,10 @@ class Run:
         now = {k: v for k, v in self.cfg.to_dict().items() if k != "hf_config"}
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
+            what = ", ".join(f"{k} saved {saved.get(k)!r} now {now.get(k)!r}" for k in diff)
             raise TrainConfigError(
-                f"{self.tc.output_dir} holds a run of another model (fields {diff} differ); use a new output_dir"
+                f"{self.tc.output_dir} holds a run of another model ({what}); use a new output_dir "
+                "or the saved settings"
             )
 
     def setup_data(self):
@@ -290,6 +291,7 @@ def train(tc: TrainConfig) -> dict:
     t_start = t_mark = time.perf_counter()
     steps_since, first = 0, True
     nan_steps = set(tc.debug_nan_steps)
+    skips = _Skips(tc.max_skipped_steps)
     stop_at = tc.stop_at or steps
     try:
         while step < min(steps, stop_at):
@@ -317,6 +319,7 @@ def train(tc: TrainConfig) -> dict:
                     step, vals, tokens_per_step * nsteps / dt, flops_per_step * nsteps / dt / (peak * n_dev)
                 )
                 for i, v in enumerate(vals):
+                    skips.add(step - len(vals) + i + 1, bool(v["skipped"]))
                     if v["skipped"]:
                         rep.say(
                             f"warning: step {step - len(vals) + i + 1}: non-finite loss or gradient "
@@ -326,6 +329,8 @@ def train(tc: TrainConfig) -> dict:
                 rep.log({**rec, **extra})
                 last_loss = rec["loss"]
                 pending, t_mark, steps_since = [], time.perf_counter(), 0
+                if skips.over():  # stop without saving: the last checkpoint stays the last good one
+                    break
             if first:  # the first step includes compilation: time steady-state steps from here
                 jax.block_until_ready(m)
                 rep.say(f"compiled and ran step {step} in {time.perf_counter() - t_start:.1f}s")
@@ -335,10 +340,12 @@ def train(tc: TrainConfig) -> dict:
                 t_pause = time.perf_counter()
                 run.save(step)
                 t_mark += time.perf_counter() - t_pause
+            run.checkpointer.poll()  # manifests of committed saves, then rotation
             if stop.requested():
                 rep.say(f"SIGTERM: saving a checkpoint at step {step} and stopping", always=True)
                 break
-        run.save(step)
+        if not skips.over():
+            run.save(step)
     finally:
         run.checkpointer.close()
         rep.close()
@@ -346,7 +353,28 @@ def train(tc: TrainConfig) -> dict:
         close = getattr(run.data, "close", None)
         if close:
             close()
+    if skips.over():
+        raise TrainingStopped(
+            f"{skips.n} consecutive steps had a non-finite loss or gradient (steps {skips.first}-{skips.last}); "
+            f"stopped. {run.checkpointer.last_good_text()}"
+        )
     return {"step": step, "loss": last_loss, "output_dir": tc.output_dir}
+
+
+class _Skips:
+    """Consecutive skipped (non-finite) steps; `limit` of them in a row stop the run (0: never)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.n, self.first, self.last = limit, 0, 0, 0
+
+    def add(self, step: int, skipped: bool) -> None:
+        if skipped:
+            self.first, self.last, self.n = self.first or step, step, self.n + 1
+        else:
+            self.first, self.last, self.n = 0, 0, 0
+
+    def over(self) -> bool:
+        return bool(self.limit) and self.n >= self.limit
 
 
 def _summarise(step, vals, tps, mfu) -> dict:
