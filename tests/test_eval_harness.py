@@ -129,7 +129,7 @@ def runs(tmp_path_factory):
         device="cpu",
         batch_size=3,
     )
-    return ours, hf, folder
+    return ours, hf, folder, tasks
 
 
 def _responses(res, task):
@@ -142,7 +142,7 @@ def _responses(res, task):
 
 @pytest.mark.parametrize("task", ["tiny_mc", "tiny_ll", "tiny_ppl"])
 def test_per_request_loglikelihoods_match_hf(runs, task):
-    ours, hf, _ = runs
+    ours, hf, _, _ = runs
     a, b = _responses(ours, task), _responses(hf, task)
     assert len(a) == len(b) > 0
     if task == "tiny_ppl":
@@ -156,7 +156,7 @@ def test_per_request_loglikelihoods_match_hf(runs, task):
 
 
 def test_task_metrics_match_hf(runs):
-    ours, hf, _ = runs
+    ours, hf, _, _ = runs
     for task in TASKS:
         ra, rb = ours["results"][task], hf["results"][task]
         keys = [k for k in rb if not k.endswith("_stderr,none") and k != "alias"]
@@ -169,7 +169,7 @@ def test_task_metrics_match_hf(runs):
 
 
 def test_generate_until_strings_match_hf(runs):
-    ours, hf, _ = runs
+    ours, hf, _, _ = runs
     a, b = _responses(ours, "tiny_gen"), _responses(hf, "tiny_gen")
     assert len(a) == len(GEN)
     assert a == b
@@ -181,7 +181,7 @@ def test_chat_template_and_rolling_windows(runs):
 
     import glm_jax.eval.harness as harness
 
-    _, _, folder = runs
+    _, _, folder, _ = runs
     lm = harness.GLMLM(pretrained=str(folder), max_length=MAX_LEN)
     import transformers
 
@@ -208,3 +208,91 @@ def test_bad_model_args(tmp_path):
         harness.GLMLM(pretrained=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="unknown model_args"):
         harness.GLMLM(pretrained=str(tmp_path), bogus=1)
+
+
+def test_cli_tasks_mode(runs, tmp_path, capsys):
+    from glm_jax.eval import cli
+
+    ours, _, folder, tasks = runs
+    out = tmp_path / "res.json"
+    argv = [str(folder), "--tasks", "tiny_mc,tiny_g*", "--include-path", str(tasks), "--max-length", str(MAX_LEN)]
+    assert cli.main([*argv, "--batch-size", "2", "--output", str(out)]) == 0
+    assert "tiny_mc" in capsys.readouterr().out
+    res = json.loads(out.read_text())["results"]
+    assert sorted(res) == ["tiny_gen", "tiny_mc"]
+    for task in res:
+        assert (
+            res[task]["acc,none" if task == "tiny_mc" else "exact_match,none"]
+            == ours["results"][task]["acc,none" if task == "tiny_mc" else "exact_match,none"]
+        )
+    assert cli.main([str(folder), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown lm-eval task(s): no_such_task"]
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"])
+def test_glm_tokenizers_chat_prompt_keeps_exact_ids(name):
+    """The GLM families' chat ids (special tokens included) survive lm-eval's string round trip."""
+    from _fixture_models import FIX
+
+    from glm_jax.eval.tokenizer import EvalTokenizer
+
+    tok = EvalTokenizer(FIX / "chat-templates" / name, fallback_eos=2)
+    assert tok.kind == "glm"
+    chat = [{"role": "user", "content": "Hello there"}]
+    text = tok.apply_chat_template(chat)
+    assert tok.encode(text) == tok.tok.apply_chat_template(chat)
+    assert tok.chat_ids(text) == tok.encode(text)
+    assert tok.encode("plain text") == list(tok.tok.prefix_ids) + tok.tok.encode("plain text")
+    assert tok.chat_template() == f"glm-jax:{tok.tok.chat_format}"
+
+
+def test_glm_original_scores_in_its_prefix_layout(tmp_path):
+    """The 2-D position family: context [gMASK] | <sop> continuation, checked against the layout written out by
+    hand; generation starts after [gMASK] <sop>. A byte-level vocab.json stands in for GLM's GPT-2 BPE."""
+    import jax
+    from _fixture_models import FIX
+    from lm_eval.api.instance import Instance
+
+    import glm_jax
+    from glm_jax.eval.harness import GLMLM
+
+    src = FIX / "glm-original" / "model"
+    folder = tmp_path / "glm"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").symlink_to(src / "pytorch_model.bin")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(gmask_token_id=380, sop_token_id=381, eop_token_id=382, pad_token_id=0, eos_token_id=256)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from glm_jax.tokenizers.gpt2 import bytes_to_unicode
+
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    vocab["<|endoftext|>"] = 256
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+    h = GLMLM(pretrained=str(folder), max_length=30, batch_size=2)
+    assert h.mode == "prefix"
+    reqs = [("The sky is", " blue"), ("Paris, France", " and Rome"), ("", "abc")]
+    got = h.loglikelihood([Instance("loglikelihood", {}, r, 0) for r in reqs], disable_tqdm=True)
+    lm = glm_jax.from_pretrained(folder)
+    for (ctx, cont), (ll, _) in zip(reqs, got):
+        c = list(ctx.encode()) if ctx else [256]  # an empty context is the prefix (eos) token
+        g = list((ctx + cont).encode())[len(c) :] if ctx else list(cont.encode())
+        ids = c + [380, 381] + g[:-1]
+        pos = list(range(len(c) + 1)) + [len(c)] * len(g)
+        block = [0] * (len(c) + 1) + list(range(1, len(g) + 1))
+        logits = lm(np.asarray([ids]), position_ids=np.asarray([[pos, block]]), prefix_len=np.asarray([len(c) + 1]))
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+        ref = sum(float(logp[len(c) + 1 + j, t]) for j, t in enumerate(g))
+        assert ll == pytest.approx(ref, abs=1e-4)
+
+    [text] = h.generate_until([Instance("generate_until", {}, ("The sky is", {"max_gen_toks": 3}), 0)])
+    assert isinstance(text, str)
+    c = list(b"The sky is")
+    prompt = h._prompt_ids("The sky is", 27)
+    assert prompt == c + [380, 381]  # generation starts after [gMASK] <sop>
+    pos = np.asarray([[[*range(11), 10], [0] * 11 + [1]]])
+    logits = np.asarray(lm(np.asarray([prompt]), position_ids=pos, prefix_len=np.asarray([11])))
+    new = lm.generate(np.asarray([prompt]), max_new_tokens=1, eos_token_id=[-1])
+    assert int(new[0, -1]) == int(np.argmax(logits[0, -1]))
