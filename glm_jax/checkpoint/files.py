@@ -55,7 +55,7 @@ def check_safetensors_header(header, data_bytes: int, where: str) -> None:
         if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
             raise CheckpointFormatError(f"{where}: tensor {k!r} needs dtype, shape and data_offsets, got {h!r}"[:300])
         dt, shape, off = h["dtype"], h["shape"], h["data_offsets"]
-        if dt not in ST_DTYPES:
+        if not isinstance(dt, str) or dt not in ST_DTYPES:
             raise CheckpointFormatError(f"{where}: tensor {k!r} has unsupported dtype {dt!r}")
         if not isinstance(shape, list) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
@@ -105,7 +105,7 @@ class SafetensorsFile:
             if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise CheckpointFormatError(f"{self.path}: corrupt safetensors header length {n}")
             try:
-                header = json.loads(fh.read(n))
+                header = json.loads(fh.read(n).decode("utf-8"))  # UTF-8 only, as the safetensors library
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise CheckpointFormatError(f"{self.path}: corrupt safetensors header ({e})") from None
         check_safetensors_header(header, size - 8 - n, str(self.path))
@@ -116,6 +116,9 @@ class SafetensorsFile:
 
     def keys(self):
         return list(self.header)
+
+    def shape(self, key) -> tuple:
+        return tuple(self.header[key]["shape"])
 
     def get(self, key) -> np.ndarray:
         if self._mm is None:
@@ -151,24 +154,38 @@ class TorchFile:
             sd = sd[subkey]
         if not isinstance(sd, dict):
             raise CheckpointFormatError(f"{self.path}: expected a state dict, got {type(sd).__name__}")
+        odd = [k for k in sd if not isinstance(k, str)]
+        if odd:
+            raise CheckpointFormatError(f"{self.path}: state dict keys must be strings, found {odd[:3]!r}"[:300])
         self.sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         self.metadata = {}
 
     def keys(self):
         return list(self.sd)
 
+    def shape(self, key) -> tuple:
+        return tuple(self.sd[key].shape)
+
     def get(self, key) -> np.ndarray:
         return torch_to_numpy(self.sd[key])
 
 
+def tensor_shape(reader, key) -> tuple:
+    """A tensor's shape from its reader's header (no data read); readers without `shape` give get(key).shape."""
+    if hasattr(reader, "shape"):
+        return tuple(reader.shape(key))
+    return tuple(reader.get(key).shape)
+
+
 def _shard_inside(folder: pathlib.Path, index: pathlib.Path, name) -> pathlib.Path:
-    """The shard file an index names, refused unless it is a plain file name inside the checkpoint folder."""
+    """The shard file an index names, refused unless it is a plain file name in the checkpoint folder. The name is
+    checked as written (no separators, no `..`, not absolute), not after following links: a Hugging Face cache
+    snapshot's files are links into its blobs folder, and they are the folder's own files."""
     if not isinstance(name, str) or not name or pathlib.PurePath(name).is_absolute():
         raise CheckpointFormatError(f"{index}: names shard {name!r}, which is not a file name inside {folder}")
-    f = (folder / name).resolve()
-    if f.parent != folder.resolve():
+    if name in (".", "..") or pathlib.PurePath(name).name != name or "\x00" in name:
         raise CheckpointFormatError(f"{index}: names shard {name!r}, which lies outside {folder}")
-    return f
+    return folder / name
 
 
 def find_weight_files(path) -> tuple[str, list[pathlib.Path], dict]:

@@ -88,6 +88,17 @@ class MergedReader:
     def keys(self):
         return list(self.names)
 
+    def shape(self, key) -> tuple:
+        """The merged tensor's shape, from the ranks' headers (nothing is read or joined)."""
+        raw = self.names[key]
+        shapes = [tuple(r.shape(raw)) for r in self.ranks]
+        axis = 0 if key.endswith(_QKV + _ROWS) else 1 if key.endswith(_COLS) else None
+        if len(shapes) == 1 or axis is None or len(shapes[0]) <= axis:
+            return shapes[0]
+        s = list(shapes[0])
+        s[axis] = sum(x[axis] for x in shapes)
+        return tuple(s)
+
     def get(self, key) -> np.ndarray:
         raw = self.names[key]
         parts = [r.get(raw) for r in self.ranks]
