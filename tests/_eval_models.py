@@ -52,12 +52,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_glm4(folder, seed=0, hidden=48, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96, max_pos=512):
-    """Random Glm4ForCausalLM + tokenizer in `folder`; returns the torch model."""
+def build_glm4(
+    folder, seed=0, hidden=48, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96, max_pos=512, vocab=0, scale=4.0
+):
+    """Random Glm4ForCausalLM + tokenizer in `folder` (model vocab: the tokenizer's, or `vocab` if larger; weight
+    matrices scaled by `scale` for peaked distributions); returns the torch model."""
     import torch
     import transformers
 
-    vocab = write_tokenizer(folder, chat_template=CHAT_TEMPLATE)
+    vocab = max(vocab, write_tokenizer(folder, chat_template=CHAT_TEMPLATE))
     torch.manual_seed(seed)
     cfg = transformers.Glm4Config(
         vocab_size=vocab,
@@ -82,6 +85,6 @@ def build_glm4(folder, seed=0, hidden=48, layers=2, heads=4, kv_heads=2, head_di
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
-                p.mul_(4.0)
+                p.mul_(scale)
     model.save_pretrained(folder)
     return model

@@ -273,8 +273,9 @@ def test_glm_original_scores_in_its_prefix_layout(tmp_path):
 
     h = GLMLM(pretrained=str(folder), max_length=30, batch_size=2)
     assert h.mode == "prefix"
-    reqs = [("The sky is", " blue"), ("Paris, France", " and Rome"), ("", "abc")]
+    reqs = [("The sky is", " blue"), ("Paris, France", " and Rome"), ("", "abc"), ("The sky is", " green!")]
     got = h.loglikelihood([Instance("loglikelihood", {}, r, 0) for r in reqs], disable_tqdm=True)
+    assert h.scorer.packed_rows == 1 and h.scorer.rows == 3  # the two "The sky is" requests share a row
     lm = glm_jax.from_pretrained(folder)
     for (ctx, cont), (ll, _) in zip(reqs, got):
         c = list(ctx.encode()) if ctx else [256]  # an empty context is the prefix (eos) token
@@ -296,3 +297,23 @@ def test_glm_original_scores_in_its_prefix_layout(tmp_path):
     logits = np.asarray(lm(np.asarray([prompt]), position_ids=pos, prefix_len=np.asarray([11])))
     new = lm.generate(np.asarray([prompt]), max_new_tokens=1, eos_token_id=[-1])
     assert int(new[0, -1]) == int(np.argmax(logits[0, -1]))
+
+
+def test_packed_rows_equal_one_row_per_request(runs):
+    """Choices sharing a context in one packed row (dense segment mask) score as they do one row each."""
+    from lm_eval.api.instance import Instance
+
+    from glm_jax.eval.harness import GLMLM
+
+    _, _, folder, _ = runs
+    reqs = [
+        Instance("loglikelihood", {}, ("Question: " + d["q"] + "\nAnswer:", c), 0) for d in MC for c in d["choices"]
+    ]
+    packed = GLMLM(pretrained=str(folder), max_length=MAX_LEN, batch_size=4)
+    single = GLMLM(pretrained=str(folder), max_length=MAX_LEN, batch_size=4, pack=False)
+    a, b = packed.loglikelihood(reqs, disable_tqdm=True), single.loglikelihood(reqs, disable_tqdm=True)
+    assert [g for _, g in a] == [g for _, g in b]
+    assert np.abs(np.array([x for x, _ in a]) - np.array([x for x, _ in b])).max() <= 2e-5
+    # the last question is too long to pack within MAX_LEN: its three choices fall back to a row each
+    assert packed.scorer.packed_rows == len(MC) - 1 and packed.scorer.rows == len(MC) - 1 + 3
+    assert single.scorer.packed_rows == 0 and single.scorer.rows == len(reqs)

@@ -64,7 +64,8 @@ class GLMLM(TemplateLM):
     model_args: pretrained (folder: HF checkpoint of any family, glm-convert to-jax output, glm-train run dir),
     dtype (float32), batch_size (8; "auto" means 8), max_batch_tokens (16384), max_length (default: the model's
     max_position_embeddings), max_gen_toks (256), tokenizer (another folder), tokenizer_backend (auto | glm |
-    hf), chat_format, attention (xla | flash | auto), seed (sampling seed)."""
+    hf), chat_format, attention (xla | flash | auto), seed (sampling seed), pack (true: requests that share a
+    context are scored in one packed row, the context computed once)."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class GLMLM(TemplateLM):
         chat_format=None,
         attention: str = "xla",
         seed=0,
+        pack=True,
         **kwargs,
     ):
         super().__init__()
@@ -103,6 +105,7 @@ class GLMLM(TemplateLM):
         self._max_gen_toks = _int_or_auto(max_gen_toks, "max_gen_toks", 256)
         self._batch_size = _int_or_auto(batch_size, "batch_size", 8)
         self.seed = int(seed)
+        self.pack = str(pack).lower() not in ("false", "0", "no")
         self.scorer = scoring.Scorer(
             self.lm, self._batch_size, _int_or_auto(max_batch_tokens, "max_batch_tokens", 16384), self.tok.pad_token_id
         )
@@ -180,18 +183,32 @@ class GLMLM(TemplateLM):
         return self._loglikelihood_tokens(pairs, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        rows = [self._row(ctx, cont) for _, ctx, cont in requests]
-        scores = self._score(rows, disable_tqdm, "Running loglikelihood requests")
-        out = []
-        for (key, _, _), s in zip(requests, scores):
-            answer = (s.logprob, s.greedy)
+        """Requests sharing a context go into one packed row when they fit (see scoring.packed_row)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, ctx, _) in enumerate(requests):
+            groups.setdefault(tuple(self._strip_cue(list(ctx))), []).append(i)
+        rows, owners = [], []
+        for ctx, idx in groups.items():
+            packed = None
+            if self.pack and len(idx) > 1:
+                packed = scoring.packed_row(self.lm.config, ctx, [requests[i][2] for i in idx], self.max_length)
+            if packed is not None:
+                rows.append(packed)
+                owners.append(idx)
+            else:
+                rows += [self._row(list(ctx), requests[i][2]) for i in idx]
+                owners += [[i] for i in idx]
+        answers: list = [None] * len(requests)
+        for idx, scores in zip(owners, self._score(rows, disable_tqdm, "Running loglikelihood requests")):
+            for i, s in zip(idx, scores):
+                answers[i] = (s.logprob, s.greedy)
+        for (key, _, _), answer in zip(requests, answers):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
-            out.append(answer)
-        return out
+        return answers
 
     def _row(self, ctx: list[int], cont: list[int]) -> scoring.Row:
-        return scoring.make_row(self.lm.config, self._strip_cue(list(ctx)), list(cont), self.max_length)
+        return scoring.make_row(self.lm.config, ctx, list(cont), self.max_length)
 
     def _score(self, rows, disable_tqdm: bool, desc: str):
         with tqdm(total=len(rows), disable=disable_tqdm, desc=desc) as bar:

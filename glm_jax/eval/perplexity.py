@@ -61,7 +61,7 @@ def perplexity(
     rows = [scoring.make_row(lm.config, seq[b:s], seq[s:e], max_len) for b, s, e in spans]
     scores = scoring.Scorer(lm, batch_size, pad_id=pad_id).score(rows)
     n = sum(e - s for _, s, e in spans)
-    nll = -sum(sc.logprob for sc in scores)
+    nll = -sum(sc[0].logprob for sc in scores)
     return {
         "tokens": n,
         "nll": nll,
@@ -138,7 +138,7 @@ def lambada(lm, tok, path, *, max_len: int, batch_size: int = 8) -> dict:
         ctx, word = line.rsplit(" ", 1)
         pairs.append(encode_pair(tok, ctx, " " + word))
     rows = [scoring.make_row(lm.config, c, t, max_len) for c, t in pairs]
-    scores = scoring.Scorer(lm, batch_size, pad_id=tok.pad_token_id).score(rows)
+    scores = [sc[0] for sc in scoring.Scorer(lm, batch_size, pad_id=tok.pad_token_id).score(rows)]
     lls = [s.logprob for s in scores]
     return {
         "file": str(path),
