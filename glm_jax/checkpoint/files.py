@@ -184,7 +184,9 @@ def _shard_inside(folder: pathlib.Path, index: pathlib.Path, name) -> pathlib.Pa
     if not isinstance(name, str) or not name or pathlib.PurePath(name).is_absolute():
         raise CheckpointFormatError(f"{index}: names shard {name!r}, which is not a file name inside {folder}")
     if name in (".", "..") or pathlib.PurePath(name).name != name or "\x00" in name:
-        raise CheckpointFormatError(f"{index}: names shard {name!r}, which lies outside {folder}")
+        raise CheckpointFormatError(
+            f"{index}: names shard {name!r}, which is not a plain file name in {folder} (it may lie outside)"
+        )
     return folder / name
 
 

@@ -43,7 +43,7 @@ def from_hf(d: dict) -> dict:
         num_heads=n,
         num_kv_heads=n,
         head_dim=h // n,
-        ffn_size=d.get("inner_hidden_size") or 4 * h,
+        ffn_size=d["inner_hidden_size"] if d.get("inner_hidden_size") is not None else 4 * h,
         norm="layernorm",
         norm_eps=d.get("layernorm_epsilon", 1e-5),
         residual_from_norm=True,

@@ -36,7 +36,7 @@ def recognise(d: dict) -> bool:
 
 def from_hf(d: dict) -> dict:
     n = d["num_attention_heads"]
-    kv = d.get("kv_channels") or d["hidden_size"] // n
+    kv = d["kv_channels"] if d.get("kv_channels") is not None else d["hidden_size"] // n  # 0 stays 0 (refused)
     mqa = d.get("multi_query_attention", True)
     g = d.get("multi_query_group_num", n) if mqa else n
     ratio = float(d.get("rope_ratio", 1))

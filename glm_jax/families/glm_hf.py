@@ -27,7 +27,7 @@ def rope_theta_and_factor(d: dict):
 
 def from_hf(d: dict, sandwich: bool = False) -> dict:
     n = d["num_attention_heads"]
-    hd = d.get("head_dim") or d["hidden_size"] // n
+    hd = d["head_dim"] if d.get("head_dim") is not None else d["hidden_size"] // n  # 0 stays 0 (refused)
     theta, factor = rope_theta_and_factor(d)
     act = d.get("hidden_act", "silu")
     if act != "silu":
@@ -37,7 +37,7 @@ def from_hf(d: dict, sandwich: bool = False) -> dict:
         hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"],
         num_heads=n,
-        num_kv_heads=d.get("num_key_value_heads") or n,
+        num_kv_heads=d["num_key_value_heads"] if d.get("num_key_value_heads") is not None else n,
         head_dim=hd,
         ffn_size=d["intermediate_size"],
         norm="rmsnorm",
