@@ -13,14 +13,20 @@ to-torch SRC: a to-jax folder or a glm-train run directory (latest complete step
 --max-shard-size it writes back the layout the source had; --layout glm-hf exports a chatglm2-family model
 as transformers' GlmForCausalLM; --ptuning-only writes just the prefix encoder, as the P-Tuning scripts do.
 
-Exit codes: 0 done; 2 bad input (one `error:` line on stderr naming the file and the problem); 1 internal
-error. The output is built in a hidden sibling of DST and renamed at the end, so a failed run leaves no DST
-(and an existing DST, replaced only with --overwrite, is untouched until the new one is complete).
+Exit codes: 0 done; 2 bad input (one `error:` line on stderr naming the file and the problem: a missing,
+corrupt or lying checkpoint or config, a bad argument, a DST that cannot be written); 1 internal error;
+128 + the signal's number (130 SIGINT, 143 SIGTERM) when interrupted, with one `error: interrupted` line.
+The output is built in a hidden sibling of DST (`.DST.tmp-PID`) and renamed at the end, so a failed or
+interrupted run leaves no DST (and an existing DST, replaced only with --overwrite, is untouched until the new
+one is complete); a later run removes the temporary folders of killed runs and says so (convert/guard.py).
+--overwrite replaces DST and nothing else: DST may never be SRC (or another input) or a folder holding it,
+and an existing DST inside SRC is never replaced; a new DST inside SRC is allowed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import pathlib
@@ -30,7 +36,11 @@ import time
 import traceback
 import warnings
 
+from convert import guard
+
 DTYPES = ("float32", "bfloat16", "float16")
+# errors of the destination's file system (a full disk, a read-only mount): bad input (the DST argument), exit 2
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class BadInput(ValueError):
@@ -132,102 +142,184 @@ class _Bar:
         self.bar.close()
 
 
-def run(args) -> dict:
+def _protect(dst: pathlib.Path, inputs: list, overwrite: bool):
+    """Refuse a DST whose replacement could touch an input: DST may not be an input (SRC, --ptuning, --config) or
+    a folder that holds one, whatever --overwrite says; an existing DST inside an input is never replaced either
+    (a DST inside SRC that does not exist yet is allowed: the new folder is only added there)."""
+    here = dst.parent.resolve() / dst.name  # the path that would be replaced (a link itself, not its target)
+    for name, p in inputs:
+        pr = p.resolve()
+        for d in {here, dst.resolve()}:
+            if d == pr:
+                raise BadInput(f"{dst}: is the {name} itself; glm-convert never replaces its input")
+            if d in pr.parents:
+                raise BadInput(f"{dst}: holds the {name} {p}; glm-convert never replaces a folder holding its input")
+        if pr in here.parents and (dst.exists() or dst.is_symlink()):
+            raise BadInput(f"{dst}: already exists inside the {name} {p}; glm-convert never replaces anything there")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise BadInput(f"{dst}: already exists (pass --overwrite to replace it)")
+
+
+def _check_args(args, dst: pathlib.Path) -> tuple[pathlib.Path, dict | None]:
     from convert.torch_io import parse_size
 
-    src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
+    src = pathlib.Path(args.src)
     if not src.exists():
         raise BadInput(f"{src}: no such file or folder")
-    if dst.exists() and not args.overwrite:
-        raise BadInput(f"{dst}: already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise BadInput(f"{dst}: is the source itself")
+    inputs = [("source", src)]
+    for opt in ("ptuning", "config"):
+        if getattr(args, opt, None):
+            inputs.append((f"--{opt} input", pathlib.Path(getattr(args, opt))))
+    _protect(dst, inputs, args.overwrite)
     if getattr(args, "max_shard_size", None):
         try:
             parse_size(args.max_shard_size)
         except ValueError as e:
             raise BadInput(f"--max-shard-size: {e}") from None
-    mesh = _mesh(getattr(args, "mesh", None))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    bar = _Bar(args.command)
+    return src, _mesh(getattr(args, "mesh", None))
+
+
+def _convert(args, src, tmp, mesh, bar) -> dict:
+    if args.command == "to-jax":
+        from convert.importer import to_jax
+
+        return to_jax(
+            src,
+            tmp,
+            dtype=args.dtype,
+            mesh=mesh,
+            ptuning=args.ptuning,
+            config=args.config,
+            progress=bar,
+            on_total=bar.total,
+        )
+    from convert.export import to_torch
+
+    return to_torch(
+        src,
+        tmp,
+        fmt=args.format,
+        max_shard=args.max_shard_size,
+        layout=args.layout,
+        dtype=args.dtype,
+        ptuning_only=args.ptuning_only,
+        progress=bar,
+        on_total=bar.total,
+    )
+
+
+def run(args) -> dict:
+    dst = pathlib.Path(os.path.abspath(args.dst))  # "." and ".." get a name and a parent
+    stale = guard.remove_stale(dst)  # first: a restored .old-PID is DST again for the checks
+    if stale:
+        print(f"glm-convert: cleared what a killed earlier run left: {'; '.join(stale)}", flush=True)
+    src, mesh = _check_args(args, dst)
     try:
-        if args.command == "to-jax":
-            from convert.importer import to_jax
+        created = guard.make_parents(dst.parent)
+    except OSError as e:
+        where = e.filename if e.filename is not None else dst.parent
+        raise BadInput(f"{dst}: cannot create its folder {dst.parent} ({e.strerror}: {where})") from None
+    tmp = guard.tmp_path(dst)
+    bar = None
+    try:
+        with guard.SignalsStop(tmp):  # from before tmp exists until DST is in place
+            try:
+                tmp.mkdir()
+            except OSError as e:
+                raise BadInput(f"{dst}: cannot write in {dst.parent} ({e.strerror})") from None
+            bar = _Bar(args.command)
 
-            out = to_jax(
-                src,
-                tmp,
-                dtype=args.dtype,
-                mesh=mesh,
-                ptuning=args.ptuning,
-                config=args.config,
-                progress=bar,
-                on_total=bar.total,
-            )
-        else:
-            from convert.export import to_torch
+            def work():
+                return _convert(args, src, tmp, mesh, bar)
 
-            out = to_torch(
-                src,
-                tmp,
-                fmt=args.format,
-                max_shard=args.max_shard_size,
-                layout=args.layout,
-                dtype=args.dtype,
-                ptuning_only=args.ptuning_only,
-                progress=bar,
-                on_total=bar.total,
-            )
-        bar.close()
-        _replace(tmp, dst)
+            out = guard.run_in_worker(work)
+            bar.close()
+            guard.check_stop()
+            _replace(tmp, dst, args.overwrite)
     except BaseException:
-        bar.close()
+        if bar is not None:
+            bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        guard.remove_parents(created)
         raise
     return out
 
 
-def _replace(tmp: pathlib.Path, dst: pathlib.Path):
+def _replace(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool):
+    """Rename the finished tmp folder to dst; an existing dst (only with overwrite) is moved aside for the
+    instant between the two renames, then deleted."""
     old = None
     if dst.exists() or dst.is_symlink():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        if not overwrite:  # created by someone else while we converted
+            raise BadInput(f"{dst}: appeared while converting (pass --overwrite to replace it)")
+        old = guard.old_path(dst)
         os.replace(dst, old)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def _internal(e) -> int:
+    if os.environ.get("GLM_CONVERT_DEBUG"):
+        traceback.print_exception(e)
+    print(
+        f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())}); "
+        f"set GLM_CONVERT_DEBUG=1 for the traceback",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """SIGINT (KeyboardInterrupt) or SIGTERM/SIGHUP (guard.SignalInterrupt) outside the conversion proper."""
+    print("error: interrupted", file=sys.stderr)
+    return 128 + getattr(e, "signum", 2)
 
 
 def main(argv=None) -> int:
     """The glm-convert command (argv: for calls from Python; the process-wide malloc tuning is left out then)."""
     _quiet()
     if argv is None:
+        guard.interrupt_on_signals()  # SIGTERM/SIGHUP as SIGINT until the conversion installs its own handlers
         _reuse_freed_memory()
         # the imports (jax, orbax, tensorstore, torch) make ~1M objects and trip the cyclic collector hundreds
         # of times: 5.4 s of start-up, 3.5 s with a larger first threshold (measured); still collected.
         gc.set_threshold(50_000, 20, 100)
-    from glm_jax.checkpoint import CheckpointFormatError
-    from glm_jax.config import ConfigError
+    try:
+        from glm_jax.errors import CheckpointFormatError, ConfigError  # the package import pulls in jax
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
 
     t0 = time.time()
+    args = None
     try:
         args = _parser().parse_args(argv)
         out = run(args)
     except (BadInput, CheckpointFormatError, ConfigError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except guard.Interrupted as e:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        if argv is None:  # leave at once: no interpreter teardown while library threads may still exist
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    except OSError as e:
+        if e.filename is None and e.errno not in _WRITE_ERRNOS:
+            return _internal(e)
+        where = e.filename if e.filename is not None else getattr(args, "dst", "the destination")
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except Exception as e:
-        if os.environ.get("GLM_CONVERT_DEBUG"):
-            traceback.print_exc()
-        print(
-            f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())}); "
-            f"set GLM_CONVERT_DEBUG=1 for the traceback",
-            file=sys.stderr,
-        )
-        return 1
+        return _internal(e)
     dt = time.time() - t0
     print(
         f"{args.command}: wrote {args.dst} ({out['tensors']} tensors, {out['bytes'] / 1e9:.3f} GB) in {dt:.1f} s "

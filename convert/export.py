@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from convert import torch_io
+from convert import guard, torch_io
 from convert.importer import DTYPES, SHAPE_ONLY
 from convert.torch_io import Entry
 from glm_jax import families
@@ -229,6 +229,7 @@ class Producer:
         if r.to_hf is None:
             out = np.empty(shape, dtype)
             for a0 in range(0, shape[0], step):
+                guard.check_stop()
                 out[a0 : a0 + step] = self.store.read_rows(p, a0, a0 + step)
             return out
         i = int(np.prod(r.to_hf.linear_in(self.cfg)))
@@ -236,11 +237,13 @@ class Producer:
         per = i // shape[0]  # in-features per index of the first axis
         out = np.empty((o, i), dtype)
         for a0 in range(0, shape[0], step):
+            guard.check_stop()
             blk = self.store.read_rows(p, a0, a0 + step).reshape(-1, o)
             copy_2d(out[:, a0 * per : a0 * per + blk.shape[0]], blk.T)
         return out
 
     def __call__(self, key):
+        guard.check_stop()
         a = self.kept.pop(key) if key in self.kept else self._compute(key)
         want = torch_io.np_dtype(self.plan.entries[key].dtype)
         a = a.astype(want) if a.dtype != want else a
@@ -254,6 +257,7 @@ def to_torch(
 ) -> dict:
     t0 = time.time()
     ck = open_jax(src)
+    check_store(ck)
     fmt = fmt or ("bin" if ptuning_only else "safetensors")
     tcfg = target_config(ck.cfg, layout)
     plan = make_plan(ck, tcfg, layout, fmt, max_shard, dtype, ptuning_only)
@@ -276,6 +280,29 @@ def to_torch(
         "files": [n for n, _, _ in plan.files],
         "seconds": time.time() - t0,
     }
+
+
+def check_store(ck):
+    """The stored config against the stored params, before anything is planned per layer: the layer count (the
+    `layers_{i}` leaves, or the leading axis of stacked `layers/` ones) and the embedding's (vocab, hidden)."""
+    cfg, paths = ck.cfg, ck.store.paths()
+    stacked = [p for p in paths if p.startswith("layers/")]
+    if stacked:
+        n = tuple(ck.store.leaves[stacked[0]].shape)[0]
+        held, ok = f"{n} stacked layers", n == cfg.num_layers
+    else:
+        idx = {int(m.group(1)) for m in (re.match(r"layers_(\d+)/", p) for p in paths) if m}
+        held = f"layers {min(idx)}..{max(idx)} ({len(idx)} distinct)" if idx else "no layers"
+        ok = len(idx) == cfg.num_layers and (not idx or max(idx) == cfg.num_layers - 1)
+    if not ok:
+        raise ConfigError(f"{ck.description}: its config says num_layers={cfg.num_layers}, its params hold {held}")
+    if "embed/embedding" in paths:
+        got, want = tuple(ck.store.shape("embed/embedding")), (cfg.vocab_size, cfg.hidden_size)
+        if got != want:
+            raise ConfigError(
+                f"{ck.description}: its config says vocab_size={want[0]} and hidden_size={want[1]}, "
+                f"its params hold embed/embedding of shape {got}"
+            )
 
 
 def _config_json(ck, tcfg, plan, dtype) -> dict:

@@ -18,10 +18,10 @@ import types
 
 import numpy as np
 
-from convert import jax_io, torch_io
+from convert import guard, jax_io, torch_io
 from glm_jax import families
-from glm_jax.checkpoint.files import find_weight_files, read_json_object
-from glm_jax.checkpoint.hf import config_from_folder, iter_params, open_weights
+from glm_jax.checkpoint.files import find_weight_files, read_json_object, tensor_shape
+from glm_jax.checkpoint.hf import check_config_against_checkpoint, config_from_folder, iter_params, open_weights
 from glm_jax.checkpoint.megatron import MergedReader, pick_files
 from glm_jax.checkpoint.orbax import flatten, unflatten
 from glm_jax.config import GLMConfig
@@ -33,7 +33,8 @@ SHAPE_ONLY = np.dtype([])  # zero bytes per element: runs a row's transform for 
 
 
 class Source(types.SimpleNamespace):
-    """cfg, fmt, files, index (path or None), readers {key: reader}, where (text naming the weights)."""
+    """cfg, config_file (the config.json it came from), fmt, files, index (path or None), readers {key: reader},
+    where (text naming the weights)."""
 
 
 def read_source(src, config=None, ptuning=None) -> Source:
@@ -41,20 +42,21 @@ def read_source(src, config=None, ptuning=None) -> Source:
     fmt, files, _ = find_weight_files(src)
     if fmt == "megatron":
         files = pick_files(files)  # the tag the tracker file names
-    cfg = _source_config(src, fmt, files, config)
+    cfg, config_file = _source_config(src, fmt, files, config)
     _, readers = open_weights(src)
     index = src / torch_io.FILE_NAMES[fmt][2] if fmt in torch_io.FILE_NAMES else None
     index = index if index is not None and index.is_file() else None
     where = str(index or (files[0] if len(files) == 1 else src))
     s = Source(cfg=cfg, fmt=fmt, files=files, index=index, readers=readers, where=where, ptuning=None)
+    s.config_file = str(config_file)
     if ptuning is not None:
         _add_ptuning(s, pathlib.Path(ptuning))
     return s
 
 
-def _source_config(src, fmt, files, config) -> GLMConfig:
+def _source_config(src, fmt, files, config) -> tuple[GLMConfig, pathlib.Path]:
     if config is None and fmt != "megatron":
-        return config_from_folder(src)
+        return config_from_folder(src), src / "config.json"
     if config is not None:
         where = pathlib.Path(config)
     else:
@@ -73,7 +75,7 @@ def _source_config(src, fmt, files, config) -> GLMConfig:
         raise ConfigError(f"{where}: {e}") from None
     if fmt == "megatron" and not families.get(cfg.family).reads_megatron:
         raise ConfigError(f"{where}: describes a {cfg.family} model, but Megatron mp_rank checkpoints are original GLM")
-    return cfg
+    return cfg, where
 
 
 def _add_ptuning(s: Source, pdir: pathlib.Path):
@@ -103,8 +105,11 @@ class _ShapeOnly:
     def __init__(self, reader):
         self.reader = reader
 
+    def shape(self, key):
+        return tensor_shape(self.reader, key)
+
     def get(self, key):
-        return np.empty(self.reader.get(key).shape, SHAPE_ONLY)
+        return np.empty(tensor_shape(self.reader, key), SHAPE_ONLY)
 
 
 def shape_only(reader):
@@ -180,6 +185,7 @@ class _RowStream:
         self.since_release = 0
 
     def fetch(self, path):
+        guard.check_stop()
         if self.head is None:
             self.head = next(self.gen)
         p, a = self.head
@@ -208,7 +214,7 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
         if target is not None
         else (lambda a: a)
     )
-    stream = _RowStream(iter_params(cfg, s.readers, s.where), cast, release)
+    stream = _RowStream(iter_params(cfg, s.readers, s.where, config_file=s.config_file), cast, release)
     shapes, chunks = {}, {}
     flatten(unstack_layers(param_shapes(cfg)), "", shapes)
     if mesh:
@@ -272,14 +278,18 @@ def page_releaser(files):
 
 def validate(s: Source):
     """Every check of iter_params (missing, extra, mis-shaped keys) on zero-byte stand-ins, before writing."""
-    for _ in iter_params(s.cfg.replace(scan_layers=False), {k: shape_only(r) for k, r in s.readers.items()}, s.where):
-        pass
+    readers = {k: shape_only(r) for k, r in s.readers.items()}
+    for _ in iter_params(s.cfg.replace(scan_layers=False), readers, s.where, config_file=s.config_file):
+        guard.check_stop()
 
 
 def to_jax(src, dst, *, dtype=None, mesh=None, ptuning=None, config=None, progress=None, on_total=None) -> dict:
     t0 = time.time()
     s = read_source(src, config=config, ptuning=ptuning)
+    # the config's sizes against the headers first: nothing below expands or allocates per layer before this
+    check_config_against_checkpoint(s.cfg, s.readers, s.where, s.config_file)
     validate(s)
+    guard.check_stop()
     manifest = build_manifest(s)
     files = list(s.files) + ([pathlib.Path(ptuning) / f for f in s.ptuning["files"]] if s.ptuning else [])
     release = page_releaser(files)
@@ -291,5 +301,6 @@ def to_jax(src, dst, *, dtype=None, mesh=None, ptuning=None, config=None, progre
     mesh_meta = dict(mesh) if mesh else None
     jax_io.save_jax(dst, cfg, params, manifest, mesh=mesh_meta, progress=progress)
     release()
+    guard.check_stop()
     torch_io.copy_aux_files(pathlib.Path(src), pathlib.Path(dst))
     return {"tensors": len(manifest["tensors"]), "bytes": total, "seconds": time.time() - t0}

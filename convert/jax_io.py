@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from convert import direct
+from convert import direct, guard
 from glm_jax.checkpoint.orbax import FORMAT, JSON_NAME, quiet_absl
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError
@@ -130,6 +130,7 @@ def _raw_chunk_files(t, a):
 
 def _write_chunks(files, a, chunks):
     for ix, path in files.items():
+        guard.check_stop()
         sl = tuple(slice(i * c, (i + 1) * c) for i, c in zip(ix, chunks))
         part = a[sl]
         if part.shape != chunks:  # an edge chunk is stored at full size, padded with zeros
@@ -176,6 +177,7 @@ def save_jax(dst, cfg: GLMConfig, params, manifest: dict | None, *, mesh=None, p
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     save_params(dst / "params", params, progress)
+    guard.check_stop()
     meta = {"format": FORMAT, "version": 1, "config": cfg.to_dict(), "source": manifest, "mesh": mesh}
     (dst / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     (dst / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
