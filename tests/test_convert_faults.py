@@ -4,7 +4,8 @@ to its own input, and SIGINT / SIGTERM / SIGKILL at random moments of a real con
 
 Bad input: exit 2, exactly one stderr line `error: ...` naming the file, no DST, no temporary folder beside it.
 The in-process cases call convert.cli.main (as test_convert_errors does); the signal cases run subprocesses on
-a ~310 MB synthetic ChatGLM2-shaped checkpoint (helpers in tests/_convert_synth.py).
+a ~310 MB synthetic ChatGLM2-shaped checkpoint. The header mutations and the checkpoint are built in
+tests/_convert_synth.py.
 """
 
 import contextlib
@@ -20,13 +21,12 @@ import time
 
 import numpy as np
 import pytest
-from _convert_synth import build_checkpoint, same_params, tree_snapshot
+from _convert_synth import KINDS, build_checkpoint, malformed, same_params, tree_snapshot
 from _fixture_models import FIX
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convert.cli import main
-from glm_jax.dtypes import ST_DTYPES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = FIX / "chatglm2-6b"
@@ -68,93 +68,6 @@ def st_source(tmp_path_factory):
     return d, json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def _pack(header, data: bytes, n=None) -> bytes:
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text) if n is None else n) + text + data
-
-
-_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in ST_DTYPES.items()}
-_JUNK = st.one_of(st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=3), st.none(), st.booleans())
-KINDS = [
-    "negative_start",
-    "reversed",
-    "past_end",
-    "shift",
-    "overlap_only",
-    "dtype_other_size",
-    "dtype_unknown",
-    "dtype_not_a_string",
-    "shape_dim",
-    "shape_type",
-    "offsets_type",
-    "missing_field",
-    "entry_not_object",
-    "header_list",
-    "metadata",
-    "header_length",
-    "truncated",
-    "trailing_bytes",
-]
-
-
-def _mutate(kind, header, data, draw) -> bytes:
-    """A header (and file) that both the safetensors library and glm-convert must refuse."""
-    h = json.loads(json.dumps(header))
-    names = [k for k in h if k != "__metadata__"]
-    k = draw(st.sampled_from(names))
-    e = h[k]
-    a, b = e["data_offsets"]
-    if kind == "negative_start":
-        e["data_offsets"] = [-draw(st.integers(1, 2**40)), b]
-    elif kind == "reversed":
-        e["data_offsets"] = [b, a]
-    elif kind == "past_end":
-        e["data_offsets"] = [a, len(data) + draw(st.integers(1, 2**40))]
-    elif kind == "shift":  # a gap on one side, an overlap (or the ends of the data) on the other
-        d = draw(st.integers(1, 64)) * draw(st.sampled_from([-1, 1]))
-        e["data_offsets"] = [a + d, b + d]
-    elif kind == "overlap_only":  # the last tensor slides back over its neighbour; the data ends with it: no gap
-        last = max(names, key=lambda n: h[n]["data_offsets"][1])
-        a, b = h[last]["data_offsets"]
-        d = draw(st.integers(1, a))
-        h[last]["data_offsets"] = [a - d, b - d]
-        return _pack(h, data[:-d])
-    elif kind == "dtype_other_size":
-        e["dtype"] = draw(st.sampled_from([t for t in _ITEMSIZE if _ITEMSIZE[t] != _ITEMSIZE[e["dtype"]]]))
-    elif kind == "dtype_unknown":
-        e["dtype"] = "X" + draw(st.text(max_size=6))
-    elif kind == "dtype_not_a_string":
-        e["dtype"] = draw(st.one_of(st.integers(), st.lists(st.integers(), max_size=2), st.none()))
-    elif kind == "shape_dim":
-        i = draw(st.integers(0, len(e["shape"]) - 1))
-        e["shape"][i] += draw(st.one_of(st.integers(-e["shape"][i] - 3, -1), st.integers(1, 2**20)))
-    elif kind == "shape_type":
-        not_int = st.one_of(st.floats(), st.text(max_size=3), st.none(), st.booleans(), st.lists(st.integers()))
-        e["shape"] = draw(st.one_of(st.lists(not_int, min_size=1, max_size=3), _JUNK))
-    elif kind == "offsets_type":
-        e["data_offsets"] = draw(st.one_of(st.just([float(a), b]), st.just([a, b, b]), st.just([a]), _JUNK))
-    elif kind == "missing_field":
-        del e[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
-    elif kind == "entry_not_object":
-        h[k] = draw(st.one_of(_JUNK, st.lists(st.integers(), max_size=3)))
-    elif kind == "header_list":
-        return _pack(draw(st.sampled_from([list(h.items()), list(h.values())])), data)
-    elif kind == "metadata":
-        bad = st.one_of(st.integers(), st.lists(st.text(max_size=2), max_size=2), st.booleans())
-        h["__metadata__"] = draw(st.one_of(st.dictionaries(st.text(max_size=4), bad, min_size=1), bad))
-    elif kind == "header_length":
-        raw = _pack(h, data)
-        n = struct.unpack("<Q", raw[:8])[0]
-        wrong = draw(st.one_of(st.integers(0, n - 1), st.integers(len(raw) - 7, 2**64 - 1)))
-        return struct.pack("<Q", wrong) + raw[8:]
-    elif kind == "truncated":
-        return _pack(h, data[: -draw(st.integers(1, len(data)))])
-    elif kind == "trailing_bytes":
-        return _pack(h, data + b"\0" * draw(st.integers(1, 4096)))
-    return _pack(h, data)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -166,7 +79,7 @@ def test_malformed_safetensors_header_exits_2(st_source, capfd, kind, data):
         bad = pathlib.Path(tmp) / "src"
         bad.mkdir()
         shutil.copy(src / "config.json", bad / "config.json")
-        (bad / "model.safetensors").write_bytes(_mutate(kind, header, payload, data.draw))
+        (bad / "model.safetensors").write_bytes(malformed(kind, header, payload, data.draw))
         # the safetensors library refuses it too (whatever its error type)
         with pytest.raises(Exception), safetensors.safe_open(str(bad / "model.safetensors"), framework="np") as f:  # noqa: B017
             [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118 - safe_open has keys() only
