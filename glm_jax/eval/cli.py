@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tasks", help="comma-separated lm-eval task names (or globs)")
     mode.add_argument("--perplexity", metavar="FILE", help="perplexity of a UTF-8 text file")
     mode.add_argument("--needle", action="store_true", help="needle-in-a-haystack recall grid")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, when PATH has none (a pretraining run)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", metavar="FILE", help="also write the results as JSON here")
@@ -90,6 +91,8 @@ def check_args(a) -> None:
         raise UsageError(f"{a.perplexity}: text file not found")
     if a.include_path and not pathlib.Path(a.include_path).is_dir():
         raise UsageError(f"{a.include_path}: task folder not found")
+    if a.tokenizer and not pathlib.Path(a.tokenizer).exists():
+        raise UsageError(f"{a.tokenizer}: tokenizer folder not found")
     if not pathlib.Path(a.path).is_dir():
         raise UsageError(f"{a.path}: model folder not found")
 
@@ -100,7 +103,7 @@ def _load(a):
 
     lm = glm_jax.from_pretrained(a.path, dtype=a.dtype)
     eos = list(lm.config.eos_token_id)
-    return lm, EvalTokenizer(a.path, fallback_eos=eos[0] if eos else None)
+    return lm, EvalTokenizer(a.tokenizer or a.path, fallback_eos=eos[0] if eos else None)
 
 
 def run_tasks(a) -> dict:
@@ -115,7 +118,9 @@ def run_tasks(a) -> dict:
     missing = [n for n in names if not fnmatch.filter(found, n)]
     if not names or missing:
         raise UsageError(f"unknown lm-eval task(s): {', '.join(missing) or '(none given)'}")
-    model = GLMLM(pretrained=a.path, dtype=a.dtype, batch_size=a.batch_size, max_length=a.max_length)
+    model = GLMLM(
+        pretrained=a.path, dtype=a.dtype, batch_size=a.batch_size, max_length=a.max_length, tokenizer=a.tokenizer
+    )
     res = lm_eval.simple_evaluate(
         model=model,
         tasks=found,
@@ -176,7 +181,8 @@ def main(argv=None) -> int:
         try:
             res = run_tasks(a) if a.tasks else run_perplexity(a) if a.perplexity else run_needle(a)
         except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # ConfigError, CheckpointFormatError too
-            raise UsageError(str(e)) from e
+            msg = str(e).strip("'\"")
+            raise UsageError(msg if a.path in msg else f"{a.path}: {msg}") from e
         if a.output:
             pathlib.Path(a.output).write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
         return 0
