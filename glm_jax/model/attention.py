@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
+from glm_jax.model.flash import flash_attention
 from glm_jax.model.layers import Dense, constrain, dtype_of
+from glm_jax.model.masks import MaskSpec
 from glm_jax.model.positions import apply_rope
 
 if TYPE_CHECKING:
@@ -65,11 +69,57 @@ def flat_heads(x_BTKH):
     return x_BTKH.transpose(0, 2, 1, 3).reshape(B * K, T, H)
 
 
+def use_flash(cfg) -> bool:
+    """attention="flash", or "auto" on a TPU backend."""
+    return cfg.attention == "flash" or (cfg.attention == "auto" and jax.default_backend() == "tpu")
+
+
+def _mesh_axes(name: str, dim: int, mesh):
+    """The mesh axes the active logical rules give a dim named `name`, or None where they do not divide it."""
+    axes = nn.logical_to_mesh_axes((name,))
+    axes = None if axes is None else axes[0]
+    if axes is None:
+        return None
+    tup = (axes,) if isinstance(axes, str) else tuple(axes)
+    tup = tuple(a for a in tup if a in mesh.shape and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in tup)
+    if not tup or dim % size:
+        return None
+    return tup[0] if len(tup) == 1 else tup
+
+
+def flash_attend(q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec):
+    """The Pallas kernel (glm_jax/model/flash.py) on the default mask. Under a mesh it runs per shard (shard_map):
+    batch rows split as the activation_batch rule says, heads over the tensor axis when both query and kv heads
+    divide (else every tensor shard computes all heads: GQA's head groups must stay whole on a shard)."""
+    B, T, N, _ = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    valid = jnp.ones((B, T), bool) if spec.kv_valid is None else spec.kv_valid
+    seg = jnp.zeros((B, T), jnp.int32) if spec.segment_ids is None else spec.segment_ids
+
+    def local(q, k, v, prefix, valid, seg):
+        return flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, prefix_len=prefix, kv_valid=valid)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q_BTNH, k_BSKH, v_BSKH, spec.prefix_len, valid, seg)
+    b = _mesh_axes("activation_batch", B, mesh)
+    h = _mesh_axes("activation_heads", N, mesh)
+    if h is None or h != _mesh_axes("activation_kv_heads", K, mesh):
+        h = None
+    heads, rows = P(b, None, h, None), P(b, None)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(heads, heads, heads, P(b), rows, rows), out_specs=heads, check_vma=False
+    )
+    return fn(q_BTNH, k_BSKH, v_BSKH, spec.prefix_len, valid, seg)
+
+
 class Attention(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):
+    def __call__(self, x_BTD, position_ids, mask, prefix_kv=None, cache=None, cache_index=None):
+        """mask: allowed_BTS [B, T, S] (XLA attention), or a MaskSpec (the Pallas kernel; no cache, no prefix)."""
         c = self.cfg
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         dt = dtype_of(c.dtype)
@@ -84,25 +134,33 @@ class Attention(nn.Module):
             apply_rope(k, position_ids, c), ("activation_batch", "activation_length", "activation_kv_heads", None)
         )
         v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        new_cache = None
-        kv_first = cache is not None
-        if cache is not None:  # write this step's keys/values at cache_index, attend over the whole cache
-            # [B·K, S, H]: attention's batched products read the updated cache as is. With a [B, K, S, H] cache
-            # XLA:CPU flattens it for them, fuses the update into that reshape and into the new cache separately,
-            # and copies the whole cache for each: 4 copies of every layer's k and v per decoded token.
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, flat_heads(k).astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, flat_heads(v).astype(cv.dtype), cache_index, axis=1)
-            new_cache = (k, v)
-        if prefix_kv is not None:  # P-Tuning v2: P leading keys/values, not rotated, visible to every query
-            pk, pv = prefix_kv  # [B, P, K, H]
-            P = pk.shape[1]
-            if kv_first:
-                pk, pv = flat_heads(pk), flat_heads(pv)
-            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-            B, T = allowed_BTS.shape[:2]
-            allowed_BTS = jnp.concatenate([jnp.ones((B, T, P), bool), allowed_BTS], axis=2)
-        ctx = attend(q, k.astype(dt), v.astype(dt), allowed_BTS, dt, kv_first=kv_first)
+        if isinstance(mask, MaskSpec):
+            ctx, new_cache = flash_attend(q, k.astype(dt), v.astype(dt), mask), None
+        else:
+            ctx, new_cache = xla_attend(q, k, v, mask, dt, prefix_kv, cache, cache_index)
         out = Dense((N, H), (D,), ("q_heads", "kv", "embed"), c.out_bias, name="o", **kw)(ctx)
         return out, new_cache
+
+
+def xla_attend(q_BTNH, k_BTKH, v_BTKH, allowed_BTS, dt, prefix_kv=None, cache=None, cache_index=None):
+    """Attention as XLA ops over a dense mask, with the KV cache and the P-Tuning prefix. Returns (ctx, new cache)."""
+    k, v = k_BTKH, v_BTKH
+    new_cache = None
+    kv_first = cache is not None
+    if cache is not None:  # write this step's keys/values at cache_index, attend over the whole cache
+        # [B·K, S, H]: attention's batched products read the updated cache as is. With a [B, K, S, H] cache
+        # XLA:CPU flattens it for them, fuses the update into that reshape and into the new cache separately,
+        # and copies the whole cache for each: 4 copies of every layer's k and v per decoded token.
+        ck, cv = cache
+        k = jax.lax.dynamic_update_slice_in_dim(ck, flat_heads(k).astype(ck.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, flat_heads(v).astype(cv.dtype), cache_index, axis=1)
+        new_cache = (k, v)
+    if prefix_kv is not None:  # P-Tuning v2: leading keys/values, not rotated, visible to every query
+        pk, pv = prefix_kv  # [B, prefix, K, H]
+        if kv_first:
+            pk, pv = flat_heads(pk), flat_heads(pv)
+        k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+        B, T = allowed_BTS.shape[:2]
+        allowed_BTS = jnp.concatenate([jnp.ones((B, T, prefix_kv[0].shape[1]), bool), allowed_BTS], axis=2)
+    return attend(q_BTNH, k.astype(dt), v.astype(dt), allowed_BTS, dt, kv_first=kv_first), new_cache

@@ -25,14 +25,14 @@ class Block(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, position_ids, allowed_BTS, prefix_kv=None, cache=None, cache_index=None):
+    def __call__(self, x_BTD, position_ids, mask, prefix_kv=None, cache=None, cache_index=None):
         c = self.cfg
 
         def norm(name):
             return Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name=name)
 
         a = norm("input_norm")(x_BTD)
-        h, new_cache = Attention(c, name="attn")(a, position_ids, allowed_BTS, prefix_kv, cache, cache_index)
+        h, new_cache = Attention(c, name="attn")(a, position_ids, mask, prefix_kv, cache, cache_index)
         if c.sandwich_norm:
             h = norm("post_attn_norm")(h)
         x = (a if c.residual_from_norm else x_BTD) * c.residual_alpha + h

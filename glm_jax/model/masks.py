@@ -5,6 +5,9 @@ Everything here is jit-able jnp code on [B, T] token ids. `allowed_BTS` is True 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 
@@ -38,24 +41,48 @@ def context_length(cfg, input_ids, prefix_len):
     return jnp.zeros((B,), jnp.int32)
 
 
+class MaskSpec(NamedTuple):
+    """A default mask in the form the blockwise kernel takes it, never materialised as [B, T, T]: key s is visible
+    to query t iff (s <= t or s < prefix_len[b]) and kv_valid[b, s] and segment_ids[b, s] == segment_ids[b, t]."""
+
+    prefix_len: jax.Array  # [B] int32: keys before it are visible to every query (T: fully bidirectional)
+    kv_valid: jax.Array | None  # [B, T] bool padding mask
+    segment_ids: jax.Array | None  # [B, T] packed-document ids
+
+
+def mask_spec(cfg, input_ids, attention_mask=None, prefix_len=None, segment_ids=None) -> MaskSpec:
+    """The family's default mask (no dense mask given): causal after the bidirectional context, padding, segments."""
+    B, T = input_ids.shape
+    if cfg.mask_rule == "sep_at_sop" and prefix_len is None and attention_mask is not None:
+        sep = jnp.full((B,), T, jnp.int32)  # HF GLM: a 2-D mask is a pure key-padding mask
+    else:
+        sep = context_length(cfg, input_ids, prefix_len)
+    valid = None if attention_mask is None else attention_mask.astype(bool)
+    return MaskSpec(sep, valid, segment_ids)
+
+
+def dense_mask(spec: MaskSpec, T: int):
+    """allowed_BTS of a MaskSpec."""
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    allowed = (k[None] < spec.prefix_len[:, None, None]) | (k <= q)[None]
+    if spec.kv_valid is not None:
+        allowed = allowed & spec.kv_valid[:, None, :]
+    if spec.segment_ids is not None:
+        allowed = allowed & (spec.segment_ids[:, :, None] == spec.segment_ids[:, None, :])
+    return allowed
+
+
 def default_allowed(cfg, input_ids, attention_mask=None, prefix_len=None, segment_ids=None):
+    """allowed_BTS: a dense [B, T, T] / [B, 1, T, T] attention_mask as given, else the family's rule."""
     B, T = input_ids.shape
     if attention_mask is not None and attention_mask.ndim >= 3:
         m = attention_mask.reshape(B, T, -1) if attention_mask.ndim == 4 else attention_mask
         allowed = m.astype(bool)
-    else:
-        q = jnp.arange(T)[:, None]
-        k = jnp.arange(T)[None, :]
-        if cfg.mask_rule == "sep_at_sop" and prefix_len is None and attention_mask is not None:
-            allowed = jnp.ones((B, T, T), bool)  # HF GLM: a 2-D mask is a pure key-padding mask
-        else:
-            sep = context_length(cfg, input_ids, prefix_len)
-            allowed = (k[None] < sep[:, None, None]) | (k <= q)[None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.astype(bool)[:, None, :]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return allowed
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return allowed
+    return dense_mask(mask_spec(cfg, input_ids, attention_mask, prefix_len, segment_ids), T)
 
 
 def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
@@ -108,6 +135,4 @@ def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
 
 
 def _cummax(x_BT):
-    import jax
-
     return jax.lax.cummax(x_BT, axis=1)

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from glm_jax.model.attention import use_flash
 from glm_jax.model.block import ACT, Block
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, logical_axes, matmul, param
-from glm_jax.model.masks import default_allowed, default_positions
+from glm_jax.model.masks import default_allowed, default_positions, mask_spec
 
 if TYPE_CHECKING:  # annotations only: glm_jax.config imports this module for num_params
     from glm_jax.config import GLMConfig
@@ -30,12 +31,12 @@ class LayerBody(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, xs, position_ids, allowed_BTS, cache_index):
+    def __call__(self, x_BTD, xs, position_ids, mask, cache_index):
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         y, new_cache = block(self.cfg, name="block")(
-            x_BTD, position_ids, allowed_BTS, xs.get("prefix"), xs.get("cache"), cache_index
+            x_BTD, position_ids, mask, xs.get("prefix"), xs.get("cache"), cache_index
         )
         ys = {"hidden": x_BTD}
         if new_cache is not None:
@@ -128,7 +129,11 @@ class GLMModel(nn.Module):
         if position_ids is None:
             position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
         position_ids = jnp.asarray(position_ids)
-        allowed = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
+        dense_given = attention_mask is not None and attention_mask.ndim >= 3
+        if use_flash(c) and cache is None and not c.pre_seq_len and not dense_given:
+            mask = mask_spec(c, input_ids, attention_mask, prefix_len, segment_ids)  # the Pallas kernel's form
+        else:
+            mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
 
         x = self.embed(input_ids)
         if c.position == "learned_2d":
@@ -151,12 +156,12 @@ class GLMModel(nn.Module):
             xs["cache"] = (cache["k"], cache["v"])
 
         if c.scan_layers:
-            x, ys = self.layers(x, xs, position_ids, allowed, cache_index)
+            x, ys = self.layers(x, xs, position_ids, mask, cache_index)
         else:
             outs = []
             for i, layer in enumerate(self.layers):
                 xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else _index(v, i) for k, v in xs.items()}
-                x, y = layer(x, xi, position_ids, allowed, cache_index)
+                x, y = layer(x, xi, position_ids, mask, cache_index)
                 outs.append(y)
             cache_out = [y.pop("cache") for y in outs] if per_layer else None
             ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
