@@ -121,7 +121,11 @@ def test_the_graph_is_read():
 
 def test_library_imports_no_application():
     bad = sorted(
-        (m, i) for m, deps in GRAPH.items() if m.startswith("glm_jax") for i in deps if i.startswith(("train", "convert"))
+        (m, i)
+        for m, deps in GRAPH.items()
+        if m.startswith("glm_jax")
+        for i in deps
+        if i.startswith(("train", "convert"))
     )
     assert not bad, f"glm_jax imports its applications: {bad}"
 

@@ -88,7 +88,7 @@ class TrainConfig:
     param_dtype: DType = "float32"
     remat: Remat = "none"
     scan_layers: bool = False
-    attention: Attention = "auto"   # xla | flash (the Pallas kernel) | auto (flash on TPU, xla elsewhere)
+    attention: Attention = "auto"  # xla | flash (the Pallas kernel) | auto (flash on TPU, xla elsewhere)
     host_heap: HostHeap = "auto"  # keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
     # parallelism
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
