@@ -14,6 +14,7 @@ F(2) - F(1), and the step's flops = F(1) + (L - 1)·(F(2) - F(1)), exact for ide
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -156,7 +157,7 @@ def compile_report(tc) -> dict:
     xla, method = raw, "single unrolled compile (no loops)"
     per_layer = None
     if loops and tc.flops_extrapolate:
-        one = {**tc, "grad_accum": 1}
+        one = dataclasses.replace(tc, grad_accum=1)
         f1 = _flops(compile_step(one, cfg.replace(num_layers=1, scan_layers=False), devices)[0]) * n_dev
         f2 = _flops(compile_step(one, cfg.replace(num_layers=2, scan_layers=False), devices)[0]) * n_dev
         per_layer = f2 - f1
