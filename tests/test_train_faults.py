@@ -224,5 +224,7 @@ def test_a_run_from_before_manifests_is_read_back_before_the_restore(runs, tmp_p
     rc, out, err = _cli(capsys, *_args(run, "host_heap=system"))
     assert rc == 0 and not err, err
     warn = [x for x in out if "failed verification" in x]
-    assert len(warn) == 1 and "params/embed/embedding does not read" in warn[0], out
+    # which part of the truncated OCDBT data file is lost (a leaf's chunks or the tree's own nodes) depends on the
+    # write order, so the line names params/<leaf> or params/ itself
+    assert len(warn) == 1 and "/4 failed verification: params/" in warn[0] and "does not read" in warn[0], out
     assert losses(run) == losses(ref)
