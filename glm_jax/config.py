@@ -21,9 +21,9 @@ from glm_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "GLMConfig"]
 
-FamilyId = Literal["glm", "chatglm", "chatglm2", "glm-hf", "glm4"]
+FamilyId = Literal["glm", "chatglm", "chatglm2", "glm-hf", "glm4", "glm4-moe"]
 Norm = Literal["rmsnorm", "layernorm"]
-Position = Literal["learned_2d", "rope_2d", "rope_half", "rope_interleaved"]
+Position = Literal["learned_2d", "rope_2d", "rope_half", "rope_interleaved", "rope_neox"]
 Mlp = Literal["swiglu", "gelu_erf", "gelu_tanh"]
 # Default mask when the caller gives none:
 #   causal            causal (+ padding)
@@ -47,7 +47,20 @@ _POSITIVE_INTS = (
     "ffn_size",
     "max_position_embeddings",
 )
-_NON_NEGATIVE_INTS = ("rope_dim", "pre_seq_len", "prefix_hidden_size", "prefix_embed_size")
+_NON_NEGATIVE_INTS = (
+    "rope_dim",
+    "pre_seq_len",
+    "prefix_hidden_size",
+    "prefix_embed_size",
+    "num_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "moe_intermediate_size",
+    "first_k_dense_replace",
+    "n_group",
+    "topk_group",
+    "num_mtp_layers",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +95,18 @@ class GLMConfig:
     mlp: Mlp = "swiglu"
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotary embedding (Glm4Moe use_qk_norm)
+    # mixture of experts (Glm4Moe); num_experts=0: every layer has the dense MLP
+    num_experts: int = 0  # routed experts (n_routed_experts)
+    num_experts_per_tok: int = 0  # top-k
+    n_shared_experts: int = 0  # shared experts: one SwiGLU of width n_shared_experts * moe_intermediate_size
+    moe_intermediate_size: int = 0  # width of each expert
+    first_k_dense_replace: int = 0  # layers before this index keep the dense MLP (ffn_size)
+    n_group: int = 1  # expert groups; the router keeps the topk_group groups with the best top-2 sums
+    topk_group: int = 1
+    norm_topk_prob: bool = True  # renormalise the chosen experts' sigmoid scores to sum 1
+    routed_scaling_factor: float = 1.0
+    num_mtp_layers: int = 0  # multi-token-prediction layers stored after the last layer (num_nextn_predict_layers)
     # default masks and positions when the caller gives none
     mask_rule: MaskRule = "causal"
     bos_token_id: int | None = None  # <sop>: ends the bidirectional context (ChatGLM-6B, GLM)
@@ -110,6 +135,10 @@ class GLMConfig:
         _validate(self)
 
     # ------------------------------------------------------------------ derived properties
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i has routed experts (the MTP layers always do)."""
+        return self.num_experts > 0 and i >= self.first_k_dense_replace
+
     def replace(self, **kw) -> GLMConfig:
         return dataclasses.replace(self, **kw)
 
@@ -200,7 +229,25 @@ def _validate(c: GLMConfig) -> None:
         c.rope_dim % 2 or c.rope_dim * (2 if c.position == "rope_2d" else 1) > c.head_dim
     ):
         raise ConfigError(f"rope_dim {c.rope_dim} must be even and fit head_dim {c.head_dim} ({c.position})")
-    for name in ("norm_eps", "rope_base", "rope_position_scale", "residual_alpha"):
+    if c.num_experts:
+        if not 1 <= c.num_experts_per_tok <= c.num_experts or c.moe_intermediate_size < 1:
+            raise ConfigError(
+                f"num_experts_per_tok {c.num_experts_per_tok} must be in 1..num_experts ({c.num_experts}) and "
+                f"moe_intermediate_size ({c.moe_intermediate_size}) >= 1"
+            )
+        if c.n_group < 1 or c.num_experts % c.n_group or not 1 <= c.topk_group <= c.n_group:
+            raise ConfigError(
+                f"n_group {c.n_group} must divide num_experts {c.num_experts}, topk_group {c.topk_group} in 1..n_group"
+            )
+        if c.n_group > 1 and c.num_experts // c.n_group < 2:
+            raise ConfigError(f"n_group {c.n_group} leaves fewer than 2 experts per group (groups score by top-2)")
+        if c.num_experts_per_tok > c.topk_group * (c.num_experts // c.n_group):
+            raise ConfigError(
+                f"num_experts_per_tok {c.num_experts_per_tok} is more than the {c.topk_group} kept group(s) hold"
+            )
+    elif c.num_mtp_layers:
+        raise ConfigError("num_mtp_layers needs num_experts > 0 (the MTP layer is a mixture-of-experts block)")
+    for name in ("norm_eps", "rope_base", "rope_position_scale", "residual_alpha", "routed_scaling_factor"):
         v = getattr(c, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or v != v or v == float("inf"):
             raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")

@@ -27,9 +27,17 @@ def config_from_folder(path) -> GLMConfig:
     """The GLMConfig of a checkpoint folder's config.json (ConfigError naming the file when it is bad)."""
     d = read_config(path)
     try:
-        return GLMConfig.from_hf(d)
+        cfg = GLMConfig.from_hf(d)
     except ConfigError as e:
         raise ConfigError(f"{pathlib.Path(path) / 'config.json'}: {e}") from None
+    fit = families.get(cfg.family).fit_to_checkpoint
+    if fit is not None:
+        try:
+            keys = list(open_weights(path)[1])
+        except (CheckpointFormatError, OSError):
+            return cfg  # the loader names the problem
+        cfg = fit(cfg, keys)
+    return cfg
 
 
 def open_weights(path):
@@ -53,7 +61,8 @@ def _layer_pattern(fam) -> re.Pattern:
     alts = []
     for i, k in enumerate(sorted({k for r in fam.rows if r.per_layer for k in r.hf})):
         before, after = k.split("{l}", 1)
-        alts.append(f"(?:{re.escape(before)}(?P<l{i}>\\d+){re.escape(after)})")
+        after = re.escape(after).replace(re.escape("{e}"), "\\d+")  # one key per routed expert
+        alts.append(f"(?:{re.escape(before)}(?P<l{i}>\\d+){after})")
     return re.compile("|".join(alts) or "(?!)")
 
 
@@ -74,7 +83,8 @@ def check_config_against_checkpoint(cfg, readers: dict, source: str = "", config
         m = pattern.fullmatch(k) or (pattern.fullmatch(prefix + k) if prefix else None)
         if m is not None:
             layers.add(_layer_index(m))
-    if len(layers) != cfg.num_layers or (layers and (min(layers), max(layers)) != (0, cfg.num_layers - 1)):
+    n = cfg.num_layers + cfg.num_mtp_layers  # MTP layers are stored after the last one
+    if len(layers) != n or (layers and (min(layers), max(layers)) != (0, n - 1)):
         held = f"layers {min(layers)}..{max(layers)} ({len(layers)} distinct)" if layers else "no layer keys"
         raise CheckpointFormatError(
             f"{config_file}: says num_layers={cfg.num_layers}, but the checkpoint {source} holds {held}"

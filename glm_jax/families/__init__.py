@@ -10,11 +10,11 @@ asked before ChatGLM-6B, whose remote-code names it shares).
 from __future__ import annotations
 
 from glm_jax.errors import ConfigError
-from glm_jax.families import chatglm, chatglm2, glm, glm4, glm_hf
+from glm_jax.families import chatglm, chatglm2, glm, glm4, glm4_moe, glm_hf
 from glm_jax.families.base import Family
 from glm_jax.families.rows import expand
 
-_MODULES = (glm, chatglm2, chatglm, glm4, glm_hf)
+_MODULES = (glm, chatglm2, chatglm, glm4, glm4_moe, glm_hf)
 _BY_ID = {m.FAMILY.id: m.FAMILY for m in _MODULES}
 IDS = tuple(_BY_ID)
 

@@ -46,6 +46,7 @@ class Family:
     supports_ptuning                      P-Tuning v2 prefix checkpoints exist for this family
     dtype_key                             the config.json key that names the weights' dtype
     chat_formats                          the chat formats of its released tokenizers (glm_jax.load_tokenizer)
+    fit_to_checkpoint(cfg, keys) -> cfg   adjusts a config to the keys a checkpoint folder holds, or None
     """
 
     id: str
@@ -63,6 +64,7 @@ class Family:
     supports_ptuning: bool = False
     dtype_key: str = "torch_dtype"
     chat_formats: tuple = ()
+    fit_to_checkpoint: Callable | None = None
 
     def write_hf(self, cfg) -> dict:
         """config.json for `cfg`: the original's keys kept, the family's keys updated; keys the original did not

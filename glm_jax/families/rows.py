@@ -27,6 +27,7 @@ class Row:
     to_hf: Callable | None = None  # (cfg, [param arrays]) -> [hf arrays]; default identity
     when: Callable = always  # cfg -> whether the row applies to this model
     per_layer: bool = False
+    layers: Callable | None = None  # cfg -> the layer indices a per-layer row covers (default all num_layers)
 
     def load(self, cfg, arrays):
         return list(arrays) if self.to_jax is None else self.to_jax(cfg, arrays)
@@ -36,24 +37,32 @@ class Row:
 
 
 def expand(rows, cfg) -> list:
-    """The rows that apply to `cfg`, per-layer rows repeated for every layer with "{l}" filled in."""
+    """The rows that apply to `cfg`, per-layer rows repeated for every layer with "{l}" filled in ("{m}": the
+    index past the last layer, for the MTP layers stored after it). An HF key with "{e}" stands for one key per
+    routed expert, in expert order (the row stacks them)."""
     out = []
     for r in rows:
         if not r.when(cfg):
             continue
         if r.per_layer:
-            for layer in range(cfg.num_layers):
+            for layer in r.layers(cfg) if r.layers else range(cfg.num_layers):
+                at = dict(l=layer, m=layer - cfg.num_layers)
                 out.append(
                     dataclasses.replace(
                         r,
-                        hf=tuple(k.format(l=layer) for k in r.hf),
-                        jax=tuple(k.format(l=layer) for k in r.jax),
+                        hf=_per_expert(tuple(k.format(**at, e="{e}") for k in r.hf), cfg),
+                        jax=tuple(k.format(**at) for k in r.jax),
                         per_layer=False,
+                        layers=None,
                     )
                 )
         else:
             out.append(r)
     return out
+
+
+def _per_expert(keys, cfg) -> tuple:
+    return tuple(x for k in keys for x in ([k.format(e=e) for e in range(cfg.num_experts)] if "{e}" in k else [k]))
 
 
 def layer_rows(hf_prefix, jax_prefix, names) -> list:

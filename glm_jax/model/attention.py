@@ -11,7 +11,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.flash import flash_attention
-from glm_jax.model.layers import Dense, constrain, dtype_of
+from glm_jax.model.layers import Dense, Norm, constrain, dtype_of
 from glm_jax.model.masks import MaskSpec
 from glm_jax.model.positions import apply_rope
 
@@ -127,6 +127,9 @@ class Attention(nn.Module):
         q = Dense((D,), (N, H), ("embed", "q_heads", "kv"), c.qkv_bias, name="q", **kw)(x_BTD)
         k = Dense((D,), (K, H), ("embed", "kv_heads", "kv"), c.qkv_bias, name="k", **kw)(x_BTD)
         v = Dense((D,), (K, H), ("embed", "kv_heads", "kv"), c.qkv_bias, name="v", **kw)(x_BTD)
+        if c.qk_norm:  # Glm4Moe use_qk_norm: RMSNorm over each head, before the rotary embedding
+            q = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+            k = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
         q = constrain(
             apply_rope(q, position_ids, c), ("activation_batch", "activation_length", "activation_heads", None)
         )

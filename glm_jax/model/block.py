@@ -3,6 +3,7 @@
 pre-norm (GLM, ChatGLM2+, Glm):  x = x + Attn(N1(x));            x = x + MLP(N2(x))
 residual_from_norm + alpha (ChatGLM-6B): a = N1(x); x = alpha·a + Attn(a); m = N2(x); x = alpha·m + MLP(m)
 sandwich (Glm4):                 x = x + N1'(Attn(N1(x)));        x = x + N2'(MLP(N2(x)))
+With moe=True (Glm4Moe layers from first_k_dense_replace on) the MLP is the mixture of experts (moe.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flax import linen as nn
 from glm_jax.model.attention import Attention
 from glm_jax.model.layers import Norm, constrain
 from glm_jax.model.mlp import MLP
+from glm_jax.model.moe import MoE
 
 if TYPE_CHECKING:
     from glm_jax.config import GLMConfig
@@ -23,6 +25,7 @@ ACT = ("activation_batch", "activation_length", "activation_embed")
 
 class Block(nn.Module):
     cfg: GLMConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, position_ids, mask, prefix_kv=None, cache=None, cache_index=None):
@@ -38,7 +41,7 @@ class Block(nn.Module):
         x = (a if c.residual_from_norm else x_BTD) * c.residual_alpha + h
         x = constrain(x, ACT)
         m = norm("mlp_norm")(x)
-        h = MLP(c, name="mlp")(m)
+        h = MoE(c, name="moe")(m) if self.moe else MLP(c, name="mlp")(m)
         if c.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         x = (m if c.residual_from_norm else x) * c.residual_alpha + h

@@ -92,7 +92,7 @@ def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
     pad = attention_mask is not None and attention_mask.ndim == 2
     real = attention_mask.astype(bool) if pad else jnp.ones((B, T), bool)
     first_real = _first_index(real, 0)[:, None]
-    if cfg.position == "rope_interleaved":
+    if cfg.position in ("rope_interleaved", "rope_neox"):
         if not pad:
             return jnp.broadcast_to(t, (B, T))
         return jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)

@@ -6,6 +6,8 @@
   id, the second with the block position id, each "rotate-half" style (j paired with j + rope_dim/2), with
   frequencies rounded to float16.
 * rope_half (ChatGLM-6B 1-D mode): rotate-half over `rope_dim` dims with the position id.
+* rope_neox (Glm4Moe): the same rotate-half over the first `rope_dim` dims (partial rotary), with the 1-D
+  positions of rope_interleaved (real tokens counted from 0).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def apply_rope(x_BTNH, position_ids, cfg):
         a = _rotate_half(x_BTNH[..., :r], _angles(position_ids[:, 0], cfg))
         b = _rotate_half(x_BTNH[..., r : 2 * r], _angles(position_ids[:, 1], cfg))
         out = jnp.concatenate([a, b, x_BTNH[..., 2 * r :].astype(jnp.float32)], axis=-1)
-    elif cfg.position == "rope_half":
+    elif cfg.position in ("rope_half", "rope_neox"):
         rot = _rotate_half(x_BTNH[..., :r], _angles(position_ids, cfg))
         out = jnp.concatenate([rot, x_BTNH[..., r:].astype(jnp.float32)], axis=-1)
     else:

@@ -15,6 +15,7 @@ from glm_jax.model.attention import use_flash
 from glm_jax.model.block import ACT, Block
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, logical_axes, matmul, param
 from glm_jax.model.masks import default_allowed, default_positions, mask_spec
+from glm_jax.model.mtp import MTPLayer, mtp_logits
 
 if TYPE_CHECKING:  # annotations only: glm_jax.config imports this module for num_params
     from glm_jax.config import GLMConfig
@@ -29,13 +30,14 @@ class LayerBody(nn.Module):
     """One layer in the (carry, scanned inputs) form shared by the loop and nn.scan."""
 
     cfg: GLMConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, xs, position_ids, mask, cache_index):
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        y, new_cache = block(self.cfg, name="block")(
+        y, new_cache = block(self.cfg, moe=self.moe, name="block")(
             x_BTD, position_ids, mask, xs.get("prefix"), xs.get("cache"), cache_index
         )
         ys = {"hidden": x_BTD}
@@ -88,16 +90,24 @@ class GLMModel(nn.Module):
         if c.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(c)
         if c.scan_layers:
-            self.layers = nn.scan(
-                LayerBody,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=c.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c)
+            k = num_dense_layers(c)  # dense and MoE layers differ in their params: one stack each
+
+            def stack(n, moe, name):
+                return nn.scan(
+                    LayerBody,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=n,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )(c, moe, name=name)
+
+            self.layers = stack(c.num_layers - k, c.is_moe_layer(c.num_layers - 1), "layers")
+            if k:
+                self.dense_layers = stack(k, False, "dense_layers")
         else:
-            self.layers = [LayerBody(c, name=f"layers_{i}") for i in range(c.num_layers)]
+            self.layers = [LayerBody(c, c.is_moe_layer(i), name=f"layers_{i}") for i in range(c.num_layers)]
+        self.mtp_layers = [MTPLayer(c, name=f"mtp_{i}") for i in range(c.num_mtp_layers)]
         if c.final_norm:
             self.final_norm = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype)
         if not c.tie_word_embeddings:
@@ -156,7 +166,7 @@ class GLMModel(nn.Module):
             xs["cache"] = (cache["k"], cache["v"])
 
         if c.scan_layers:
-            x, ys = self.layers(x, xs, position_ids, mask, cache_index)
+            x, ys = self._scan(x, xs, position_ids, mask, cache_index)
         else:
             outs = []
             for i, layer in enumerate(self.layers):
@@ -175,12 +185,39 @@ class GLMModel(nn.Module):
         else:
             logits = self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        if self.mtp_layers and self.is_initializing():  # create the MTP layers' params
+            mtp_logits(self.mtp_layers, x, input_ids, position_ids, mask)
         if cache is not None:
             k, v = ys["cache"]
             return logits, {"k": k, "v": v}
         if return_hidden:
             return logits, {"layer_inputs": ys["hidden"], "last": last, "final": x}
         return logits
+
+    def _scan(self, x, xs, position_ids, mask, cache_index):
+        k = num_dense_layers(self.cfg)
+        if not k:
+            return self.layers(x, xs, position_ids, mask, cache_index)
+        x, ys0 = self.dense_layers(x, jax.tree.map(lambda a: a[:k], xs), position_ids, mask, cache_index)
+        x, ys1 = self.layers(x, jax.tree.map(lambda a: a[k:], xs), position_ids, mask, cache_index)
+        return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys0, ys1)
+
+    def mtp(self, final_BTD, input_ids, attention_mask=None, position_ids=None, prefix_len=None):
+        """[M, B, T, V] float32: MTP layer j's logits at position t predict token t+j+2 (glm_jax/model/mtp.py).
+        final_BTD: the main model's final-normed hidden states (`return_hidden=True` gives them as "final").
+        Call with `module.apply(variables, final, ids, ..., method="mtp")`."""
+        c = self.cfg
+        input_ids = jnp.asarray(input_ids)
+        if position_ids is None:
+            position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
+        mask = default_allowed(c, input_ids, attention_mask, prefix_len, None)
+        return mtp_logits(self.mtp_layers, final_BTD, input_ids, jnp.asarray(position_ids), mask)
+
+
+def num_dense_layers(cfg) -> int:
+    """Leading dense-MLP layers kept in their own stack under scan_layers (0: one stack holds every layer)."""
+    k = min(cfg.first_k_dense_replace, cfg.num_layers)
+    return k if cfg.num_experts and 0 < k < cfg.num_layers else 0
 
 
 class Embed(nn.Module):
@@ -242,9 +279,14 @@ def init_params(cfg: GLMConfig, rng):
 
 
 def stack_layers(params, num_layers):
-    """{'layers_0': t, 'layers_1': t, ...} → {'layers': t stacked on a leading axis} (the nn.scan layout)."""
+    """{'layers_0': t, 'layers_1': t, ...} → {'layers': t stacked on a leading axis} (the nn.scan layout). Leading
+    layers whose params differ from the last layer's (Glm4Moe's dense layers) are stacked as 'dense_layers'."""
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree.map(_stack, *[params[f"layers_{i}"] for i in range(num_layers)])
+    last = jax.tree.structure(params[f"layers_{num_layers - 1}"])
+    k = next(i for i in range(num_layers) if jax.tree.structure(params[f"layers_{i}"]) == last)
+    if k:
+        out["dense_layers"] = jax.tree.map(_stack, *[params[f"layers_{i}"] for i in range(k)])
+    out["layers"] = jax.tree.map(_stack, *[params[f"layers_{i}"] for i in range(k, num_layers)])
     return out
 
 
@@ -264,8 +306,11 @@ def unstack_layers(params):
     """Inverse of stack_layers."""
     if "layers" not in params:
         return params
-    out = {k: v for k, v in params.items() if k != "layers"}
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    for i in range(n):
-        out[f"layers_{i}"] = _index(params["layers"], i)
+    out = {k: v for k, v in params.items() if k not in ("layers", "dense_layers")}
+    stacks = [params[s] for s in ("dense_layers", "layers") if s in params]
+    i = 0
+    for s in stacks:
+        for j in range(jax.tree.leaves(s)[0].shape[0]):
+            out[f"layers_{i}"] = _index(s, j)
+            i += 1
     return out
