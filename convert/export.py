@@ -30,6 +30,7 @@ from glm_jax.config import GLMConfig
 from glm_jax.errors import ConfigError
 from glm_jax.families.rows import PREFIX
 from glm_jax.hostbuf import copy_2d
+from glm_jax.tokenizers.files import copy_tokenizer_files
 
 _NOT_MATH = {"family", "hf_config", "dtype", "param_dtype", "scan_layers", "remat"}
 _PREFIX_FIELDS = {"prefix_projection", "prefix_hidden_size", "prefix_embed_size"}
@@ -274,6 +275,9 @@ def to_torch(
     (dst / "config.json").write_text(json.dumps(_config_json(ck, tcfg, plan, dtype), indent=2, sort_keys=True) + "\n")
     if ck.aux_dir is not None and not ptuning_only:
         torch_io.copy_aux_files(pathlib.Path(ck.aux_dir), dst, skip_code=tcfg.family != ck.cfg.family)
+    elif not ptuning_only:  # a glm-train run (or one of its steps): the tokenizer files its folder holds
+        src = pathlib.Path(src)
+        copy_tokenizer_files(src if (src / "checkpoints").is_dir() else src.parent.parent, dst)
     return {
         "tensors": len(plan.order),
         "bytes": total,

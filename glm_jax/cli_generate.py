@@ -83,7 +83,10 @@ def check_model_folder(path: pathlib.Path) -> None:
     if (path / "glm_jax.json").is_file():
         return
     checkpoint.config_from_folder(path)
-    checkpoint.find_weight_files(path)
+    from glm_jax.checkpoint.orbax import is_jax_checkpoint
+
+    if not is_jax_checkpoint(path):  # a glm-train run keeps its weights under checkpoints/
+        checkpoint.find_weight_files(path)
 
 
 def read_tools(file: str, chat_format: str) -> list:
@@ -130,7 +133,12 @@ def prompt_ids(tok, messages: list[dict] | None, raw_text: str | None = None) ->
         return tok.encode(raw_text, add_special_tokens=True)
     from glm_jax.tokenizers import CHAT_FORMATS
 
-    if tok.chat_format not in CHAT_FORMATS:
+    if tok.chat_format not in CHAT_FORMATS:  # no chat template: its generation prompt, else the text as it is
+        if messages and len(messages) == 1 and messages[0]["role"] == "user":
+            try:
+                return tok.apply_chat_template(messages, add_generation_prompt=True)
+            except ValueError:
+                return tok.encode(messages[0]["content"], add_special_tokens=True)
         raise UsageError(f"a {tok.chat_format} tokenizer has no chat template; use --raw")
     try:
         return tok.apply_chat_template(messages, add_generation_prompt=True)

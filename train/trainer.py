@@ -95,6 +95,9 @@ class Run:
     def __init__(self, tc: dict):
         self.tc = tc
         self.cfg, self.pretrained = model_config(tc)
+        from train.run_folder import with_tokenizer_ids
+
+        self.cfg = with_tokenizer_ids(self.cfg, tc)
         if self.cfg.position == "learned_2d" and tc.seq_len > self.cfg.max_position_embeddings:
             raise TrainConfigError(
                 f"seq_len {tc.seq_len} exceeds the model's {self.cfg.max_position_embeddings} learned positions"
@@ -106,6 +109,10 @@ class Run:
         self.module = GLMModel(self.cfg)
         self.setup_state()
         self.setup_data()
+        if jax.process_index() == 0:  # config.json + tokenizer files: the run folder is a checkpoint folder
+            from train.run_folder import write_run_folder
+
+            write_run_folder(tc.output_dir, self.cfg, self.data.tokenizer, tc.data.get("tokenizer"), self.pretrained)
 
     @contextlib.contextmanager
     def ctx(self):

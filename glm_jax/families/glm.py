@@ -81,7 +81,7 @@ def from_hf(d: dict) -> dict:
 
 
 def to_hf(c) -> dict:
-    return {
+    out = {
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "num_layers": c.num_layers,
@@ -89,6 +89,22 @@ def to_hf(c) -> dict:
         "max_sequence_length": c.max_position_embeddings,
         "block_position_encoding": c.block_position_encoding,
     }
+    # command-token ids that the released tokenizer of this vocab size would not give (e.g. glm-train's bundled
+    # tokenizer): written under the keys from_hf reads, so the config.json prompts and stops its model
+    base = _tokens({"vocab_size": c.vocab_size, "hidden_size": c.hidden_size})
+    ours = dict(
+        mask_token_id=c.mask_token_id,
+        smask_token_id=c.smask_token_id,
+        gmask_token_id=c.gmask_token_id,
+        sop_token_id=c.bos_token_id,
+        pad_token_id=c.pad_token_id,
+        eos_token_id=tuple(c.eos_token_id),
+    )
+    theirs = {**base, "sop_token_id": base["bos_token_id"], "eos_token_id": tuple(base["eos_token_id"])}
+    for k, v in ours.items():
+        if v is not None and v != () and v != theirs[k]:
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def base_hf(c) -> dict:

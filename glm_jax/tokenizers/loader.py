@@ -66,6 +66,12 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     model_file = None if os.path.isdir(path) else path
     folder = path if model_file is None else os.path.dirname(path) or "."
     cfg = read_tokenizer_config(folder)
+    from glm_jax.tokenizers import sentencepiece as glm_sp
+
+    if chat_format in (None, "sentencepiece") and (
+        glm_sp.is_sentencepiece_folder(folder) or os.path.basename(model_file or "") == glm_sp.MODEL_FILE
+    ):  # glm-train's bundled tokenizer, saved into a run folder
+        return glm_sp.GLMSentencePieceTokenizer(model_file or os.path.join(folder, glm_sp.MODEL_FILE), **kwargs)
     if chat_format is None:
         chat_format = _infer_format(folder, cfg, model_file)
     elif chat_format not in CHAT_FORMATS + ("gpt2",):
