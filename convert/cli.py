@@ -4,6 +4,7 @@
                                  [--ptuning PTUNING_DIR] [--config CONFIG_JSON] [--overwrite]
     glm-convert to-torch SRC DST [--format safetensors|bin] [--max-shard-size 5GB] [--layout FAMILY]
                                  [--dtype ...] [--ptuning-only] [--overwrite]
+    glm-convert quantize SRC DST --bits 8|4 [--max-shard-size 5GB] [--overwrite]   (convert/quantize.py)
 
 to-jax SRC: an HF checkpoint folder of any family (config.json + model.safetensors / pytorch_model.bin, single
 or sharded with an index json), or a THUDM/GLM Megatron folder of mp_rank_XX_model_states.pt files (its GLM
@@ -72,6 +73,12 @@ def _parser():
     t.add_argument("--dtype", choices=DTYPES, help="cast floating tensors (default: the source's dtypes)")
     t.add_argument("--ptuning-only", action="store_true", help="write only transformer.prefix_encoder.*")
     t.add_argument("--overwrite", action="store_true")
+    q = sub.add_parser("quantize", help="ChatGLM / ChatGLM2 checkpoint → its int8 / int4 format (quantization_bit)")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    q.add_argument("--max-shard-size", help="e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    q.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -192,6 +199,12 @@ def _convert(args, src, tmp, mesh, bar) -> dict:
             config=args.config,
             progress=bar,
             on_total=bar.total,
+        )
+    if args.command == "quantize":
+        from convert.quantize import quantize_checkpoint
+
+        return quantize_checkpoint(
+            src, tmp, bits=args.bits, max_shard=args.max_shard_size, progress=bar, on_total=bar.total
         )
     from convert.export import to_torch
 

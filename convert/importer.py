@@ -26,6 +26,7 @@ from glm_jax.checkpoint.megatron import MergedReader, pick_files
 from glm_jax.checkpoint.orbax import flatten, unflatten
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
+from glm_jax.families.quantized import quantized_shapes, source_key
 from glm_jax.families.rows import PREFIX
 
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -216,7 +217,7 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
     )
     stream = _RowStream(iter_params(cfg, s.readers, s.where, config_file=s.config_file), cast, release)
     shapes, chunks = {}, {}
-    flatten(unstack_layers(param_shapes(cfg)), "", shapes)
+    flatten(quantized_shapes(unstack_layers(param_shapes(cfg)), cfg, rows), "", shapes)
     if mesh:
         chunks = mesh_chunks(cfg, shapes, mesh)
     names = {k: k for k in s.readers}
@@ -225,9 +226,9 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
         names.update({prefix + k: k for k in s.readers if not k.startswith(prefix)})
     flat, total = {}, 0
     for r in rows:
-        src_dtype = tensor_info(s.readers[names[r.hf[0]]], names[r.hf[0]])[0]
-        dt = cast(np.zeros((), src_dtype)).dtype
         for p in r.jax:
+            key = names[source_key(r, p)]  # a quantized row's scales keep the .weight_scale's dtype
+            dt = cast(np.zeros((), tensor_info(s.readers[key], key)[0])).dtype
             flat[p] = jax_io.Lazy(
                 shapes[p].shape, dt, (lambda p=p: stream.fetch(p)), order=len(flat), chunk=chunks.get(p)
             )
@@ -245,7 +246,7 @@ def mesh_chunks(cfg, shapes: dict, mesh: dict) -> dict:
     fake = types.SimpleNamespace(shape=dict(mesh))
     out = {}
     for p, s in shapes.items():
-        spec = logical_to_spec(axes[p], s.shape, fake)
+        spec = logical_to_spec(axes.get(p, (None,) * len(s.shape)), s.shape, fake)  # kernel_scale: unsplit
         sizes = [int(np.prod([mesh[a] for a in ((ax,) if isinstance(ax, str) else ax)])) if ax else 1 for ax in spec]
         out[p] = tuple(d // n for d, n in zip(s.shape, list(sizes) + [1] * (len(s.shape) - len(sizes))))
     return out

@@ -34,6 +34,7 @@ MaskRule = Literal["causal", "prefix_until_sop", "sep_at_sop"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
 Attention = Literal["xla", "flash", "auto"]
+QuantBits = Literal[0, 4, 8]  # weight-only quantization of the layer linears (glm_jax/quant.py)
 
 # mask_rule values written by earlier versions (glm_jax.json files, glm-train checkpoints)
 _LEGACY_MASK_RULES = {"chatglm": "prefix_until_sop", "glm": "sep_at_sop"}
@@ -120,6 +121,9 @@ class GLMConfig:
     prefix_projection: bool = False
     prefix_hidden_size: int = 0  # width of the projection MLP's hidden layer
     prefix_embed_size: int = 0  # width of the prefix embedding with projection (0: prefix_width)
+    # layer linears held (and, for chatglm / chatglm2 checkpoints, stored) as int8 or packed int4 with per-output
+    # scales: config.json's quantization_bit (specs/CHATGLM_ARCH.md §8), or from_pretrained(quantize=...)
+    quantization_bit: QuantBits = 0
     # compute
     dtype: DType = "float32"  # compute dtype
     param_dtype: DType = "float32"

@@ -21,6 +21,7 @@ from glm_jax.checkpoint.files import SafetensorsFile, TorchFile, find_weight_fil
 from glm_jax.checkpoint.megatron import open_megatron
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
+from glm_jax.families.quantized import quantized_shapes
 
 
 def config_from_folder(path) -> GLMConfig:
@@ -173,7 +174,7 @@ def iter_params(
         raise CheckpointFormatError(
             f"{source}: {len(extra)} unexpected key(s) for a {cfg.family} model with this config.json, e.g. {extra[:3]}"
         )
-    shapes = unstack_layers(param_shapes(cfg.replace(scan_layers=False)))
+    shapes = quantized_shapes(unstack_layers(param_shapes(cfg.replace(scan_layers=False))), cfg, rows)
     for r in rows:
         arrays = []
         for k in r.hf:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from glm_jax.errors import ConfigError
 from glm_jax.families import chatglm, chatglm2, glm, glm4, glm4_moe, glm_hf
 from glm_jax.families.base import Family
+from glm_jax.families.quantized import stored_rows
 from glm_jax.families.rows import expand
 
 _MODULES = (glm, chatglm2, chatglm, glm4, glm4_moe, glm_hf)
@@ -50,4 +51,4 @@ def preset(name: str) -> dict:
 
 def keymap(cfg, layout: str | None = None) -> list:
     """Concrete key-map rows (layers expanded) for `cfg` in `layout`'s key names (default: the config's family)."""
-    return expand(get(layout or cfg.family).rows, cfg)
+    return stored_rows(expand(get(layout or cfg.family).rows, cfg), cfg)  # quantized linears: weight + scale

@@ -12,6 +12,7 @@ import math
 
 from glm_jax.errors import ConfigError
 from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote
+from glm_jax.families.quantized import bits_from_hf, bits_to_hf
 from glm_jax.families.rows import PREFIX_ROWS, D, Row, V, linear, megatron_layer_rows, qkv_per_head, untied
 
 AUTO_MAP = {
@@ -66,6 +67,7 @@ def from_hf(d: dict) -> dict:
         eos_token_id=eos_ids(d),
         pre_seq_len=d.get("pre_seq_len") or 0,
         prefix_projection=bool(d.get("prefix_projection", False)),
+        quantization_bit=bits_from_hf(d),
         prefix_hidden_size=h,
         prefix_embed_size=h,
     )
@@ -83,6 +85,7 @@ def to_hf(c) -> dict:
         "position_encoding_2d": c.position == "rope_2d",
         "pre_seq_len": c.pre_seq_len or None,
         "prefix_projection": c.prefix_projection,
+        "quantization_bit": bits_to_hf(c),
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote, number
 from glm_jax.families.chatglm import AUTO_MAP as _V1_AUTO_MAP
+from glm_jax.families.quantized import bits_from_hf, bits_to_hf
 from glm_jax.families.rows import (
     NH,
     PREFIX_ROWS,
@@ -72,6 +73,7 @@ def from_hf(d: dict) -> dict:
         eos_token_id=eos_ids(d),
         pre_seq_len=d.get("pre_seq_len") or 0,
         prefix_projection=bool(d.get("prefix_projection", False)),
+        quantization_bit=bits_from_hf(d),
         prefix_hidden_size=d["hidden_size"],
     )
 
@@ -95,6 +97,7 @@ def to_hf(c) -> dict:
         "add_bias_linear": c.out_bias,
         "pre_seq_len": c.pre_seq_len or None,
         "prefix_projection": c.prefix_projection,
+        "quantization_bit": bits_to_hf(c),
     }
     if c.rope_base != 10000.0:
         out["rope_ratio"] = number(c.rope_base / 10000.0)

@@ -123,18 +123,41 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = param(
-            self,
-            "kernel",
-            self.in_shape + self.out_shape,
-            self.axes,
-            nn.initializers.normal(self.init_std),
-            self.param_dtype,
-        )
         dt = dtype_of(self.dtype)
         n_in = len(self.in_shape)
-        y = matmul(x.astype(dt), kernel.astype(dt), n_in)
+        if self.has_variable("params", "kernel_scale"):  # weight-only quantized (glm_jax/quant.py)
+            q, scale = self.get_variable("params", "kernel"), self.get_variable("params", "kernel_scale")
+            y = quantized_matmul(x.astype(dt), q, scale, n_in, self.in_shape[-1])
+        else:
+            kernel = param(
+                self,
+                "kernel",
+                self.in_shape + self.out_shape,
+                self.axes,
+                nn.initializers.normal(self.init_std),
+                self.param_dtype,
+            )
+            y = matmul(x.astype(dt), kernel.astype(dt), n_in)
         if self.use_bias:
             bias = param(self, "bias", self.out_shape, self.axes[n_in:], nn.initializers.zeros, self.param_dtype)
             y = y + bias.astype(y.dtype)
         return y.astype(dt)
+
+
+def unpack_int4(p, axis: int):
+    """int8 bytes -> int8 values along `axis` (doubled): high nibble first, both nibbles sign-extended."""
+    hi = jnp.right_shift(p, jnp.int8(4))
+    lo = jnp.right_shift(jnp.left_shift(p, jnp.int8(4)), jnp.int8(4))
+    both = jnp.stack([hi, lo], axis=axis + 1)
+    return both.reshape(p.shape[:axis] + (2 * p.shape[axis],) + p.shape[axis + 1 :])
+
+
+def quantized_matmul(x, q, scale, n_in: int, in_last: int):
+    """x [..., in...] · (q · scale) with q an int8 kernel [in..., out...] (int4: the last in-dim packed, half of
+    `in_last`) and scale [out...]: the int8 values enter the product in x's dtype inside the jitted computation
+    (bf16 on TPU: an MXU operand fused into the dot, no float32 copy of the weights), the per-output scale
+    multiplies the product's float32 output."""
+    if q.shape[n_in - 1] * 2 == in_last:
+        q = unpack_int4(q, n_in - 1)
+    y = matmul(x, q.astype(x.dtype), n_in)
+    return (y.astype(jnp.float32) * scale.astype(jnp.float32)).astype(y.dtype)
