@@ -23,7 +23,7 @@ class TrainConfigError(ValueError):
     """A bad config file, key or value: glm-train exits 2 with this message."""
 
 
-Objective = Literal["blank_infilling", "causal", "chatglm_prefix"]
+Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft"]
 Schedule = Literal["cosine", "linear", "constant"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]

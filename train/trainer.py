@@ -169,10 +169,13 @@ class Run:
         self.batch_sh_one = parallel.batch_sharding(mesh, 1, (B,))
         lo, hi = data_lib.process_rows(self.batch_sh_one, B)
         rows = hi - lo
-        self.data = data_lib.make_batches(tc, rows, lo // rows, B // rows)
+        from train.sft_data import make_sft_batches
+
+        make = make_sft_batches if tc.objective == "sft" else data_lib.make_batches
+        self.data = make(tc, rows, lo // rows, B // rows)
         self.eval_data = None
         if tc.eval_every:
-            self.eval_data = data_lib.make_batches(tc, rows, lo // rows, B // rows, eval_split=True)
+            self.eval_data = make(tc, rows, lo // rows, B // rows, eval_split=True)
             self.eval_state0 = self.eval_data.get_state()
         v = data_lib.vocab_size(self.data)
         if v > self.cfg.vocab_size:

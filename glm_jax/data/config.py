@@ -93,6 +93,9 @@ class DataConfig:
     min_doc_tokens: int = 3  # shorter documents are skipped (and counted)
     max_doc_chars: int = 4_000_000  # longer documents are truncated (and counted)
     special_ids: dict | None = None  # overrides, e.g. {"cls": 3, "eos": 2, "dblock": 9}
+    # --- objective=sft (glm-train; glm_jax/data/sft_batches.py): source is a .jsonl file or a folder of them ---
+    format: str | None = None  # sft.FORMATS: chatglm3, chatglm3_finetune_hf, glm4, glm4_combine, ptuning_*
+    packing: bool = True  # several conversations a row (segment ids); False: one a row
     # --- grain ---
     shard_index: int | None = None  # None: jax.process_index()
     shard_count: int | None = None  # None: jax.process_count()
