@@ -165,8 +165,11 @@ def _files(m, entries, fmt, max_shard):
         placed = {e.key for _, es, _ in files for e in es}
         files[-1][1].extend(e for e in entries if e.key not in placed)
         files = [f for f in files if f[1]]
+        same_tensors = {e.key for e in entries} == set(m["tensors"])
         index = (
-            torch_io.index_json(fmt, [(n, es) for n, es, _ in files], m["index"]["metadata"]) if m["index"] else None
+            torch_io.index_json(fmt, [(n, es) for n, es, _ in files], m["index"]["metadata"], not same_tensors)
+            if m["index"]
+            else None
         )
         return files, index
     shards = torch_io.split_shards(entries, torch_io.parse_size(max_shard or DEFAULT_SHARD))

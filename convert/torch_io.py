@@ -101,11 +101,13 @@ def shard_file_names(fmt: str, n: int) -> list:
     return [single] if n == 1 else [pattern.format(i=i + 1, n=n) for i in range(n)]
 
 
-def index_json(fmt, files, metadata=None) -> tuple[str, str]:
-    """(file name, text) of the HF index for shards [(file name, [Entry])], as save_pretrained writes it."""
+def index_json(fmt, files, metadata=None, recount=True) -> tuple[str, str]:
+    """(file name, text) of the HF index for shards [(file name, [Entry])], as save_pretrained writes it.
+    recount=False keeps the metadata's total_parameters (the same tensors as the source: its count stands, which
+    leaves out buffers and layers the reference model does not hold, such as Glm4Moe's MTP layer)."""
     md = dict(metadata or {})
     md["total_size"] = sum(e.nbytes for _, es in files for e in es)
-    if "total_parameters" in md:
+    if "total_parameters" in md and recount:
         md["total_parameters"] = sum(e.numel for _, es in files for e in es)
     wm = {e.key: name for name, es in files for e in es}
     return FILE_NAMES[fmt][2], json.dumps(
