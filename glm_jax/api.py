@@ -14,6 +14,7 @@ from glm_jax.config import GLMConfig
 from glm_jax.generate import generate as _generate
 from glm_jax.model.layers import dtype_of
 from glm_jax.model.transformer import GLMModel, stack_layers
+from glm_jax.quantize_load import quantize_loaded
 
 
 class GLM:
@@ -79,10 +80,12 @@ def cast_params(params, cfg: GLMConfig):
     )
 
 
-def from_pretrained(path, dtype: str = "float32", **overrides) -> GLM:
+def from_pretrained(path, dtype: str = "float32", quantize: str | None = None, **overrides) -> GLM:
     """Load a checkpoint folder of any family (HF PyTorch: .bin / safetensors, single or sharded; or a folder
     written by `glm-convert to-jax`; or a glm-train output_dir, whose latest complete step is read).
-    `dtype` sets both compute and param dtype; overrides set other fields."""
+    `dtype` sets both compute and param dtype; overrides set other fields. Quantized checkpoints
+    (config.json's quantization_bit) stay int8 / int4 in memory; quantize="int8" | "int4" quantizes the layer
+    linears of a float checkpoint at load (glm_jax/quantize_load.py)."""
     p = pathlib.Path(path)
     param_dtype = overrides.pop("param_dtype", dtype)
     if is_jax_checkpoint(p):
@@ -91,6 +94,8 @@ def from_pretrained(path, dtype: str = "float32", **overrides) -> GLM:
     else:
         cfg = config_from_folder(p).replace(dtype=dtype, param_dtype=param_dtype, **overrides)
         params = load_params(cfg, p)
+    if quantize is not None:
+        cfg, params = quantize_loaded(cfg, params, quantize)
     if cfg.scan_layers and "layers" not in params:
         params = stack_layers(params, cfg.num_layers)
     return GLM(cfg, cast_params(params, cfg))
