@@ -12,6 +12,7 @@ from glm_jax.checkpoint import config_from_folder, load_jax, load_params
 from glm_jax.checkpoint.orbax import is_jax_checkpoint
 from glm_jax.config import GLMConfig
 from glm_jax.generate import generate as _generate
+from glm_jax.inputs import check_call
 from glm_jax.model.layers import dtype_of
 from glm_jax.model.transformer import GLMModel, stack_layers
 from glm_jax.quantize_load import quantize_loaded
@@ -27,7 +28,9 @@ class GLM:
         self._apply = jax.jit(lambda p, ids, am, pos, pl: self.module.apply({"params": p}, ids, am, pos, pl))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None):
-        """Float32 logits [B, T, V]; masks and positions left as None follow the family's own rule."""
+        """Float32 logits [B, T, V]; masks and positions left as None follow the family's own rule. Ids, shapes
+        and lengths are checked on the host first (glm_jax.inputs): a bad one is an InputError (a ValueError)."""
+        check_call(self.config, input_ids, attention_mask, position_ids, prefix_len)
         return self._apply(
             self.params, jnp.asarray(input_ids), _opt(attention_mask), _opt(position_ids), _opt(prefix_len)
         )

@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class CheckpointFormatError(ValueError):
     """A checkpoint file that is missing, corrupt, or does not fit the model its config describes."""
+
+
+class InputError(ValueError):
+    """An argument the model cannot take: an id outside the vocabulary, a wrong shape, a sequence longer than the
+    learned positions, or a decode larger than the machine's memory (glm_jax.inputs checks them on the host)."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.inputs import check_generate
 from glm_jax.model.masks import context_length, default_allowed, default_positions
 from glm_jax.model.transformer import init_cache
 
@@ -132,9 +133,12 @@ def generate(
 ):
     """See GLM.generate. With return_logits, also the raw logits [B, max_new_tokens, V] each step decoded from."""
     c = lm.config
+    check_generate(c, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
     if ids.ndim == 1:
         ids = ids[None]
+        if attention_mask is not None and np.ndim(attention_mask) == 1:
+            attention_mask = np.asarray(attention_mask)[None]
     eos = tuple(c.eos_token_id) if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
     pad = (
         pad_token_id

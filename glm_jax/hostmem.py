@@ -14,6 +14,9 @@ against 1.15 GB with glibc's defaults. host_heap=system keeps glibc's defaults.
 glibc reads these settings when a thread first allocates: they must be set before the JAX backend starts its
 worker threads, which then share the main arena. Threads that already have an arena keep it, so
 keep_freed_heap() refuses once a backend exists.
+
+available_ram() is the host memory the next allocation can take (MemAvailable within the cgroup's limit):
+glm-generate checks a decode's estimate against it before allocating (glm_jax.inputs.check_memory).
 """
 
 from __future__ import annotations
@@ -86,3 +89,56 @@ def apply(mode: str) -> bool:
     if mode == "system" or (mode == "auto" and not cpu_backend_expected()):
         return False
     return keep_freed_heap()
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def available_ram() -> int | None:
+    """Bytes of host memory this process can still take: /proc/meminfo's MemAvailable, capped by what is left under
+    the cgroup's memory limit (v2 memory.max, or v1 memory.limit_in_bytes); None where neither is known."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in _cgroup_files():
+        cap, used = _read_int(limit), _read_int(usage)
+        if cap is not None and used is not None and cap < 2**60:  # v1 reports "no limit" as a huge number
+            found.append(cap - used)
+    return min(found) if found else None
+
+
+def _cgroup_files() -> list[tuple[str, str]]:
+    """(limit, usage) files of this process's memory cgroup and of its ancestors, v2 and v1."""
+    v2, v1 = "", ""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":
+                    v2 = path
+                elif "memory" in controllers.split(","):
+                    v1 = path
+    except (OSError, ValueError):
+        pass
+    out = []
+    for root, rel, limit, usage in (
+        ("/sys/fs/cgroup", v2, "memory.max", "memory.current"),
+        ("/sys/fs/cgroup/memory", v1, "memory.limit_in_bytes", "memory.usage_in_bytes"),
+    ):
+        parts = [p for p in rel.split("/") if p and p != ".."]
+        for i in range(len(parts), -1, -1):
+            d = "/".join([root] + parts[:i])
+            out.append((f"{d}/{limit}", f"{d}/{usage}"))
+    return out

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.generate import feed_token, prefill, sample_logits
+from glm_jax.inputs import InputError, check_generate
 from glm_jax.model.masks import default_allowed, default_positions
 
 CACHE_MULTIPLE = 256
@@ -29,6 +30,12 @@ PROMPT_MULTIPLE = 64
 
 def _round_up(n: int, m: int) -> int:
     return -(-int(n) // m) * m
+
+
+def cache_plan(n_prompt: int, max_new_tokens: int, cache_multiple=CACHE_MULTIPLE, prompt_multiple=PROMPT_MULTIPLE):
+    """(prefill length Tp, cache length S) that stream_generate allocates for a prompt of n_prompt tokens."""
+    Tp = _round_up(n_prompt, prompt_multiple)
+    return Tp, _round_up(max(Tp, n_prompt + max_new_tokens), cache_multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "cache_len", "do_sample", "top_k"))
@@ -76,14 +83,14 @@ def stream_generate(
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"prompt_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        raise InputError(f"prompt_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
     max_new = int(max_new_tokens)
+    check_generate(c, ids, None, max(max_new, 0), temperature, top_k, top_p)
     if max_new <= 0:
         return
     stops = set(c.eos_token_id if stop_token_ids is None else (int(t) for t in stop_token_ids))
     T = int(ids.size)
-    Tp = _round_up(T, prompt_multiple)
-    S = _round_up(max(Tp, T + max_new), cache_multiple)
+    Tp, S = cache_plan(T, max_new, cache_multiple, prompt_multiple)
     pad = c.pad_token_id if c.pad_token_id is not None else 0
     ids_p = np.full((1, Tp), pad, np.int32)
     ids_p[0, :T] = ids
