@@ -49,6 +49,18 @@ def frozen_mask(params, patterns):
     return traverse_util.unflatten_dict(hit, sep="/")
 
 
+def not_trained(cfg, tc) -> list:
+    """Patterns of params that no optimizer step changes whatever `freeze` says: buffers (the MoE router's
+    score bias, glm_jax.model.moe.BUFFER_NAMES) and the MTP layers when no MTP loss trains them (weight decay would
+    otherwise shrink them; frozen they export bit for bit)."""
+    from glm_jax.model.moe import BUFFER_NAMES
+
+    pats = [f"*/{n}" for n in BUFFER_NAMES] if cfg.num_experts else []
+    if cfg.num_mtp_layers and not getattr(tc, "mtp_loss_weight", 0.0):
+        pats.append("mtp_*")
+    return pats
+
+
 def make_optimizer(tc, params, frozen):
     """AdamW direction + decoupled weight decay (the learning rate is applied by the step); frozen → zero."""
     tx = optax.chain(

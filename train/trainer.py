@@ -75,6 +75,8 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
         raise TrainConfigError(
             f"freeze={tc.freeze} matches no parameter; paths look like {', '.join(list(_paths(pshapes))[:3])}"
         )
+    kept = optimizer.frozen_mask(pshapes, optimizer.not_trained(cfg, tc))
+    frozen = jax.tree.map(lambda a, b: a or b, frozen, kept)
     tx = optimizer.make_optimizer(tc, pshapes, frozen)
     p_sh = parallel.param_shardings(cfg, pshapes, mesh)
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), pshapes)
