@@ -7,9 +7,11 @@ from test_train_util import CACHE, cli, cli_env
 
 REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
 
-# Model flops per token of the tiny config (D=32, 2 layers, 2 heads of 16, FFN 64, vocab 8192 tied, T=64), counted
+# Model flops per token of the tiny config (D=32, 2 layers, 2 heads of 16, FFN 128, vocab 8192 tied, T=64), counted
 # by hand: 6 x (non-embedding params + the tied output projection) + 12 x L x T x N x H for attention.
-_LAYER = 3 * (32 * 32 + 32) + (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 2 * 32  # q k v, o, up, down, norms
+_LAYER = (
+    3 * (32 * 32 + 32) + (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32) + 2 * 2 * 32
+)  # q k v, o, up, down, norms
 TINY_FLOPS_PER_TOKEN = 6 * (2 * _LAYER + 2 * 32 + 8192 * 32) + 12 * 2 * 64 * 2 * 16
 
 
