@@ -295,7 +295,7 @@ def check_store(ck):
     cfg, paths = ck.cfg, ck.store.paths()
     stacked = [p for p in paths if p.startswith("layers/")]
     if stacked:
-        n = tuple(ck.store.leaves[stacked[0]].shape)[0]
+        n = tuple(ck.store.leaves[stacked[0]].shape)[0] + ck.store.dense_layers()
         held, ok = f"{n} stacked layers", n == cfg.num_layers
     else:
         idx = {int(m.group(1)) for m in (re.match(r"layers_(\d+)/", p) for p in paths) if m}

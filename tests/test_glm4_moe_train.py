@@ -63,3 +63,18 @@ def test_buffers_and_mtp_stay_put_and_sharded_losses_equal_one_device(tmp_path):
         assert np.array_equal(got[k], ref[k]), k
     moved = [k for k in ref if k not in kept and not np.array_equal(got[k], ref[k])]
     assert len(moved) == len(ref) - len(kept)  # every other param trained (weight decay alone moves kernels)
+
+
+def test_scan_layers_run_exports_to_the_checkpoint_layout(tmp_path):
+    """A scan_layers run stacks the dense layer and the MoE layers separately; glm-convert to-torch unstacks them
+    into the per-expert layout. With a zero learning rate the export equals the fixture's tensors bit for bit."""
+    from test_convert_roundtrip import read_tensors
+
+    from convert.cli import main
+
+    run = tmp_path / "run"
+    train(_config(run, "scan_layers=true", "remat=full", "learning_rate=0.0", "weight_decay=0.0", "steps=1"))
+    out = tmp_path / "torch"
+    assert main(["to-torch", str(run), str(out)]) == 0
+    want, got = read_tensors(HF), read_tensors(out)
+    assert got["t"] == want["t"]

@@ -76,12 +76,21 @@ class ParamStore:
     def dtype(self, path) -> np.dtype:
         return np.dtype(self.leaves[self._locate(path)[0]].dtype)
 
+    def dense_layers(self) -> int:
+        """Layers in the dense_layers/ stack (0 without one)."""
+        first = next((v for p, v in self.leaves.items() if p.startswith("dense_layers/")), None)
+        return 0 if first is None else int(tuple(first.shape)[0])
+
     def _locate(self, path):
         if path in self.leaves:
             return path, None
         m = re.match(r"layers_(\d+)/(.*)", path)
-        if m and f"layers/{m.group(2)}" in self.leaves:
-            return f"layers/{m.group(2)}", int(m.group(1))
+        if m:  # scan_layers stacks: Glm4Moe's leading dense layers in dense_layers/, the rest in layers/
+            i, rest, k = int(m.group(1)), m.group(2), self.dense_layers()
+            if i < k and f"dense_layers/{rest}" in self.leaves:
+                return f"dense_layers/{rest}", i
+            if i >= k and f"layers/{rest}" in self.leaves:
+                return f"layers/{rest}", i - k
         raise CheckpointFormatError(f"{self.dir}: params checkpoint has no tensor {path!r}")
 
     def read(self, path) -> np.ndarray:
