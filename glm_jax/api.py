@@ -14,6 +14,7 @@ from glm_jax.config import GLMConfig
 from glm_jax.generate import generate as _generate
 from glm_jax.inputs import check_call
 from glm_jax.model.layers import dtype_of
+from glm_jax.model.moe import BUFFER_NAMES
 from glm_jax.model.transformer import GLMModel, stack_layers
 from glm_jax.quantize_load import quantize_loaded
 
@@ -72,15 +73,16 @@ def _opt(x):
 
 
 def cast_params(params, cfg: GLMConfig):
+    """Float params in param_dtype; buffers (the MoE router's score bias) stay float32, as transformers keeps them."""
     dt = dtype_of(cfg.param_dtype)
-    return jax.tree.map(
-        lambda a: (
-            jnp.asarray(np.asarray(a).astype(dt))
-            if np.issubdtype(np.asarray(a).dtype, np.floating) or np.asarray(a).dtype == jnp.bfloat16
-            else jnp.asarray(a)
-        ),
-        params,
-    )
+
+    def cast(path, a):
+        a = np.asarray(a)
+        if not (np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16):
+            return jnp.asarray(a)
+        return jnp.asarray(a.astype(np.float32 if getattr(path[-1], "key", None) in BUFFER_NAMES else dt))
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def from_pretrained(path, dtype: str = "float32", quantize: str | None = None, **overrides) -> GLM:

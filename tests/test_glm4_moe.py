@@ -134,3 +134,16 @@ def test_presets_have_the_released_sizes(preset, total, stored, active):
     moe_layers = cfg.num_layers - cfg.first_k_dense_replace
     act = main - moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert - n["embed"] - n["lm_head"]
     assert abs(act / active - 1) < 0.02, act
+
+
+def test_bfloat16_load_keeps_the_router_bias_in_float32():
+    d = _io()
+    m = glm_jax.from_pretrained(FIX / NAME / "model", dtype="bfloat16")
+    st = load_file(FIX / NAME / "model" / "model.safetensors")
+    bias = m.params["layers_1"]["block"]["moe"]["router"]["score_bias"]
+    assert bias.dtype == np.float32
+    np.testing.assert_array_equal(bias, st["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert m.params["layers_1"]["block"]["moe"]["experts"]["gate"].dtype == jax.numpy.bfloat16
+    logits = np.asarray(m(d["input_ids"], attention_mask=d["attention_mask"], position_ids=_arange(d["input_ids"])))
+    real = d["attention_mask"] == 1
+    assert np.isfinite(logits).all() and np.abs(logits - d["logits"])[real].max() < 0.1
