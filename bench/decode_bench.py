@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/decode_bench.py [--new 64] [--prompt 32] [--threads 2]
 
+Also glm-jax with weight-only int8 / int4 layer linears (from_pretrained(quantize=), float32 compute), with the
+share of new ids equal to transformers' greedy ids.
+
 Both run on this CPU in the same process: transformers GlmForCausalLM (eager PyTorch, KV cache), and glm-jax
 (one jitted prefill + lax.while_loop of decode steps over a preallocated KV cache). Compile time is excluded
 for JAX (one warm-up call), as is PyTorch's first-call overhead.
@@ -50,6 +53,7 @@ def main():
         model.save_pretrained(d)
         lm = glm_jax.from_pretrained(d)
         lm16 = glm_jax.from_pretrained(d, dtype="bfloat16")
+        quantized = {q: glm_jax.from_pretrained(d, quantize=q) for q in ("int8", "int4")}  # weight-only, fp32 compute
     print(f"model: Glm, {nparams / 1e6:.1f}M params, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads")
     floor, chain = weight_stream_floor(lm)
     print(
@@ -89,6 +93,19 @@ def main():
         o16 = lm16.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
         b16 = B * a.new / (time.perf_counter() - t)
         print(f"{B:>5} {'(bf16 glm-jax)':>19} {b16:>14.1f} {b16 / hf:>5.2f}x {(o16 == ref).mean():>7.0%}")
+        for q, lmq in quantized.items():
+            lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])  # compile
+            tq = []
+            for _ in range(a.repeats):
+                t = time.perf_counter()
+                oq = lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
+                tq.append(time.perf_counter() - t)
+            bq = B * a.new / min(tq)
+            agree = (np.asarray(oq)[:, a.prompt :] == ref[:, a.prompt :]).mean()
+            print(
+                f"{B:>5} {'(' + q + ' glm-jax)':>19} {bq:>14.1f} {bq / hf:>5.2f}x {agree:>7.0%}"
+                f"   {bq / jx:.2f}x glm-jax fp32"
+            )
     sys.stdout.flush()
 
 
