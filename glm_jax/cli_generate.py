@@ -28,6 +28,22 @@ class UsageError(Exception):
     """Bad input: printed as one `error:` line, exit status 2."""
 
 
+class TurnError(UsageError):
+    """A prompt that does not fit (the learned positions, the machine's memory): --prompt exits 2, --chat says so
+    and goes on with its history."""
+
+
+def clean_text(text, where: str, err) -> str:
+    """`text` (str, possibly surrogate-escaped bytes from argv or stdin, or bytes) with invalid UTF-8 replaced by
+    U+FFFD, and a one-line warning on `err` when anything was replaced."""
+    from glm_jax.inputs import decode_text
+
+    out, bad = decode_text(text)
+    if bad:
+        print(f"warning: {where}: {bad} invalid UTF-8 byte sequence(s) replaced with U+FFFD", file=err, flush=True)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one "error:" line instead of argparse's usage + message
         raise UsageError(message)
@@ -188,11 +204,38 @@ class Session:
                 f"model's vocabulary of {vocab} ids; does the tokenizer belong to {self.args.path}?"
             )
 
+    def _budget(self, ids: list[int]) -> int:
+        """max_new_tokens for this prompt: cut to the learned positions left (with a warning); TurnError when the
+        prompt alone fills them, or the KV cache and the prefill's attention need more memory than is available."""
+        from glm_jax.inputs import InputError, check_memory, position_limit
+        from glm_jax.stream import cache_plan
+
+        n, new, limit = len(ids), self.args.max_new_tokens, position_limit(self.lm.config)
+        if limit is not None and n >= limit:
+            raise TurnError(
+                f"the prompt has {n} tokens but the model has {limit} learned positions (max_sequence_length), "
+                f"so at most {limit - 1} prompt tokens fit"
+            )
+        if limit is not None and n + new > limit:
+            print(
+                f"warning: --max-new-tokens {new} cut to {limit - n}: the prompt has {n} tokens and the model "
+                f"{limit} learned positions",
+                file=self.err,
+                flush=True,
+            )
+            new = limit - n
+        try:
+            check_memory(self.lm.config, 1, *cache_plan(n, new), what=f"a prompt of {n} tokens + {new} new tokens")
+        except InputError as e:
+            raise TurnError(str(e)) from None
+        return new
+
     def reply(self, ids: list[int], stream: bool) -> str:
         """Decode after `ids`, printing pieces as they come when `stream`; returns the reply text."""
         from glm_jax.stream import TextStream, stream_generate
 
         self._check_ids(ids)
+        max_new = self._budget(ids)
         if self.args.show_prompt_ids:
             print("prompt_ids: " + json.dumps(ids), file=self.err, flush=True)
         a = self.args
@@ -200,7 +243,7 @@ class Session:
         for t in stream_generate(
             self.lm,
             ids,
-            a.max_new_tokens,
+            max_new,
             a.do_sample,
             a.temperature,
             a.top_k,
@@ -228,6 +271,7 @@ class Session:
 
     def chat(self, stdin) -> None:
         history: list[dict] = []
+        lineno = 0
         tty = stdin.isatty()
         if tty:
             print("glm-generate chat: /reset clears the history, /exit or Ctrl-D quits", file=self.err)
@@ -235,10 +279,12 @@ class Session:
             if tty:
                 self.out.write(">>> ")
                 self.out.flush()
-            line = stdin.readline()
+            buf = getattr(stdin, "buffer", None)  # bytes, so that invalid UTF-8 is replaced rather than fatal
+            line = buf.readline() if buf is not None else stdin.readline()
             if not line:
                 break
-            text = line.strip()
+            lineno += 1
+            text = clean_text(line, f"stdin line {lineno}", self.err).strip()
             if not text:
                 continue
             if text == "/exit":
@@ -248,7 +294,11 @@ class Session:
                 print("(history cleared)", file=self.err, flush=True)
                 continue
             messages = self.system + history + [{"role": "user", "content": text}]
-            reply = self.answer(messages)
+            try:
+                reply = self.answer(messages)
+            except TurnError as e:
+                print(f"warning: {e}; this turn was not sent (/reset clears the history)", file=self.err, flush=True)
+                continue
             history = next_history(self.tok, messages, reply)[len(self.system) :]
 
 
@@ -288,6 +338,9 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
+        for name in ("prompt", "system"):
+            if getattr(args, name) is not None:
+                setattr(args, name, clean_text(getattr(args, name), f"--{name}", stderr))
         lm, tok, tools = load(args)
         session = Session(lm, tok, args, stdout, stderr)
         session.tools = tools

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from _fixture_models import FIX, load
 
-from glm_jax import cli_generate, stream
+from glm_jax import GLMConfig, cli_generate, stream
 from glm_jax.tokenizers import load_tokenizer
 
 ROOT = FIX.parent.parent
@@ -100,7 +100,7 @@ def test_tool_call_printed_as_one_json_line(monkeypatch):
     tools_msgs = case["history"][:1]
     assert tools_msgs[0]["role"] == "system" and tools_msgs[0]["tools"]
     monkeypatch.setattr(stream, "stream_generate", lambda *a, **k: iter(case["generated_ids"]))
-    lm = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=2048, eos_token_id=()))
+    lm = types.SimpleNamespace(config=GLMConfig(vocab_size=2048))  # no params: stream_generate is replaced
     args = cli_generate.build_parser().parse_args(["x", "--prompt", "q"])
     out, err = io.StringIO(), io.StringIO()
     s = cli_generate.Session(lm, tok, args, out, err)
