@@ -17,7 +17,9 @@ GOOD = "The river ran past the mill. Birds sang in the morning; the miller woke 
 
 def test_decode_doc_classifies_problems():
     assert decode_doc(b"fine text", 100) == ("fine text", None)
-    assert decode_doc(b"bad \xff\xfe", 100) == (None, "invalid_utf8")
+    # invalid UTF-8 is replaced as Python's own decoder replaces it, and the document kept
+    assert decode_doc(b"bad \xff\xfe", 100) == (b"bad \xff\xfe".decode("utf-8", "replace"), "invalid_utf8")
+    assert decode_doc(b" \xff\n\xfe ", 100) == (None, "empty")  # nothing but replaced bytes and whitespace
     assert decode_doc(b"  \n ", 100) == (None, "empty")
     assert decode_doc(None, 100) == (None, "malformed")
     assert decode_doc("x" * 150, 100) == ("x" * 100, "huge")
@@ -46,7 +48,7 @@ def test_bad_documents_are_skipped_or_truncated_and_counted():
         stats = pipe.stats
     assert stats["docs_total"] == 12
     assert stats["docs_skipped_empty"] == 2
-    assert stats["docs_skipped_invalid_utf8"] == 1
+    assert stats["docs_invalid_utf8_replaced"] == 1  # kept, with U+FFFD
     assert stats["docs_skipped_malformed"] == 3
     assert stats["docs_truncated_huge"] == 1
     assert stats["docs_skipped_short"] >= 1
@@ -77,7 +79,8 @@ def test_local_jsonl_through_tfds_array_record(tmp_path):
         stats = pipe.stats
     assert stats["docs_total"] == 10
     assert stats["docs_skipped_empty"] == 3  # bad json, missing key and "" are all empty text
-    assert stats["docs_skipped_invalid_utf8"] == 1
+    assert stats["docs_invalid_utf8_replaced"] == 1
+    assert pipe.invalid_utf8_files == {str(path): 1}
     record_files = list((tmp_path / "tfds").rglob("*.array_record*"))
     assert record_files, "the builder writes array_record files"
     # the prepared dataset is read back by its TFDS name, as any prepared TFDS dataset would be

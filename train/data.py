@@ -10,6 +10,8 @@ or the causal objective); with the reference's per-batch draw each process draws
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from train.config import TrainConfigError
@@ -52,14 +54,23 @@ def data_config(tc, rows: int, shard_index: int, shard_count: int, eval_split: b
     )
 
 
-def make_batches(tc, rows: int, shard_index: int, shard_count: int, eval_split: bool = False):
-    """An iterator of numpy batches with get_state()/set_state() (a glm_jax.data Pipeline)."""
+def make_batches(tc, rows: int, shard_index: int, shard_count: int, eval_split: bool = False, err=None):
+    """An iterator of numpy batches with get_state()/set_state() (a glm_jax.data Pipeline). The first shard's
+    training pipeline reports each data file whose invalid UTF-8 was replaced, one line a file on `err`."""
     from glm_jax.data.pipeline import make_pipeline
 
     try:
-        return make_pipeline(data_config(tc, rows, shard_index, shard_count, eval_split))
+        pipe = make_pipeline(data_config(tc, rows, shard_index, shard_count, eval_split))
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise TrainConfigError(f"data: {e}") from None
+    if shard_index == 0 and not eval_split:
+        for path, n in sorted(pipe.invalid_utf8_files.items()):
+            print(
+                f"warning: data: {path}: {n} invalid UTF-8 byte sequence(s) replaced with U+FFFD (kept, not dropped)",
+                file=err or sys.stderr,
+                flush=True,
+            )
+    return pipe
 
 
 def to_device_dict(batch: dict, nan_at=None) -> dict:

@@ -8,7 +8,8 @@ API for the training loop
     batch = next(pipe)                 # dict of numpy arrays, shapes below
     state = pipe.get_state()           # small JSON-able dict: store it with the checkpoint
     pipe2 = data.make_pipeline(same_cfg); pipe2.set_state(state)   # continues with the same batches
-    pipe.stats                         # {'docs_skipped_empty': .., 'docs_skipped_invalid_utf8': .., ...}
+    pipe.stats                         # {'docs_skipped_empty': .., 'docs_invalid_utf8_replaced': .., ...}
+    pipe.invalid_utf8_files            # {file: invalid UTF-8 sequences replaced with U+FFFD} (local files)
     pipe.close()                       # or use `with data.make_pipeline(...) as pipe:`
 
 make_pipeline(cfg: DataConfig | dict | None = None, *, tokenizer=None, source=None, **overrides) -> Pipeline

@@ -97,8 +97,9 @@ class Pipeline:
     """Iterator over numpy batches (see batching.py for keys and shapes).
 
     get_state() -> JSON-able dict; set_state(state) on a pipeline built with the same config resumes
-    exactly. `stats` counts bad data (scan-time: empty / invalid UTF-8 / malformed / huge documents;
-    run-time: short documents, span retries, rows per objective, tokens).
+    exactly. `stats` counts bad data (scan-time: empty / malformed / huge documents, and documents whose invalid
+    UTF-8 was replaced with U+FFFD; run-time: short documents, span retries, rows per objective, tokens).
+    `invalid_utf8_files`: {file: invalid UTF-8 byte sequences replaced} for the local files that have any.
     """
 
     def __init__(self, cfg: DataConfig, *, tokenizer=None, source=None):
@@ -110,6 +111,7 @@ class Pipeline:
         opts = {**cfg.as_dict(), **cfg.resolved()}
         self._check_ids(opts)
         src = open_source(source if source is not None else cfg.source, cfg.cache_dir)
+        self.invalid_utf8_files = dict(src.invalid_utf8)
         chars_D, self._scan_stats = scan_lengths(src, cfg.max_doc_chars, cfg.cache_dir)
         store = DocStore(src, chars_D, cfg.max_doc_chars)
         self._corpus_shape = [len(chars_D), store.total]

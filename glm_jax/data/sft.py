@@ -44,6 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from glm_jax.data.sft_formats import FORMATS, IGNORE, ROLES, SFTRecordError, encode, tool_call_code
+from glm_jax.inputs import decode_text
 
 __all__ = [
     "FORMATS",
@@ -62,18 +63,23 @@ __all__ = [
 @dataclasses.dataclass
 class SFTReport:
     """What read_jsonl saw: records yielded, lines skipped (file, line number, reason), records the reference
-    drops (empty prompt/response), records cut to max_len. Blank lines are ignored and not counted."""
+    drops (empty prompt/response), records cut to max_len, and per file the invalid UTF-8 byte sequences replaced
+    with U+FFFD (such lines are kept). Blank lines are ignored and not counted."""
 
     records: int = 0
     skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
     dropped: int = 0
     truncated: int = 0
+    invalid_utf8: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         head = (
             f"{self.records} records, {len(self.skipped)} skipped, {self.dropped} dropped, {self.truncated} truncated"
         )
-        return "\n".join([head] + [f"{path}:{line}: {reason}" for path, line, reason in self.skipped])
+        bad = [
+            f"{path}: {n} invalid UTF-8 byte sequence(s) replaced with U+FFFD" for path, n in self.invalid_utf8.items()
+        ]
+        return "\n".join([head] + bad + [f"{path}:{line}: {reason}" for path, line, reason in self.skipped])
 
 
 def truncate(input_ids: Sequence[int], labels: Sequence[int], max_len: int, report: SFTReport | None = None):
@@ -102,7 +108,7 @@ def _jsonl_files(path) -> list[str]:
     return files
 
 
-_ERROR_KIND = {UnicodeDecodeError: "invalid UTF-8: ", json.JSONDecodeError: "invalid JSON: "}
+_ERROR_KIND = {json.JSONDecodeError: "invalid JSON: "}
 
 
 class SFTReader:
@@ -128,9 +134,12 @@ class SFTReader:
                 for lineno, raw in enumerate(f, 1):
                     if not raw.strip():
                         continue
+                    text, bad = decode_text(raw)
+                    if bad:
+                        rep.invalid_utf8[path] = rep.invalid_utf8.get(path, 0) + bad
                     try:
-                        out = encode(tok, json.loads(raw.decode("utf-8")), format)
-                    except (UnicodeDecodeError, json.JSONDecodeError, SFTRecordError) as e:
+                        out = encode(tok, json.loads(text), format)
+                    except (json.JSONDecodeError, SFTRecordError) as e:
                         kind = _ERROR_KIND.get(type(e), "")
                         rep.skipped.append((path, lineno, f"{kind}{e}"))
                         continue
@@ -143,8 +152,9 @@ class SFTReader:
 
 def read_jsonl(path_or_dir, tok, format: str, max_len: int | None = None, report: SFTReport | None = None) -> SFTReader:
     """(input_ids, labels) of every record of a .jsonl file, or of the .jsonl files of a folder (name order).
-    Bad lines (invalid UTF-8 or JSON, SFTRecordError) are skipped and listed in `.report.skipped` as
-    (file, line number, reason); with max_len every record is cut by truncate()."""
+    Bad lines (invalid JSON, SFTRecordError) are skipped and listed in `.report.skipped` as (file, line number,
+    reason); invalid UTF-8 is replaced with U+FFFD and counted per file in `.report.invalid_utf8`; with max_len
+    every record is cut by truncate()."""
     return SFTReader(path_or_dir, tok, format, max_len, report)
 
 

@@ -9,11 +9,14 @@ Source specs accepted by `open_source`:
   {'tfds': 'name[/config][:version]', 'data_dir': dir, 'split': 'train', 'text_key': 'text'}
                                               any already-prepared TFDS dataset (array_record format)
   a sequence of str/bytes/dicts               used as is (tests, small in-memory corpora)
-Documents stay raw bytes until the pipeline decodes them, so invalid UTF-8 is detected and counted.
+Documents stay raw bytes until the pipeline decodes them. Invalid UTF-8 is decoded with replacement (U+FFFD), never
+dropped: documents with replacements are counted (docs_invalid_utf8_replaced), and for local files the replaced
+byte sequences are counted per file (`DocSource.invalid_utf8`, reported by glm-train one line a file).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -21,16 +24,18 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from glm_jax.inputs import decode_text
 
 CORPUS_DIR = pathlib.Path(__file__).parent / "corpus"
 SCAN_STATS = (
     "docs_total",
     "docs_skipped_empty",
-    "docs_skipped_invalid_utf8",
+    "docs_invalid_utf8_replaced",
     "docs_truncated_huge",
     "docs_skipped_malformed",
 )
@@ -86,7 +91,8 @@ def _builder_class():
 
 def iter_documents(path, fmt: str = "auto", doc_split: str = "file", text_key: str = "text"):
     """Raw bytes of each document in a local file. A jsonl line that is not a JSON object with a string
-    `text_key` yields b'' (counted later as an empty document). Invalid UTF-8 is passed through."""
+    `text_key` yields b'' (counted later as an empty document). Invalid UTF-8 is passed through (decode_doc
+    replaces it); text files split on ASCII newlines, so a bad byte never takes its neighbours with it."""
     raw = pathlib.Path(path).read_bytes()
     if fmt == "auto":
         fmt = "jsonl" if str(path).endswith((".jsonl", ".json")) else "text"
@@ -153,10 +159,12 @@ def build_local_text(
 
 
 class DocSource:
-    """Random access to raw documents: `len(src)`, `src.raw(i) -> bytes | str | None`."""
+    """Random access to raw documents: `len(src)`, `src.raw(i) -> bytes | str | None`. `invalid_utf8`: for a
+    source built from local files, {file: invalid UTF-8 byte sequences replaced}, for the files that have any."""
 
     def __init__(self, records, text_key: str = "text", fingerprint: str | None = None):
         self.records, self.text_key, self.fingerprint = records, text_key, fingerprint
+        self.invalid_utf8: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -170,8 +178,20 @@ class DocSource:
         return rec if isinstance(rec, (bytes, str)) else None
 
 
+def count_invalid_utf8(paths: Iterable) -> dict[str, int]:
+    """{path: invalid UTF-8 byte sequences that decoding with replacement turns into U+FFFD} for the files that
+    have any (a file's sequences are those of its documents: documents split on ASCII bytes)."""
+    out = {}
+    for p in paths:
+        n = decode_text(pathlib.Path(p).read_bytes())[1]
+        if n:
+            out[str(p)] = n
+    return out
+
+
 def open_source(spec: Any, cache_dir=None) -> DocSource:
     cache = default_cache_dir(cache_dir)
+    invalid = {}
     if isinstance(spec, str) and spec == "bundled":
         spec = {"files": [str(p) for p in bundled_files()], "doc_split": "file", "name": None}
     if isinstance(spec, dict) and "files" in spec:
@@ -184,6 +204,7 @@ def open_source(spec: Any, cache_dir=None) -> DocSource:
             doc_split=spec.get("doc_split", "file"),
             text_key=spec.get("text_key", "text"),
         )
+        invalid = count_invalid_utf8(spec["files"])
         spec = {"tfds": name, "data_dir": str(data_dir), "split": "train", "text_key": "text"}
     if isinstance(spec, dict) and "tfds" in spec:
         import tensorflow_datasets as tfds
@@ -191,7 +212,9 @@ def open_source(spec: Any, cache_dir=None) -> DocSource:
         split = spec.get("split", "train")
         ds = tfds.data_source(spec["tfds"], split=split, data_dir=spec.get("data_dir"))
         fp = json.dumps([spec["tfds"], str(spec.get("data_dir")), split, len(ds)])
-        return DocSource(ds, spec.get("text_key", "text"), fingerprint=fp)
+        src = DocSource(ds, spec.get("text_key", "text"), fingerprint=fp)
+        src.invalid_utf8 = invalid
+        return src
     if isinstance(spec, DocSource):
         return spec
     if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
@@ -200,26 +223,28 @@ def open_source(spec: Any, cache_dir=None) -> DocSource:
 
 
 def decode_doc(raw, max_chars: int) -> tuple[str | None, str | None]:
-    """(text, problem): problem is None, 'malformed', 'invalid_utf8', 'empty' or 'huge' (text truncated)."""
+    """(text, problem): problem is None, 'malformed', 'empty' (no text: None), or for a kept document 'huge' (text
+    truncated to max_chars), 'invalid_utf8' (invalid UTF-8 replaced with U+FFFD) or 'huge+invalid_utf8'.
+    A document of nothing but whitespace and replaced bytes is 'empty'."""
     if raw is None:
         return None, "malformed"
+    replaced = False
     if isinstance(raw, bytes):
         limit = 4 * max_chars + 4
         clipped = len(raw) > limit
         chunk = raw[:limit] if clipped else raw
         try:
             text = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if not (clipped and e.start >= len(chunk) - 3):  # only a multi-byte char cut by the clip
-                return None, "invalid_utf8"
-            text = chunk[: e.start].decode("utf-8")
-    else:
-        text = raw
-    if not text.strip():
+        except UnicodeDecodeError:  # replace; a multi-byte character cut by the clip is held back, not replaced
+            text = codecs.getincrementaldecoder("utf-8")("replace").decode(chunk, final=not clipped)
+            replaced = text.count("\ufffd") > chunk.count(b"\xef\xbf\xbd")
+    else:  # a str may hold surrogate-escaped bytes
+        text, n = decode_text(raw)
+        replaced = n > 0
+    if not (text.replace("\ufffd", "") if replaced else text).strip():
         return None, "empty"
-    if len(text) > max_chars:
-        return text[:max_chars], "huge"
-    return text, None
+    problems = (["huge"] if len(text) > max_chars else []) + (["invalid_utf8"] if replaced else [])
+    return text[:max_chars], "+".join(problems) or None
 
 
 def scan_lengths(source: DocSource, max_doc_chars: int, cache_dir=None) -> tuple[np.ndarray, dict]:
@@ -227,7 +252,7 @@ def scan_lengths(source: DocSource, max_doc_chars: int, cache_dir=None) -> tuple
     disk (npz/json, no pickle) for TFDS sources."""
     path = None
     if source.fingerprint is not None:
-        key = hashlib.sha256(f"{source.fingerprint}|{max_doc_chars}|v1".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{source.fingerprint}|{max_doc_chars}|v2".encode()).hexdigest()[:20]
         path = default_cache_dir(cache_dir) / "scan" / f"{key}.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as z:
@@ -237,10 +262,13 @@ def scan_lengths(source: DocSource, max_doc_chars: int, cache_dir=None) -> tuple
     stats["docs_total"] = len(source)
     for i in range(len(source)):
         text, problem = decode_doc(source.raw(i), max_doc_chars)
-        if problem == "huge":
-            stats["docs_truncated_huge"] += 1
-        elif problem is not None:
-            stats[f"docs_skipped_{problem}"] += 1
+        for p in (problem or "").split("+"):
+            if p == "huge":
+                stats["docs_truncated_huge"] += 1
+            elif p == "invalid_utf8":
+                stats["docs_invalid_utf8_replaced"] += 1
+            elif p:
+                stats[f"docs_skipped_{p}"] += 1
         chars[i] = 0 if text is None else len(text)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
