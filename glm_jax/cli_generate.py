@@ -6,6 +6,9 @@
 Tokens are printed as they decode (glm_jax.stream). With --tools the reply is printed once it is complete:
 a tool call as one JSON line {"name": ..., "parameters": ...}, anything else as text.
 Exit codes: 0 ok; 2 bad input (one stderr line starting "error:"); 1 internal error.
+Before anything is allocated, a prompt is checked against a learned position table (the original GLM) and the KV
+cache + prefill attention against the machine's available memory (exit 2; in --chat the turn is refused and the
+chat goes on). Invalid UTF-8 in --prompt, --system or on stdin is replaced with U+FFFD, with a warning line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pathlib
 import sys
 import traceback
 
+from glm_jax.errors import InputError
 from glm_jax.platform import use_cpu_when_no_accelerator
 
 CHATGLM3_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -352,7 +356,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         else:
             session.answer(session.system + [{"role": "user", "content": args.prompt}])
         return 0
-    except UsageError as e:
+    except (UsageError, InputError) as e:
         print(f"error: {e}".splitlines()[0], file=stderr, flush=True)
         return 2
     except KeyboardInterrupt:
