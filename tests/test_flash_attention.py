@@ -29,9 +29,9 @@ def _reference(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
     return jnp.einsum("bnts,bsnh->btnh", p_BNTS, v_BSNH)
 
 
-def _allowed(T, S, causal=True, prefix_len=None, q_seg=None, kv_seg=None, kv_valid=None, B=2):
-    """Dense [B, T, S] mask from the rule, in numpy."""
-    t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+def _allowed(T, S, causal=True, prefix_len=None, q_seg=None, kv_seg=None, kv_valid=None, B=2, q_offset=0):
+    """Dense [B, T, S] mask from the rule, in numpy; query t is key position q_offset + t."""
+    t, s = q_offset + np.arange(T)[:, None], np.arange(S)[None, :]
     prefix = np.zeros(B, int) if prefix_len is None else np.asarray(prefix_len)
     allowed = np.ones((B, T, S), bool)
     if causal:
@@ -73,10 +73,11 @@ def _compare(
     kv_seg=None,
     kv_valid=None,
     seed=0,
+    q_offset=0,
 ):
     """Assert forward and all three gradients match the reference; return the max abs errors."""
     q, k, v, w = _inputs(B, T, S, N, K, H, seed)
-    allowed = jnp.asarray(_allowed(T, S, causal, prefix_len, q_seg, kv_seg, kv_valid, B))
+    allowed = jnp.asarray(_allowed(T, S, causal, prefix_len, q_seg, kv_seg, kv_valid, B, q_offset))
     kw = {
         "causal": causal,
         "block_q": block_q,
@@ -86,6 +87,7 @@ def _compare(
         "q_segment_ids": None if q_seg is None else jnp.asarray(q_seg),
         "kv_segment_ids": None if kv_seg is None else jnp.asarray(kv_seg),
         "kv_valid": None if kv_valid is None else jnp.asarray(kv_valid),
+        "q_offset": q_offset,
     }
 
     def flash(q, k, v):
@@ -322,6 +324,44 @@ def test_rejects_bad_shapes():
     q, k, v, _ = _inputs(1, 16, 16, 3, 2, 16)
     with pytest.raises(ValueError, match="multiple"):
         flash_attention(q, k, v, interpret=True)
-    q, k, v, _ = _inputs(1, 16, 24, 2, 2, 16)
-    with pytest.raises(ValueError, match="aligned"):
+    q, k, v, _ = _inputs(1, 24, 16, 2, 2, 16)
+    with pytest.raises(ValueError, match="past the S=16 keys"):
         flash_attention(q, k, v, interpret=True)
+    q, k, v, _ = _inputs(1, 16, 24, 2, 2, 16)
+    with pytest.raises(ValueError, match="past the S=24 keys"):
+        flash_attention(q, k, v, q_offset=10, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "q_offset,T,prefix_len,N,K",
+    [(0, 24, (0, 0), 2, 2), (40, 24, (0, 50), 4, 2), (21, 19, (30, 3), 4, 1), (45, 19, (64, 64), 2, 1)],
+)
+def test_query_offset_chunks(q_offset, T, prefix_len, N, K):
+    """A chunk of queries (a context-parallel shard's) against all S keys: rows q_offset.. of the full attention,
+    with offsets mid-block, prefixes that end inside, before and after the chunk, and dead padded rows."""
+    S = 64
+    valid = _padding(2, S, left=[(0, 30)], right=[(1, 6)])
+    seg = np.repeat(np.arange(4), 16)[None].repeat(2, 0)
+    _compare(2, T, S, N, K, 16, prefix_len=prefix_len, kv_valid=valid, q_offset=q_offset)
+    _compare(
+        2,
+        T,
+        S,
+        N,
+        K,
+        16,
+        prefix_len=prefix_len,
+        q_seg=seg[:, q_offset : q_offset + T],
+        kv_seg=seg,
+        q_offset=q_offset,
+        seed=1,
+    )
+
+
+def test_query_offset_traced():
+    """The offset may be data (axis_index under shard_map): one compiled kernel serves every offset."""
+    q, k, v, _ = _inputs(1, 16, 48, 2, 2, 16)
+    fn = jax.jit(lambda q, k, v, off: flash_attention(q, k, v, q_offset=off, block_q=8, block_k=8, interpret=True))
+    for off in (0, 13, 32):
+        want = _reference(q, k, v, jnp.asarray(_allowed(16, 48, B=1, q_offset=off)))
+        np.testing.assert_allclose(np.asarray(fn(q, k, v, jnp.int32(off))), np.asarray(want), atol=TOL, rtol=TOL)

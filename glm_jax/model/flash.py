@@ -5,8 +5,9 @@ reads kv head n // (N/K)), H head dim. Inside the kernels, lowercase q and k suf
 (block_q) and one kv block's rows (block_k), h the head dim: s_qk is a [block_q, block_k] tile of scores.
 
 Mask rule: key s is visible to query t iff all of
-  * causal is False, or s <= t, or s < prefix_len[b]  (GLM's Part A is bidirectional; ChatGLM-6B's "context up to
-    <sop>" is the same rule with prefix_len = index of <sop>); positions are aligned at 0 (T == S when causal),
+  * causal is False, or s <= q_offset + t, or s < prefix_len[b]  (GLM's Part A is bidirectional; ChatGLM-6B's
+    "context up to <sop>" is the same rule with prefix_len = index of <sop>). Query t sits at position q_offset + t of
+    the key sequence (0 and T == S for self-attention; a context-parallel shard passes its chunk's offset),
   * q_segment_ids[b, t] == kv_segment_ids[b, s]  (packed documents; when given),
   * kv_valid[b, s]  (padding; when given).
 Scores and softmax statistics are float32; the scale is 1/sqrt(H). A query row with no visible key gets what the XLA
@@ -14,16 +15,15 @@ reference `attention.attend` gives with its finite -1e30 fill: uniform weights o
 (value and gradients; fixed up outside the kernel from the row's logsumexp).
 
 Why this kernel exists: jax's own Pallas TPU kernels (ops/tpu/flash_attention, splash_attention) cover causal and
-segment ids, but splash attention's masks are static per kernel and a per-example prefix_len is data. Here
-prefix_len is scalar-prefetched, and kv blocks the causal/prefix rule hides from a whole q block are skipped with
+segment ids, but splash attention's masks are static per kernel and a per-example prefix_len is data (so is a
+context-parallel shard's query offset, which depends on the device's position on the mesh). Here prefix_len and the
+query offset are scalar-prefetched, and kv blocks the causal/prefix rule hides from a whole q block are skipped with
 pl.when (and not fetched: the index_map repeats a block that is fetched anyway). Blocks hidden only by segment ids or
 padding are computed and masked (segment-based skipping would need per-block id ranges; not done).
 
-Layout: q/k/v are transposed to [B, N|K, T|S, H] so each block's last two dims are (block, H), and padded to a
-multiple of the block sizes (padded keys are masked as invalid, padded queries are sliced off). Blocks are (8, 128)
-friendly for TPU Mosaic when block_q, block_k are multiples of 128 (or cover the whole sequence). The forward and
-backward pass Pallas' Mosaic lowering (tested on CPU via jax.export; never compiled or run on a TPU here). Off TPU
-the kernels run with interpret=True (also on GPU: these are Mosaic-style kernels, not Triton ones).
+Layout: q/k/v are transposed to [B, N|K, T|S, H] and padded to a multiple of the block sizes (padded keys masked as
+invalid, padded queries sliced off); blocks of 128 rows suit TPU Mosaic. Both passes compile for TPU topologies via
+AOT on a CPU host (never run on a TPU here); off TPU they run with interpret=True (Mosaic-style, not Triton, kernels).
 """
 
 from __future__ import annotations
@@ -61,65 +61,70 @@ def _block_sizes(T, S, block_q, block_k):
     return min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 8))
 
 
-def block_visible(qi, ki, prefix, *, causal, block_q, block_k):
+def block_visible(qi, ki, prefix, *, causal, block_q, block_k, q_offset=0):
     """Whether kv block ki may hold a key visible to some query of q block qi by the causal/prefix rule: its first key
     is at or before the block's last query, or inside the prefix. Exact for that rule; the kernels skip the rest."""
     if not causal:
         return jnp.ones(jnp.broadcast_shapes(jnp.shape(qi), jnp.shape(ki), jnp.shape(prefix)), bool)
     k_first = ki * block_k
-    return (k_first <= qi * block_q + block_q - 1) | (k_first < prefix)
+    return (k_first <= q_offset + qi * block_q + block_q - 1) | (k_first < prefix)
 
 
-def visible_blocks(T, S, *, prefix_len=None, causal=True, block_q=128, block_k=128):
+def visible_blocks(T, S, *, prefix_len=None, causal=True, block_q=128, block_k=128, q_offset=0):
     """[B, nq, nk] bool (B = 1 without prefix_len): the (q block, kv block) pairs the kernels compute."""
     bq, bk = _block_sizes(T, S, block_q, block_k)
     prefix_B = jnp.zeros((1,), jnp.int32) if prefix_len is None else jnp.asarray(prefix_len, jnp.int32).reshape(-1)
     qi = jnp.arange(_round_up(T, bq) // bq)[None, :, None]
     ki = jnp.arange(_round_up(S, bk) // bk)[None, None, :]
-    return block_visible(qi, ki, prefix_B[:, None, None], causal=causal, block_q=bq, block_k=bk)
+    return block_visible(qi, ki, prefix_B[:, None, None], causal=causal, block_q=bq, block_k=bk, q_offset=q_offset)
 
 
-def _kv_fetch(cfg, qi, ki, prefix):
+def _kv_fetch(cfg, qi, ki, prefix, qoff):
     """kv block to fetch at step ki: ki itself, or for a skipped block the last visible one (already resident).
     lax.div on non-negative ints: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU."""
     if not cfg.causal:
         return ki
-    last = jnp.maximum(lax.div(qi * cfg.bq + cfg.bq - 1, cfg.bk), lax.div(jnp.maximum(prefix, 1) - 1, cfg.bk))
+    last = jnp.maximum(lax.div(qoff + qi * cfg.bq + cfg.bq - 1, cfg.bk), lax.div(jnp.maximum(prefix, 1) - 1, cfg.bk))
     return jnp.minimum(ki, last)
 
 
-def _q_fetch(cfg, qi, ki, prefix):
+def _q_fetch(cfg, qi, ki, prefix, qoff):
     """q block to fetch at step qi of the dk/dv kernel: qi, or for a skipped block the first visible one."""
     if not cfg.causal:
         return qi
-    first = jnp.where(ki * cfg.bk < prefix, 0, lax.div(ki * cfg.bk, cfg.bq))
+    first = jnp.where(ki * cfg.bk < prefix, 0, lax.div(jnp.maximum(ki * cfg.bk - qoff, 0), cfg.bq))
     return jnp.minimum(jnp.maximum(qi, first), cfg.nq - 1)
 
 
-def _scores(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref):
+def _scores(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref):
     """Scaled float32 scores [bq, bk] of one block pair and its visibility mask."""
     q, k = q_ref[...], k_ref[...]
     s_qk = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * (1.0 / float(q.shape[-1]) ** 0.5)
     mask_qk = (valid_ref[...] != 0) & (qseg_ref[...] == kseg_ref[...])  # [1, bk] & ([bq, 1] == [1, bk])
     if cfg.causal:
-        rows = qi * cfg.bq + lax.broadcasted_iota(jnp.int32, s_qk.shape, 0)
+        rows = qoff + qi * cfg.bq + lax.broadcasted_iota(jnp.int32, s_qk.shape, 0)
         cols = ki * cfg.bk + lax.broadcasted_iota(jnp.int32, s_qk.shape, 1)
         mask_qk = mask_qk & ((cols <= rows) | (cols < prefix))
     return s_qk, mask_qk
 
 
-def _visible(cfg, qi, ki, prefix):
-    return block_visible(qi, ki, prefix, causal=cfg.causal, block_q=cfg.bq, block_k=cfg.bk)
+def _visible(cfg, qi, ki, prefix, qoff):
+    return block_visible(qi, ki, prefix, causal=cfg.causal, block_q=cfg.bq, block_k=cfg.bk, q_offset=qoff)
+
+
+def _scalars(scal_ref, b):
+    """(prefix_len[b], q_offset) from the scalar-prefetched [1 + B] int32 array (q_offset first)."""
+    return scal_ref[1 + b], scal_ref[0]
 
 
 # ---------------------------------------------------------------- kernels (refs: one block each, batch/head squeezed)
 
 
 def _fwd_kernel(
-    prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg
+    scal_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg
 ):
     b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    prefix = prefix_ref[b]
+    prefix, qoff = _scalars(scal_ref, b)
 
     @pl.when(ki == 0)
     def _init():
@@ -127,9 +132,9 @@ def _fwd_kernel(
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    @pl.when(_visible(cfg, qi, ki, prefix))
+    @pl.when(_visible(cfg, qi, ki, prefix, qoff))
     def _step():
-        s_qk, mask_qk = _scores(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref)
+        s_qk, mask_qk = _scores(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref)
         s_qk = jnp.where(mask_qk, s_qk, NEG)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, jnp.max(s_qk, axis=1, keepdims=True))
@@ -146,25 +151,25 @@ def _fwd_kernel(
         lse_ref[...] = m_scr[...] + jnp.log(l_scr[...])
 
 
-def _probs(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse_ref):
+def _probs(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse_ref):
     """P of one block pair recomputed from the saved logsumexp; exactly 0 where masked (also in no-key rows)."""
-    s_qk, mask_qk = _scores(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref)
+    s_qk, mask_qk = _scores(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref)
     return jnp.where(mask_qk, jnp.exp(s_qk - lse_ref[...]), 0.0)
 
 
 def _dq_kernel(
-    prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, cfg
+    scal_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *, cfg
 ):
     b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    prefix = prefix_ref[b]
+    prefix, qoff = _scalars(scal_ref, b)
 
     @pl.when(ki == 0)
     def _init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-    @pl.when(_visible(cfg, qi, ki, prefix))
+    @pl.when(_visible(cfg, qi, ki, prefix, qoff))
     def _step():
-        p_qk = _probs(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse_ref)
+        p_qk = _probs(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse_ref)
         dp_qk = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
         ds_qk = p_qk * (dp_qk - delta_ref[...])
         dq_scr[...] += jnp.dot(ds_qk.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32)
@@ -175,7 +180,7 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    prefix_ref,
+    scal_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -194,16 +199,17 @@ def _dkv_kernel(
 ):
     """Grid (B, K, nk, G·nq): the last axis walks the G query heads of kv head k and their q blocks."""
     b, ki, r = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    qi, prefix = lax.rem(r, cfg.nq), prefix_ref[b]
+    qi = lax.rem(r, cfg.nq)
+    prefix, qoff = _scalars(scal_ref, b)
 
     @pl.when(r == 0)
     def _init():
         dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-    @pl.when(_visible(cfg, qi, ki, prefix))
+    @pl.when(_visible(cfg, qi, ki, prefix, qoff))
     def _step():
-        p_qk = _probs(cfg, qi, ki, prefix, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse_ref)
+        p_qk = _probs(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref, lse_ref)
         dv_scr[...] += lax.dot_general(p_qk.astype(do_ref.dtype), do_ref[...], TN, preferred_element_type=jnp.float32)
         dp_qk = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
         ds_qk = p_qk * (dp_qk - delta_ref[...])
@@ -233,17 +239,17 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, args):
 def _q_major_specs(cfg, H):
     """BlockSpecs for grid (B, N, nq, nk): q-side blocks follow (n, qi), kv-side blocks (n // G, ki)."""
 
-    def q_map(b, n, qi, ki, prefix_ref):
+    def q_map(b, n, qi, ki, scal_ref):
         return b, n, qi, 0
 
-    def kv_map(b, n, qi, ki, prefix_ref):
-        return b, lax.div(n, cfg.groups), _kv_fetch(cfg, qi, ki, prefix_ref[b]), 0
+    def kv_map(b, n, qi, ki, scal_ref):
+        return b, lax.div(n, cfg.groups), _kv_fetch(cfg, qi, ki, *_scalars(scal_ref, b)), 0
 
-    def qrow_map(b, n, qi, ki, prefix_ref):
+    def qrow_map(b, n, qi, ki, scal_ref):
         return b, qi, 0
 
-    def krow_map(b, n, qi, ki, prefix_ref):
-        return b, 0, _kv_fetch(cfg, qi, ki, prefix_ref[b])
+    def krow_map(b, n, qi, ki, scal_ref):
+        return b, 0, _kv_fetch(cfg, qi, ki, *_scalars(scal_ref, b))
 
     q_spec = pl.BlockSpec((None, None, cfg.bq, H), q_map)
     kv_spec = pl.BlockSpec((None, None, cfg.bk, H), kv_map)
@@ -253,7 +259,7 @@ def _q_major_specs(cfg, H):
     return q_spec, kv_spec, qrow_spec, krow_spec, col_spec
 
 
-def _forward(cfg, q_BNTH, k_BKSH, v_BKSH, prefix_B, qseg_BT1, kseg_B1S, valid_B1S):
+def _forward(cfg, q_BNTH, k_BKSH, v_BKSH, scalars, qseg_BT1, kseg_B1S, valid_B1S):
     B, N, Tp, H = q_BNTH.shape
     q_spec, kv_spec, qrow_spec, krow_spec, col_spec = _q_major_specs(cfg, H)
     return _call(
@@ -268,12 +274,12 @@ def _forward(cfg, q_BNTH, k_BKSH, v_BKSH, prefix_B, qseg_BT1, kseg_B1S, valid_B1
             pltpu.VMEM((cfg.bq, 1), jnp.float32),
             pltpu.VMEM((cfg.bq, H), jnp.float32),
         ],
-        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S),
+        (scalars, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S),
     )
 
 
 def _backward_dq(cfg, res, do_BNTH, delta_BNT1):
-    q_BNTH, k_BKSH, v_BKSH, prefix_B, qseg_BT1, kseg_B1S, valid_B1S, lse_BNT1 = res
+    q_BNTH, k_BKSH, v_BKSH, scalars, qseg_BT1, kseg_B1S, valid_B1S, lse_BNT1 = res
     B, N, _, H = q_BNTH.shape
     q_spec, kv_spec, qrow_spec, krow_spec, col_spec = _q_major_specs(cfg, H)
     return _call(
@@ -284,24 +290,25 @@ def _backward_dq(cfg, res, do_BNTH, delta_BNT1):
         q_spec,
         jax.ShapeDtypeStruct(q_BNTH.shape, q_BNTH.dtype),
         [pltpu.VMEM((cfg.bq, H), jnp.float32)],
-        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1),
+        (scalars, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1),
     )
 
 
 def _backward_dkv(cfg, res, do_BNTH, delta_BNT1):
-    q_BNTH, k_BKSH, v_BKSH, prefix_B, qseg_BT1, kseg_B1S, valid_B1S, lse_BNT1 = res
+    q_BNTH, k_BKSH, v_BKSH, scalars, qseg_BT1, kseg_B1S, valid_B1S, lse_BNT1 = res
     B, K, _, H = k_BKSH.shape
 
-    def q_map(b, kh, ki, r, prefix_ref):
-        return b, kh * cfg.groups + lax.div(r, cfg.nq), _q_fetch(cfg, lax.rem(r, cfg.nq), ki, prefix_ref[b]), 0
+    def q_map(b, kh, ki, r, scal_ref):
+        qb = _q_fetch(cfg, lax.rem(r, cfg.nq), ki, *_scalars(scal_ref, b))
+        return b, kh * cfg.groups + lax.div(r, cfg.nq), qb, 0
 
-    def kv_map(b, kh, ki, r, prefix_ref):
+    def kv_map(b, kh, ki, r, scal_ref):
         return b, kh, ki, 0
 
-    def qrow_map(b, kh, ki, r, prefix_ref):
-        return b, _q_fetch(cfg, lax.rem(r, cfg.nq), ki, prefix_ref[b]), 0
+    def qrow_map(b, kh, ki, r, scal_ref):
+        return b, _q_fetch(cfg, lax.rem(r, cfg.nq), ki, *_scalars(scal_ref, b)), 0
 
-    def krow_map(b, kh, ki, r, prefix_ref):
+    def krow_map(b, kh, ki, r, scal_ref):
         return b, 0, ki
 
     q_spec = pl.BlockSpec((None, None, cfg.bq, H), q_map)
@@ -326,7 +333,7 @@ def _backward_dkv(cfg, res, do_BNTH, delta_BNT1):
         [kv_spec, kv_spec],
         [jax.ShapeDtypeStruct(k_BKSH.shape, k_BKSH.dtype), jax.ShapeDtypeStruct(v_BKSH.shape, v_BKSH.dtype)],
         [pltpu.VMEM((cfg.bk, H), jnp.float32), pltpu.VMEM((cfg.bk, H), jnp.float32)],
-        (prefix_B, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1),
+        (scalars, q_BNTH, k_BKSH, v_BKSH, qseg_BT1, kseg_B1S, valid_B1S, do_BNTH, lse_BNT1, delta_BNT1),
     )
 
 
@@ -368,19 +375,22 @@ def flash_attention(
     kv_segment_ids=None,
     prefix_len=None,
     kv_valid=None,
+    q_offset=0,
     causal=True,
     block_q=128,
     block_k=128,
     interpret=None,
 ):
     """softmax(q·kᵀ/sqrt(H), masked by the module's rule) · v -> [B, T, N, H] in q's dtype. prefix_len: [B] int (None =
-    0); segment ids: [B, T] / [B, S] ints (both or neither); kv_valid: [B, S] bool/int. Differentiable in q, k, v."""
+    0); segment ids: [B, T] / [B, S] ints (both or neither); kv_valid: [B, S] bool/int. q_offset: int scalar (may be
+    traced), the key position of query 0: queries are keys q_offset .. q_offset + T - 1 (a context-parallel shard's
+    chunk of the full key sequence). Differentiable in q, k, v."""
     B, T, N = q_BTNH.shape[:3]
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     if N % K:
         raise ValueError(f"query heads {N} are not a multiple of kv heads {K}")
-    if causal and T != S:
-        raise ValueError(f"causal/prefix masking assumes aligned positions, got T={T} != S={S}")
+    if causal and isinstance(q_offset, int) and q_offset + T > S:
+        raise ValueError(f"causal/prefix masking: queries at {q_offset}..{q_offset + T - 1} lie past the S={S} keys")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
@@ -389,6 +399,7 @@ def flash_attention(
     cfg = _Cfg(bool(causal), bq, bk, Tp // bq, Sp // bk, N // K, bool(interpret))
 
     prefix_B = jnp.broadcast_to(jnp.asarray(0 if prefix_len is None else prefix_len, jnp.int32), (B,))
+    scalars = jnp.concatenate([jnp.asarray(q_offset, jnp.int32).reshape(1), prefix_B])  # see _scalars
     if q_segment_ids is None:  # segment ids always travel (all 0): one compare per score, one kernel variant
         q_segment_ids, kv_segment_ids = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
     valid_BS = jnp.ones((B, S), jnp.int32) if kv_valid is None else jnp.asarray(kv_valid).astype(jnp.int32)
@@ -399,7 +410,7 @@ def flash_attention(
     k_BKSH = _pad_axis(k_BSKH.transpose(0, 2, 1, 3), 2, Sp)
     v_BKSH = _pad_axis(v_BSKH.astype(k_BSKH.dtype).transpose(0, 2, 1, 3), 2, Sp)
 
-    o_BNTH, lse_BNT1 = _flash(cfg, q_BNTH, k_BKSH, v_BKSH, (prefix_B, qseg_BT1, kseg_B1S, valid_B1S))
+    o_BNTH, lse_BNT1 = _flash(cfg, q_BNTH, k_BKSH, v_BKSH, (scalars, qseg_BT1, kseg_B1S, valid_B1S))
     o_BTNH = o_BNTH[:, :, :T].transpose(0, 2, 1, 3)
     # Rows with no visible key: every score was NEG, so lse = NEG + log(count). The reference's softmax over an
     # all-NEG row is uniform over all S keys: substitute mean(v) (autodiff gives dv += dO/S, dq = dk = 0 there).
