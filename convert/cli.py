@@ -3,7 +3,7 @@
     glm-convert to-jax   SRC DST [--dtype float32|bfloat16|float16] [--mesh DATA,FSDP,TENSOR]
                                  [--ptuning PTUNING_DIR] [--config CONFIG_JSON] [--overwrite]
     glm-convert to-torch SRC DST [--format safetensors|bin] [--max-shard-size 5GB] [--layout FAMILY]
-                                 [--dtype ...] [--ptuning-only] [--overwrite]
+                                 [--dtype ...] [--ptuning-only] [--adapter] [--overwrite]
     glm-convert quantize SRC DST --bits 8|4 [--max-shard-size 5GB] [--overwrite]   (convert/quantize.py)
 
 to-jax SRC: an HF checkpoint folder of any family (config.json + model.safetensors / pytorch_model.bin, single
@@ -13,6 +13,8 @@ config.json beside them, or --config). --ptuning adds a P-Tuning v2 prefix check
 to-torch SRC: a to-jax folder or a glm-train run directory (latest complete step). Without --format /
 --max-shard-size it writes back the layout the source had; --layout glm-hf exports a chatglm2-family model
 as transformers' GlmForCausalLM; --ptuning-only writes just the prefix encoder, as the P-Tuning scripts do.
+--adapter (a glm-train LoRA or P-Tuning run): only the adapter, as a PEFT adapter folder that peft loads onto the
+base (LoRA) or as THUDM's prefix checkpoint (P-Tuning); without it a LoRA run exports merged full weights.
 
 Exit codes: 0 done; 2 bad input (one `error:` line on stderr naming the file and the problem: a missing,
 corrupt or lying checkpoint or config, a bad argument, a DST that cannot be written); 1 internal error;
@@ -72,6 +74,7 @@ def _parser():
     t.add_argument("--layout", help="family layout to export to (glm, chatglm, chatglm2, glm-hf, glm4)")
     t.add_argument("--dtype", choices=DTYPES, help="cast floating tensors (default: the source's dtypes)")
     t.add_argument("--ptuning-only", action="store_true", help="write only transformer.prefix_encoder.*")
+    t.add_argument("--adapter", action="store_true", help="a LoRA run: PEFT adapter folder; P-Tuning: the prefix")
     t.add_argument("--overwrite", action="store_true")
     q = sub.add_parser("quantize", help="ChatGLM / ChatGLM2 checkpoint → its int8 / int4 format (quantization_bit)")
     q.add_argument("src")
@@ -216,6 +219,7 @@ def _convert(args, src, tmp, mesh, bar) -> dict:
         layout=args.layout,
         dtype=args.dtype,
         ptuning_only=args.ptuning_only,
+        adapter=args.adapter,
         progress=bar,
         on_total=bar.total,
     )

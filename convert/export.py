@@ -257,11 +257,26 @@ class Producer:
 
 
 def to_torch(
-    src, dst, *, fmt=None, max_shard=None, layout=None, dtype=None, ptuning_only=False, progress=None, on_total=None
+    src,
+    dst,
+    *,
+    fmt=None,
+    max_shard=None,
+    layout=None,
+    dtype=None,
+    ptuning_only=False,
+    adapter=False,
+    progress=None,
+    on_total=None,
 ) -> dict:
     t0 = time.time()
     ck = open_jax(src)
     check_store(ck)
+    if adapter and getattr(ck, "adapter", None) and ck.adapter.get("kind") == "lora":
+        return _peft_folder(ck, src, dst, t0)
+    if adapter and not ck.cfg.pre_seq_len:
+        raise ConfigError(f"{ck.description}: --adapter, but this checkpoint holds no LoRA or P-Tuning adapter")
+    ptuning_only = ptuning_only or adapter
     fmt = fmt or ("bin" if ptuning_only else "safetensors")
     tcfg = target_config(ck.cfg, layout)
     plan = make_plan(ck, tcfg, layout, fmt, max_shard, dtype, ptuning_only)
@@ -285,6 +300,32 @@ def to_torch(
         "tensors": len(plan.order),
         "bytes": total,
         "files": [n for n, _, _ in plan.files],
+        "seconds": time.time() - t0,
+    }
+
+
+def _peft_folder(ck, src, dst, t0) -> dict:
+    """A LoRA run's adapter as the PEFT folder peft's save_pretrained writes, plus the run's tokenizer files."""
+    from glm_jax.adapters import ADAPTER_WEIGHTS, ALL_LINEAR, write_peft_adapter
+
+    a, store = ck.adapter, ck.store
+    dst = pathlib.Path(dst)
+    files = write_peft_adapter(
+        dst,
+        store.lora,
+        store.sites,
+        a["rank"],
+        a["alpha"],
+        a["dropout"],
+        base_name=a.get("base", ""),
+        targets=ALL_LINEAR if a["targets"] == ALL_LINEAR else None,
+    )
+    src = pathlib.Path(src)
+    copy_tokenizer_files(src if (src / "checkpoints").is_dir() else src.parent.parent, dst)
+    return {
+        "tensors": 2 * len(store.sites),
+        "bytes": (dst / ADAPTER_WEIGHTS).stat().st_size,
+        "files": files,
         "seconds": time.time() - t0,
     }
 

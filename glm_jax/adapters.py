@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 
 import numpy as np
 
@@ -52,11 +53,13 @@ class Site:
 
 
 def _flat_shapes(cfg) -> dict:
+    """Per-layer (`layers_{i}/...`) param shapes, also for a scan_layers config."""
     from flax import traverse_util
 
     from glm_jax.model.transformer import param_shapes
 
-    return {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(cfg), sep="/").items()}
+    flat = traverse_util.flatten_dict(param_shapes(cfg.replace(scan_layers=False)), sep="/")
+    return {k: v.shape for k, v in flat.items()}
 
 
 def linear_rows(cfg) -> list:
@@ -128,27 +131,67 @@ def _get(tree: dict, path: str):
     return tree
 
 
-def apply_lora(params, lora, sites, scale: float):
-    """params with every adapted kernel replaced by kernel + scale · (B @ A) in float32 (traceable: jit, grad).
-    The base tree is not modified."""
-    import jax.numpy as jnp
+def locate(params, path: str):
+    """(path in `params`, layer index or None): `layers_{i}/...` of a scan_layers tree is index i of the
+    `layers/...` stack (Glm4Moe's leading dense layers: of `dense_layers/...`)."""
+    head = path.split("/", 1)[0]
+    m = re.match(r"layers_(\d+)/(.*)", path)
+    if head in params or m is None or "layers" not in params:
+        return path, None
+    i, rest = int(m.group(1)), m.group(2)
+    k = 0
+    if "dense_layers" in params:
+        k = int(next(iter(_leaves(params["dense_layers"]))).shape[0])
+    return (f"dense_layers/{rest}", i) if i < k else (f"layers/{rest}", i - k)
 
+
+def _leaves(tree):
+    for v in tree.values():
+        yield from _leaves(v) if isinstance(v, dict) else (v,)
+
+
+def _deltas(params, lora, sites, scale, xp):
+    """{path in params: [(layer index or None, delta of that kernel's shape)]}."""
+    out: dict = {}
     for s in sites:
         ab = lora[s.module]
-        delta = (ab["B"].astype(jnp.float32) @ ab["A"].astype(jnp.float32)).reshape(-1) * scale
+        delta = (xp.asarray(ab["B"], xp.float32) @ xp.asarray(ab["A"], xp.float32)).reshape(-1) * scale
         for path, g in zip(s.paths, s.gathers):
-            params = _set(params, path, _get(params, path).astype(jnp.float32) + delta[g])
+            name, idx = locate(params, path)
+            out.setdefault(name, []).append((idx, delta[g]))
+    return out
+
+
+def apply_lora(params, lora, sites, scale: float):
+    """params with every adapted kernel replaced by kernel + scale · (B @ A) in float32 (traceable: jit, grad).
+    Per-layer (`layers_{i}`) and stacked scan_layers (`layers/`, `dense_layers/`) trees alike; the base tree is
+    not modified."""
+    import jax.numpy as jnp
+
+    for name, items in _deltas(params, lora, sites, scale, jnp).items():
+        w = _get(params, name).astype(jnp.float32)
+        if items[0][0] is None:
+            w = w + items[0][1]
+        else:
+            idx = [i for i, _ in items]
+            d = jnp.stack([x for _, x in items])
+            w = w + d[np.argsort(idx)] if sorted(idx) == list(range(w.shape[0])) else w.at[np.array(idx)].add(d)
+        params = _set(params, name, w)
     return params
 
 
 def merge_lora(params, lora, sites, scale: float, sign: float = 1.0):
-    """numpy params with the adapter added (sign=-1: taken out again, i.e. unmerge), each kernel in its own dtype."""
-    for s in sites:
-        ab = lora[s.module]
-        delta = (np.asarray(ab["B"], np.float32) @ np.asarray(ab["A"], np.float32)).reshape(-1) * (scale * sign)
-        for path, g in zip(s.paths, s.gathers):
-            w = np.asarray(_get(params, path))
-            params = _set(params, path, (w.astype(np.float32) + delta[g]).astype(w.dtype))
+    """numpy params with the adapter added (sign=-1: taken out again, i.e. unmerge), each kernel in its own dtype
+    (per-layer or stacked trees)."""
+    for name, items in _deltas(params, lora, sites, scale * sign, np).items():
+        w = np.asarray(_get(params, name))
+        new = w.astype(np.float32)  # a copy
+        for idx, d in items:
+            if idx is None:
+                new = new + d
+            else:
+                new[idx] += d
+        params = _set(params, name, new.astype(w.dtype))
     return params
 
 
@@ -203,3 +246,103 @@ def read_peft_adapter(folder, sites) -> tuple[dict, dict]:
         except KeyError as e:
             raise ValueError(f"{folder / ADAPTER_WEIGHTS}: no tensor {e.args[0]}") from None
     return config, lora
+
+
+# ---------------------------------------------------------------- glm-train runs
+RUN_KEY = "lora"  # the adapter's subtree in a glm-train LoRA run's params: {"000": {"A", "B"}, ...} in site order
+
+
+def to_run_tree(lora, sites) -> dict:
+    return {f"{i:03d}": {"A": lora[s.module]["A"], "B": lora[s.module]["B"]} for i, s in enumerate(sites)}
+
+
+def from_run_tree(tree, sites) -> dict:
+    return {s.module: {"A": tree[f"{i:03d}"]["A"], "B": tree[f"{i:03d}"]["B"]} for i, s in enumerate(sites)}
+
+
+def run_meta(cfg, rank, alpha, dropout, targets, base="") -> dict:
+    """The checkpoint meta's "adapter" entry of a LoRA run (what readers need to rebuild the sites)."""
+    sites = lora_sites(cfg, targets)
+    return {
+        "kind": "lora",
+        "rank": int(rank),
+        "alpha": float(alpha),
+        "dropout": float(dropout),
+        "targets": targets,
+        "modules": [s.module for s in sites],
+        "base": str(base),
+    }
+
+
+def sites_of_meta(cfg, meta: dict, where="") -> list[Site]:
+    sites = lora_sites(cfg, meta["targets"])
+    if [s.module for s in sites] != list(meta["modules"]):
+        raise ValueError(f"{where}: the adapter's modules do not match its targets {meta['targets']} on this model")
+    return sites
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class MergedStore:
+    """A glm-train LoRA run's ParamStore read as merged weights: every adapted kernel comes back as
+    W + (alpha / r) · B @ A in its stored dtype (per-layer `layers_{i}/...` or whole stacked leaves alike), and
+    the adapter's own leaves are hidden. `lora` (module → {"A", "B"}) and `sites` give the adapter itself."""
+
+    def __init__(self, store, cfg, meta: dict, where=""):
+        self.base, self.meta = store, meta
+        self.sites = sites_of_meta(cfg, meta, where)
+        self.scale = meta["alpha"] / meta["rank"]
+        self.lora = {
+            s.module: {w: np.asarray(store.read(f"{RUN_KEY}/{i:03d}/{w}")) for w in ("A", "B")}
+            for i, s in enumerate(self.sites)
+        }
+        self.leaves = {p: v for p, v in store.leaves.items() if not p.startswith(RUN_KEY + "/")}
+        self._by_name, self._by_path, self._delta = {}, {}, {}
+        for s in self.sites:
+            for p, g in zip(s.paths, s.gathers):
+                name, idx = store._locate(p)
+                self._by_name.setdefault(name, []).append((idx, s, g))
+                self._by_path[p] = (s, g)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def paths(self):
+        return list(self.leaves)
+
+    def _d(self, s):
+        if s.module not in self._delta:
+            ab = self.lora[s.module]
+            self._delta[s.module] = (ab["B"].astype(np.float32) @ ab["A"].astype(np.float32)).reshape(-1) * self.scale
+        return self._delta[s.module]
+
+    def read(self, path) -> np.ndarray:
+        a = np.asarray(self.base.read(path))
+        if path in self._by_name:
+            w = a.astype(np.float32)
+            for idx, s, g in self._by_name[path]:
+                if idx is None:
+                    w = w + self._d(s)[g]
+                else:
+                    w[idx] += self._d(s)[g]
+            return w.astype(a.dtype)
+        if path in self._by_path:
+            s, g = self._by_path[path]
+            return (a.astype(np.float32) + self._d(s)[g]).astype(a.dtype)
+        return a
+
+    def read_async(self, path):
+        if path in self._by_name or path in self._by_path:
+            return _Done(self.read(path))
+        return self.base.read_async(path)
+
+    def read_rows(self, path, start, stop) -> np.ndarray:
+        if path in self._by_name or path in self._by_path:
+            return self.read(path)[start:stop]
+        return self.base.read_rows(path, start, stop)

@@ -54,6 +54,27 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """LoRA (DESIGN §3.6, train/adapters.py): rank 0 = off. `targets`: PEFT target_modules names of the base
+    checkpoint's own layout, or all-linear. `r` / `target_modules`: PEFT's spellings of rank / targets."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = dataclasses.field(default_factory=list)
+    r: int = 0
+    target_modules: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PTuningConfig:
+    """P-Tuning v2 (DESIGN §3.6): pre_seq_len 0 = off; only the prefix encoder trains."""
+
+    pre_seq_len: int = 0
+    prefix_projection: bool = False
+
+
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
@@ -83,6 +104,8 @@ class TrainConfig:
     loss_chunk: int = 0  # >0: the output projection + loss in blocks of this many positions (memory)
     embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
+    ptuning: PTuningConfig = dataclasses.field(default_factory=PTuningConfig)
     # numerics and memory
     dtype: DType = "float32"
     param_dtype: DType = "float32"
@@ -263,7 +286,13 @@ def build(config_file=None, overrides=()) -> TrainConfig:
         _merge(cfg, _dotted_to_nested(key.strip(), _parse_value(text)))
     validate(cfg)
     return TrainConfig(
-        **{**cfg, "mesh": MeshConfig(**cfg["mesh"]), "distributed": DistributedConfig(**cfg["distributed"])}
+        **{
+            **cfg,
+            "mesh": MeshConfig(**cfg["mesh"]),
+            "distributed": DistributedConfig(**cfg["distributed"]),
+            "lora": LoraConfig(**cfg["lora"]),
+            "ptuning": PTuningConfig(**cfg["ptuning"]),
+        }
     )
 
 
@@ -298,6 +327,29 @@ def validate(cfg: dict) -> None:
         raise TrainConfigError("compile_only=true needs topology=..., e.g. topology=v5e:2x2")
     if not isinstance(cfg["freeze"], list) or not all(isinstance(p, str) for p in cfg["freeze"]):
         raise TrainConfigError(f"freeze must be a list of path patterns, got {cfg['freeze']!r}")
+    _check_adapters(cfg)
+
+
+def _check_adapters(cfg: dict) -> None:
+    lo, pt = cfg["lora"], cfg["ptuning"]
+    if lo["rank"] and lo["r"] and lo["rank"] != lo["r"]:
+        raise TrainConfigError(f"lora.rank={lo['rank']} and lora.r={lo['r']} disagree (r is PEFT's name for rank)")
+    if lo["targets"] and lo["target_modules"] and lo["targets"] != lo["target_modules"]:
+        raise TrainConfigError("lora.targets and lora.target_modules disagree (target_modules is PEFT's name)")
+    lo["rank"], lo["targets"] = lo["rank"] or lo["r"], lo["targets"] or lo["target_modules"]
+    lo["r"], lo["target_modules"] = lo["rank"], lo["targets"]
+    if lo["rank"] < 0 or pt["pre_seq_len"] < 0:
+        raise TrainConfigError("lora.rank and ptuning.pre_seq_len must be >= 0 (0: off)")
+    if lo["rank"] and not lo["targets"]:
+        raise TrainConfigError("lora.rank > 0 needs lora.targets, e.g. [q_proj, v_proj], [query_key_value], all-linear")
+    if not all(isinstance(t, str) for t in lo["targets"]):
+        raise TrainConfigError(f"lora.targets must be module names, got {lo['targets']!r}")
+    if not math.isfinite(lo["alpha"]) or lo["alpha"] <= 0:
+        raise TrainConfigError(f"lora.alpha must be a positive number, got {lo['alpha']}")
+    if lo["dropout"] != 0:  # the adapter is applied as a weight delta (glm_jax/adapters.py): no input dropout
+        raise TrainConfigError(f"lora.dropout={lo['dropout']}: only 0 is supported (the adapter is a weight delta)")
+    if lo["rank"] and pt["pre_seq_len"]:
+        raise TrainConfigError("lora and ptuning together: train one adapter at a time")
 
 
 def _check_data_keys(data: dict) -> None:

@@ -28,15 +28,19 @@ def _microbatches(batch, A: int):
 
 
 # ---------------------------------------------------------------- the step
-def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None):
+def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, params_fn=None):
+    """`params_fn(params)`: the model params the loss sees (an adapter run's base with the adapter applied,
+    train/adapters.py); identity when None."""
     A = tc.grad_accum
+    to_model = params_fn or (lambda p: p)
     clip, alpha, zc, chunk = tc.grad_clip, tc.embedding_grad_shrink, tc.z_loss, tc.loss_chunk
     select = tc.loss_select
 
     def grads_of(params, batch):
         # frozen params are constants: no gradient is computed for them at all
         p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, params, frozen)
-        (_, sums), g = jax.value_and_grad(lambda q: loss_sums(module, q, batch, zc, chunk, select), has_aux=True)(p)
+        loss = lambda q: loss_sums(module, to_model(q), batch, zc, chunk, select)  # noqa: E731
+        (_, sums), g = jax.value_and_grad(loss, has_aux=True)(p)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         if grad_shardings is not None:
             g = jax.lax.with_sharding_constraint(g, grad_shardings)
@@ -94,9 +98,9 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None):
     return train_step
 
 
-def make_eval_step(module, chunk: int = 0, select: bool = True):
+def make_eval_step(module, chunk: int = 0, select: bool = True, params_fn=None):
     def eval_step(params, batch):
-        _, sums = loss_sums(module, params, batch, chunk=chunk, select=select)
+        _, sums = loss_sums(module, params_fn(params) if params_fn else params, batch, chunk=chunk, select=select)
         return {k: sums[k] for k in ("ce", "correct", "count")}
 
     return eval_step

@@ -14,6 +14,7 @@ import numpy as np
 from glm_jax import hostmem
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.sharding import axis_rules
+from train import adapters as train_adapters
 from train import data as data_lib
 from train import flops as flops_lib
 from train import optimizer, parallel
@@ -39,8 +40,8 @@ def model_config(tc: TrainConfig):
                 from glm_jax import checkpoint
 
                 cfg = checkpoint.config_from_folder(p)
-            return cfg.replace(**over, **compute), name
-        return GLMConfig.preset(name).replace(**over, **compute), None
+            return train_adapters.ptuning_config(tc, cfg.replace(**over, **compute)), name
+        return train_adapters.ptuning_config(tc, GLMConfig.preset(name).replace(**over, **compute)), None
     except (ConfigError, TypeError, KeyError, ValueError) as e:
         raise TrainConfigError(f"model={name}: {e}") from None
 
@@ -69,16 +70,19 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     """Optimizer, frozen mask, the train step function, and the state's shardings and abstract shapes."""
     from glm_jax.model.transformer import GLMModel, param_shapes
 
-    pshapes = param_shapes(cfg)
+    adapter = train_adapters.plan(tc, cfg)  # LoRA / P-Tuning: only the adapter trains
+    model_shapes = param_shapes(cfg)
+    pshapes = adapter.shapes(model_shapes) if adapter else model_shapes
     frozen = optimizer.frozen_mask(pshapes, tc.freeze)
     if tc.freeze and not any(jax.tree.leaves(frozen)):
         raise TrainConfigError(
             f"freeze={tc.freeze} matches no parameter; paths look like {', '.join(list(_paths(pshapes))[:3])}"
         )
-    kept = optimizer.frozen_mask(pshapes, optimizer.not_trained(cfg, tc))
+    kept = optimizer.frozen_mask(pshapes, optimizer.not_trained(cfg, tc) + (adapter.frozen(pshapes) if adapter else []))
     frozen = jax.tree.map(lambda a, b: a or b, frozen, kept)
     tx = optimizer.make_optimizer(tc, pshapes, frozen)
-    p_sh = parallel.param_shardings(cfg, pshapes, mesh)
+    p_sh = parallel.param_shardings(cfg, model_shapes, mesh)
+    p_sh = adapter.shardings(p_sh, mesh) if adapter else p_sh
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), pshapes)
     state_sh = {
         "step": parallel.replicated(mesh),
@@ -87,8 +91,10 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     }
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
     schedule = optimizer.make_schedule(tc, tc.warmup)
-    train_step = step_lib.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh)
-    return {"tx": tx, "frozen": frozen, "state_sh": state_sh, "abstract": abstract, "train_step": train_step}
+    fn = adapter.loss_params if adapter else None  # the model params the loss sees
+    train_step = step_lib.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh, params_fn=fn)
+    lay = {"tx": tx, "frozen": frozen, "state_sh": state_sh, "abstract": abstract, "train_step": train_step}
+    return {**lay, "adapter": adapter, "fn": fn}
 
 
 class Run:
@@ -127,6 +133,7 @@ class Run:
 
         lay = state_layout(tc, cfg, mesh)
         self.tx, self.frozen, self.state_sh, self.abstract = lay["tx"], lay["frozen"], lay["state_sh"], lay["abstract"]
+        self.adapter = train_adapters.check_base(lay["adapter"], self.pretrained, tc)
         out = pathlib.Path(tc.output_dir)
         if out.exists() and not out.is_dir():
             raise TrainConfigError(f"output_dir {out} exists and is not a folder")
@@ -136,7 +143,9 @@ class Run:
         self.state, self.meta = self.checkpointer.resume(self.abstract, self._check_meta, self.ctx)
         loaded = None
         if self.meta is None and self.pretrained:  # (outside the rules context: loading builds param boxes)
-            loaded = load_pretrained(self.pretrained, cfg, tc.model_overrides)
+            loaded = train_adapters.add_params(
+                self.adapter, load_pretrained(self.pretrained, cfg, tc.model_overrides), tc
+            )
         with self.ctx():
             if self.meta is not None:
                 self.start_step = int(self.meta["step"])
@@ -151,15 +160,16 @@ class Run:
         self.metric_sh = parallel.replicated(mesh)
         self.step_fn = None  # jitted lazily, once the batch shardings are known
         self.eval_fn = jax.jit(
-            step_lib.make_eval_step(self.module, tc.loss_chunk, tc.loss_select), out_shardings=self.metric_sh
+            step_lib.make_eval_step(self.module, tc.loss_chunk, tc.loss_select, lay["fn"]), out_shardings=self.metric_sh
         )
 
     def _check_meta(self, meta):
         saved = {k: v for k, v in meta.get("config", {}).items() if k != "hf_config"}
         now = {k: v for k, v in self.cfg.to_dict().items() if k != "hf_config"}
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        diff += train_adapters.meta_diff(self.adapter, meta)
         if diff:
-            what = ", ".join(f"{k} saved {saved.get(k)!r} now {now.get(k)!r}" for k in diff)
+            what = ", ".join(k if " " in k else f"{k} saved {saved.get(k)!r} now {now.get(k)!r}" for k in diff)
             raise TrainConfigError(
                 f"{self.tc.output_dir} holds a run of another model ({what}); use a new output_dir "
                 "or the saved settings"
@@ -214,7 +224,7 @@ class Run:
             "train_config": self.tc.to_dict(),
             "process_count": jax.process_count(),
         }
-        self.checkpointer.save(step, self.state, meta)
+        train_adapters.save(self, step, meta)  # self.checkpointer.save, + an adapter's own files
 
     def evaluate(self) -> dict:
         self.eval_data.set_state(self.eval_state0)

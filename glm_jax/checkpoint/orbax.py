@@ -10,6 +10,8 @@ A to-jax folder:
     ...            tokenizer and generation files copied from the source.
 A glm-train run directory: `<run>/checkpoints/<step>/` is an Orbax CheckpointManager step with items `params`
 (stacked under `layers` when the config has scan_layers) and `meta` ({"step", "config": GLMConfig.to_dict()}).
+A LoRA run's params also hold the adapter under `lora/` and its meta an "adapter" entry: its store reads the
+weights merged (glm_jax/adapters.py MergedStore), so every reader sees the trained model.
 
 `ParamStore` reads params back one tensor (or one layer of a stacked tensor) at a time; the writers are in
 glm-convert (convert/jax_io.py) and glm-train.
@@ -173,6 +175,7 @@ class JaxCheckpoint:
 
     def __init__(self, cfg, manifest, store: ParamStore, aux_dir=None, description=""):
         self.cfg, self.manifest, self.store, self.aux_dir, self.description = cfg, manifest, store, aux_dir, description
+        self.adapter = None  # a glm-train run's adapter entry of its meta ({"kind": "lora" | "ptuning", ...})
 
 
 def open_jax(path) -> JaxCheckpoint:
@@ -191,7 +194,18 @@ def open_jax(path) -> JaxCheckpoint:
         cfg = GLMConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ConfigError) as e:
         raise ConfigError(f"{step / 'meta'}: needs {{'config': GLMConfig.to_dict()}} ({e!r})") from None
-    return JaxCheckpoint(cfg, None, ParamStore(step / "params"), None, str(step))
+    store = ParamStore(step / "params")
+    adapter = meta.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("kind") == "lora":  # read merged (glm_jax/adapters.py)
+        from glm_jax.adapters import MergedStore
+
+        try:
+            store = MergedStore(store, cfg, adapter, str(step))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{step}: its LoRA adapter does not load ({e!r})") from None
+    ck = JaxCheckpoint(cfg, None, store, None, str(step))
+    ck.adapter = adapter
+    return ck
 
 
 def _step_dir(p: pathlib.Path) -> pathlib.Path:
