@@ -139,3 +139,31 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path):
     _train(base, run, steps=1, extra=["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2"])
     with pytest.raises(TrainConfigError, match="adapter saved"):
         _train(base, run, steps=2, extra=["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2", "lora.rank=2"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning"])
+def test_optimizer_state_holds_only_the_adapter(tmp_path, kind):
+    """Adam's two moments exist for the adapter's params alone (plus the step counter): the base has none."""
+    import math
+
+    import jax
+
+    from train import parallel
+    from train.config import build
+    from train.trainer import model_config, state_layout
+
+    if kind == "lora":
+        base = tmp_path / "base"
+        build_glm4_chat(base, layers=1)
+        over = [f"model={base}", "lora.r=4", "lora.target_modules=[q_proj, down_proj]", "scan_layers=true"]
+    else:  # P-Tuning needs a ChatGLM2-family base: the preset at its shapes only (nothing is allocated)
+        over = ["model=chatglm3_6b", "ptuning.pre_seq_len=128", "scan_layers=true"]
+    tc = build(None, over)
+    cfg, _ = model_config(tc)
+    lay = state_layout(tc, cfg, parallel.build_mesh(tc.mesh))
+    trained = lay["abstract"]["params"]["lora" if kind == "lora" else "prefix_encoder"]
+    n_trained = sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
+    n_opt = sum(math.prod(x.shape) for x in jax.tree.leaves(lay["abstract"]["opt_state"]))
+    assert n_opt == 2 * n_trained + 1
+    if kind == "ptuning":  # THUDM's demo: 128 x (28 layers x 2 x 2 groups x 128)
+        assert n_trained == 128 * 28 * 2 * 2 * 128
