@@ -32,7 +32,7 @@ def test_compile_only_v5e_2x2_writes_a_report(tmp_path, capsys):
     )
     assert rc == 0
     verdict = capsys.readouterr().out.strip().splitlines()[-1]
-    assert verdict.startswith("v5e:2x2 mesh") and "fits" in verdict
+    assert verdict.startswith("verdict: fits — ") and "v5e:2x2, mesh" in verdict
     r = json.loads((out / "compile_report.json").read_text())
     assert r["devices"] == 4 and r["device_kind"].startswith("TPU v5")
     assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}

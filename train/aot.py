@@ -24,6 +24,7 @@ import time
 import jax
 
 from glm_jax.platform import describe_tpu_without_one
+from train import planner
 from train.config import TrainConfigError
 
 GIB = 1024**3
@@ -127,8 +128,29 @@ def compile_step(tc, cfg, devices):
             donate_argnums=(0,),
         )
         t = time.perf_counter()
-        compiled = fn.lower(lay["abstract"], batch).compile()
+        lowered = fn.lower(lay["abstract"], batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XLA's HBM refusal is a finding (DESIGN §3.9): what it says, and what is known
+            if not planner.is_hbm_oom(str(e)):
+                raise
+            args = planner.shard_bytes((lay["abstract"], batch))
+            raise DoesNotFit(str(e), mesh, args, uses_kernel(lowered), time.perf_counter() - t) from None
     return compiled, time.perf_counter() - t, mesh
+
+
+class DoesNotFit(Exception):
+    """XLA refused to compile the step for lack of HBM: its message, the mesh, the step's argument bytes per
+    device (computed from the shardings) and whether the step calls the Pallas kernel."""
+
+    def __init__(self, message, mesh, argument_bytes, kernel, seconds):
+        super().__init__(" ".join(message.split()))
+        self.mesh, self.argument_bytes, self.kernel, self.seconds = mesh, argument_bytes, kernel, seconds
+
+
+def uses_kernel(stage) -> bool:
+    """Whether a lowered or compiled step calls a Mosaic (Pallas TPU) kernel: a tpu_custom_call in its program."""
+    return "tpu_custom_call" in stage.as_text()
 
 
 def _flops(compiled) -> float:
@@ -138,46 +160,135 @@ def _flops(compiled) -> float:
     return float(ca.get("flops", 0.0)) if ca else 0.0
 
 
+def hbm_per_chip(tc, gen, devices) -> tuple:
+    """(bytes, source): hbm_bytes= if set, else what XLA's compiler allows per device, else the generation's table."""
+    if tc.hbm_bytes:
+        return int(tc.hbm_bytes), "config hbm_bytes"
+    got = planner.xla_hbm_bytes(devices)
+    if got:
+        return got, "XLA (the HBM its compiler allows per device)"
+    return HBM_BYTES.get(gen), "table by TPU generation"
+
+
+def _memory(tc, cfg, devices):
+    """(compiled or None, mesh, seconds, kernel, memory parts, bytes needed per device, their source, XLA's
+    out-of-memory message or None, the HBM that message names or None)."""
+    try:
+        compiled, secs, mesh = compile_step(tc, cfg, devices)
+    except DoesNotFit as e:
+        oom = planner.parse_oom(str(e))
+        mem = dict.fromkeys(("argument", "output", "alias", "temp", "generated_code"))
+        if oom["used"]:
+            peak, mem["argument"] = oom["used"], oom["arguments"] or e.argument_bytes
+            source = "XLA's out-of-memory message (all HBM it needs)"
+        elif oom["temp"]:
+            mem["argument"], mem["temp"] = e.argument_bytes, oom["temp"]
+            peak = oom["temp"] + e.argument_bytes
+            source = "XLA's out-of-memory message (temporaries) + argument bytes computed from the shardings"
+        else:
+            peak, source = None, "XLA refused the step for lack of HBM without saying how much it needs"
+        return None, e.mesh, e.seconds, e.kernel, mem, peak, source, str(e), oom["hbm"]
+    ma = compiled.memory_analysis()
+    mem = {
+        k: int(getattr(ma, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    mem["xla_peak"] = int(getattr(ma, "peak_memory_in_bytes", 0)) or None  # XLA's heap simulation, for reference
+    # what the step holds: the sum XLA's own HBM check uses (temporaries as allocated, not as simulated live)
+    peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    source = "memory_analysis() of the compiled step (measured): argument + output - alias + temp"
+    return compiled, mesh, secs, uses_kernel(compiled), mem, peak, source, None, None
+
+
+def _xla_flops(tc, cfg, devices, compiled, n_dev):
+    """(step flops by XLA's cost_analysis or None, as compiled, per layer, method)."""
+    if compiled is None:
+        return None, None, None, "not compiled: XLA refused the step for lack of HBM"
+    raw = _flops(compiled) * n_dev  # cost_analysis of an SPMD program counts one device's share
+    loops = cfg.scan_layers or tc.grad_accum > 1
+    if loops and tc.flops_extrapolate:
+        one = dataclasses.replace(tc, grad_accum=1)
+        try:
+            f1 = _flops(compile_step(one, cfg.replace(num_layers=1, scan_layers=False), devices)[0]) * n_dev
+            f2 = _flops(compile_step(one, cfg.replace(num_layers=2, scan_layers=False), devices)[0]) * n_dev
+        except DoesNotFit:
+            return raw, raw, None, "as compiled (the unrolled 1-/2-layer compiles do not fit): loops counted once"
+        per_layer = f2 - f1
+        method = "extrapolated from unrolled 1- and 2-layer compiles without an accumulation loop: F1 + (L-1)(F2-F1)"
+        return f1 + (cfg.num_layers - 1) * per_layer, raw, per_layer, method
+    if loops:
+        return (
+            raw,
+            raw,
+            None,
+            "as compiled: loop bodies (scan over layers / accumulation) counted once, so an undercount",
+        )
+    return raw, raw, None, "single unrolled compile (no loops)"
+
+
+def _setting(tc, cfg, mesh, kernel) -> planner.Setting:
+    sh = dict(mesh.shape)
+    return planner.Setting(
+        batch_size=tc.batch_size,
+        grad_accum=tc.grad_accum,
+        seq_len=tc.seq_len,
+        remat=cfg.remat,
+        dtype=cfg.dtype,
+        loss_chunk=tc.loss_chunk,
+        flash=kernel,
+        data=sh.get("data", 1),
+        fsdp=sh.get("fsdp", 1),
+        tensor=sh.get("tensor", 1),
+        context=sh.get("context", 1),
+    )
+
+
+def _verdict(name, mesh, peak, hbm, fits, plan, ratio, secs) -> str:
+    where = f"{name}, mesh " + " ".join(f"{k}={v}" for k, v in dict(mesh.shape).items())
+    tail = (f"; flops/model {ratio:.2f}" if ratio else "") + (f", compile {secs:.1f}s" if secs is not None else "")
+    need = f"{peak / GIB:.2f} GiB" if peak is not None else "an unknown amount"
+    if fits is None:
+        return f"verdict: unknown — needs {need} per chip; HBM of this chip unknown, pass hbm_bytes=... ({where}{tail})"
+    if fits:
+        return f"verdict: fits — {need} of {hbm / GIB:.2f} GiB per chip ({where}{tail})"
+    line = f"verdict: does not fit — needs {need} of {hbm / GIB:.2f} GiB per chip ({where}{tail})"
+    combo = plan and plan["fit_plan"]
+    if combo:
+        est = combo["estimated_bytes_per_device"] / GIB
+        still = "" if combo["fits"] else "; still over: a larger slice too"
+        line += f"; try: {planner.overrides_text(combo['set'])} (estimate {est:.1f} GiB{still})"
+    else:
+        line += "; no config change found: try a larger slice"
+    return line
+
+
 def compile_report(tc) -> dict:
+    """Compile the step for tc.topology and write output_dir/compile_report.json; always a verdict (DESIGN §3.9):
+    a step that XLA refuses for lack of HBM is reported with fits=false, what it needs and what would fit."""
     from train import flops as flops_lib
     from train.trainer import model_config, use_compilation_cache
 
     use_compilation_cache(tc.compilation_cache_dir)
     gen, name, devices = topology_devices(tc.topology)
     cfg, _ = model_config(tc)
-    compiled, secs, mesh = compile_step(tc, cfg, devices)
-    ma = compiled.memory_analysis()
-    mem = {
-        k: int(getattr(ma, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp", "generated_code")
-    }
-    peak = int(getattr(ma, "peak_memory_in_bytes", 0)) or mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    compiled, mesh, secs, kernel, mem, peak, mem_source, xla_message, oom_hbm = _memory(tc, cfg, devices)
+    if tc.hbm_bytes or not oom_hbm:
+        hbm, hbm_source = hbm_per_chip(tc, gen, devices)
+    else:
+        hbm, hbm_source = oom_hbm, "XLA (its out-of-memory message)"
     n_dev = mesh.devices.size
-    raw = _flops(compiled) * n_dev  # cost_analysis of an SPMD program counts one device's share
-    loops = cfg.scan_layers or tc.grad_accum > 1
-    xla, method = raw, "single unrolled compile (no loops)"
-    per_layer = None
-    if loops and tc.flops_extrapolate:
-        one = dataclasses.replace(tc, grad_accum=1)
-        f1 = _flops(compile_step(one, cfg.replace(num_layers=1, scan_layers=False), devices)[0]) * n_dev
-        f2 = _flops(compile_step(one, cfg.replace(num_layers=2, scan_layers=False), devices)[0]) * n_dev
-        per_layer = f2 - f1
-        xla = f1 + (cfg.num_layers - 1) * per_layer
-        method = "extrapolated from unrolled 1- and 2-layer compiles without an accumulation loop: F1 + (L-1)(F2-F1)"
-    elif loops:
-        method = "as compiled: loop bodies (scan over layers / accumulation) counted once, so an undercount"
+    fits = False if compiled is None else (None if not hbm else peak <= hbm)
+    xla, raw, per_layer, method = _xla_flops(tc, cfg, devices, compiled, n_dev)
     tokens = tc.batch_size * tc.seq_len
     model_flops = flops_lib.flops_per_token(cfg, tc.seq_len) * tokens
-    hbm = tc.hbm_bytes or HBM_BYTES.get(gen)
-    fits = None if not hbm else peak <= hbm
-    verdict = (
-        f"{name} mesh {dict(mesh.shape)}: {peak / GIB:.2f} GiB per chip"
-        + (
-            f" of {hbm / GIB:.0f} GiB HBM: {'fits' if fits else 'does NOT fit'}"
-            if hbm
-            else " (HBM size unknown for this generation; pass hbm_bytes=...)"
-        )
-        + f"; XLA/model flops {xla / model_flops:.2f} (compile {secs:.1f}s)"
-    )
+    kf = flops_lib.attention_kernel_flops(cfg, tc.batch_size, tc.seq_len, tc.objective) if kernel else None
+    kernel_flops = kf["total"] if kf else 0.0
+    total = None if xla is None else xla + kernel_flops
+    plan = None
+    if fits is False and hbm:
+        args = mem["argument"] if mem["argument"] is not None else 0
+        needed = peak if peak is not None else 0
+        plan = planner.plan(cfg, _setting(tc, cfg, mesh, kernel), tc.objective, needed, args, hbm)
+    ratio = None if total is None else total / model_flops
     report = {
         "topology": name,
         "devices": n_dev,
@@ -192,21 +303,43 @@ def compile_report(tc) -> dict:
         "scan_layers": cfg.scan_layers,
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
+        "attention_kernel": kernel,
+        "fits": fits,
         "peak_memory_bytes_per_device": peak,
         "memory_bytes": mem,
+        "memory_source": mem_source,
         "hbm_bytes_per_device": hbm,
-        "fits": fits,
-        "flops": xla,
+        "hbm_source": hbm_source,
+        "xla_message": xla_message,
+        "suggestions": plan["suggestions"] if plan else [],
+        "fit_plan": plan["fit_plan"] if plan else None,
+        "suggestions_note": "estimated bytes come from a rough per-device memory model fitted to XLA's figure "
+        "(train/planner.py), not from compiling each variant"
+        if plan
+        else None,
+        "flops": total,
+        "flops_total": total,
+        "flops_xla_measured": xla,
+        "flops_attention_kernel_computed": kernel_flops,
+        "flops_attention_kernel_executed_computed": kf["executed"] if kf else 0.0,
+        "flops_source": {
+            "flops_xla_measured": f"measured: XLA cost_analysis() ({method})",
+            "flops_attention_kernel_computed": (
+                "computed: " + kf["formula"] if kf else "none: the step calls no Pallas kernel (all attention in XLA)"
+            ),
+            "flops_total": "flops_xla_measured + flops_attention_kernel_computed",
+        },
         "xla_flops_per_step": xla,
         "xla_flops_as_compiled": raw,
         "xla_flops_per_layer": per_layer,
         "flops_method": method,
         "model_flops_per_step": model_flops,
-        "xla_over_model_flops": xla / model_flops,
-        "flops_per_device": xla / n_dev,
+        "xla_over_model_flops": None if xla is None else xla / model_flops,
+        "total_over_model_flops": ratio,
+        "flops_per_device": None if total is None else total / n_dev,
         "compile_seconds": secs,
-        "verdict": verdict,
     }
+    report["verdict"] = _verdict(name, mesh, peak, hbm, fits, plan, ratio, secs)
     if jax.process_index() == 0:
         out = pathlib.Path(tc.output_dir)
         if out.exists() and not out.is_dir():

@@ -35,3 +35,33 @@ def flash_flops(B, T, S, N, H, causal, prefix_len_mean=0.0):
         frac = 1.0
     unit = B * N * T * S * H * frac
     return {"fwd": 4 * unit, "bwd": 10 * unit, "bwd_executed": 14 * unit, "visible_fraction": frac}
+
+
+# Part A (bidirectional) of a prefix objective is data-dependent; compile_only prices it at half the sequence.
+PREFIX_SHARE = {"causal": 0.0, "blank_infilling": 0.5, "chatglm_prefix": 0.5, "sft": 0.5}
+
+
+def attention_kernel_flops(cfg, batch_size: int, seq_len: int, objective: str) -> dict:
+    """The Pallas kernel's flops in one train step (all layers, global batch), by formula (flash_flops), for
+    compile_only's report: XLA's cost_analysis counts nothing inside a Pallas custom call.
+
+    per layer: fwd = 4·B·N·T·S·H·f and bwd = 2.5·fwd (the FlashAttention-2 count); `executed` uses the kernels'
+    own backward (14·B·N·T·S·H·f). With remat (full or dots) the layer's forward, kernel included, runs again in
+    the backward pass, so fwd counts twice. f: the visible share of the [T, S] grid, causal with a prefix of
+    PREFIX_SHARE[objective]·T (an assumption for prefix objectives: the boundary is data)."""
+    P = PREFIX_SHARE.get(objective, 0.5) * seq_len
+    per = flash_flops(batch_size, seq_len, seq_len, cfg.num_heads, cfg.head_dim, True, P)
+    fwd_runs = 1 if cfg.remat == "none" else 2
+    L = cfg.num_layers
+    return {
+        "total": L * (fwd_runs * per["fwd"] + per["bwd"]),
+        "executed": L * (fwd_runs * per["fwd"] + per["bwd_executed"]),
+        "per_layer_fwd": per["fwd"],
+        "visible_fraction": per["visible_fraction"],
+        "prefix_len_assumed": P,
+        "formula": (
+            f"{L} layers x ({fwd_runs} x fwd + bwd); fwd = 4*B*N*T*S*H*f, bwd = 2.5*fwd (FlashAttention-2 count); "
+            f"B={batch_size} N={cfg.num_heads} T=S={seq_len} H={cfg.head_dim}, f={per['visible_fraction']:.4f} "
+            f"(causal, prefix {P:g})"
+        ),
+    }
