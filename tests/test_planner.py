@@ -116,3 +116,14 @@ def test_kernel_flops_formula_against_a_hand_count():
     assert flops_lib.attention_kernel_flops(Cfg, B, T, "blank_infilling")["total"] == 5 * 3.5 * (
         4 * B * N * H * _visible_pairs(T, T // 2)
     )
+
+
+def test_the_kernel_flops_are_computed_beside_the_measured_ones(tmp_path):
+    p, r = _glm_train(tmp_path, "mesh.fsdp=4", "batch_size=4", "attention=flash", "objective=causal")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    assert r["fits"] is True and r["attention_kernel"] is True  # a tpu_custom_call in the compiled step
+    # tiny: 2 layers, 2 heads of 16, T = 64, causal: 64·65/2 visible pairs; no remat: fwd once + bwd 2.5·fwd
+    fwd = 2 * 2 * 4 * 2 * 16 * (64 * 65 // 2)
+    assert r["flops_attention_kernel_computed"] == 2 * 3.5 * fwd
+    assert r["flops_total"] == r["flops_xla_measured"] + r["flops_attention_kernel_computed"]
+    assert r["flops_source"]["flops_attention_kernel_computed"].startswith("computed: ")
