@@ -128,17 +128,11 @@ def test_lora_run_exports_to_peft_and_transformers(tmp_path):
     for p, a in ref.items():
         np.testing.assert_array_equal(again[p], np.asarray(a), err_msg=p)
     assert any(np.abs(again[p] - lora[p]).max() > 0 for p in lora)
-
-
-def test_resume_with_other_lora_settings_is_refused(tmp_path):
+    # a resume with other adapter settings is refused (bad input), before anything is restored
     from train.config import TrainConfigError
 
-    base = tmp_path / "base"
-    build_glm4_chat(base, seed=4, layers=1)
-    run = tmp_path / "run"
-    _train(base, run, steps=1, extra=["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2"])
     with pytest.raises(TrainConfigError, match="adapter saved"):
-        _train(base, run, steps=2, extra=["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2", "lora.rank=2"])
+        _train(base, run, steps=6, extra=["lora.rank=2"])
 
 
 @pytest.mark.parametrize("kind", ["lora", "ptuning"])
