@@ -1,7 +1,9 @@
 """Logical-axis sharding: the one table that maps the model's logical axis names onto the mesh.
 
 Model code names only logical axes (`embed`, `q_heads`, `activation_batch`, ...). `RULES` maps them onto the
-mesh axes ('data', 'fsdp', 'tensor'); changing a parallelism strategy means editing this table.
+mesh axes ('data', 'fsdp', 'context', 'tensor'); changing a parallelism strategy means editing this table.
+'context' splits the sequence (activation_length) and, like 'fsdp', shards the params' embed dim, so that a context
+shard holds no whole copy of the weights (as MaxText's context axis does).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.transformer import param_axes
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 RULES = (
     # params
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("kv", None),
@@ -34,7 +36,7 @@ RULES = (
     ("prefix_embed", None),
     # activations
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -45,14 +47,16 @@ RULES = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> jax.sharding.Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over the first data*fsdp*tensor devices."""
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None, *, context: int = 1
+) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp', 'context', 'tensor') mesh over the first data*fsdp*context*tensor devices."""
     devices = list(jax.devices() if devices is None else devices)
-    n = data * fsdp * tensor
+    n = data * fsdp * context * tensor
     if n > len(devices):
-        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {n} devices, only {len(devices)} available")
-    arr = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, tensor)
-    return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        raise ValueError(f"mesh {data}x{fsdp}x{context}x{tensor} needs {n} devices, only {len(devices)} available")
+    arr = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, context, tensor)
+    return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _mesh_size(mesh, axes) -> int:

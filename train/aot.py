@@ -115,6 +115,7 @@ def compile_step(tc, cfg, devices):
 
     mesh = parallel.build_mesh(tc.mesh, devices)
     parallel.check_batch_divisible(tc.batch_size, tc.grad_accum, mesh)
+    parallel.check_context_divisible(tc.seq_len, mesh)
     lay = state_layout(tc, cfg, mesh)  # outside the rules context: param boxes unbox without constraints
     shapes = batch_shapes(tc, cfg)
     b_sh = parallel.batch_shardings(mesh, shapes)

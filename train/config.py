@@ -39,6 +39,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1  # splits the sequence (context parallelism); seq_len must be a multiple of 2 x context
 
 
 @dataclasses.dataclass

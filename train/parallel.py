@@ -47,8 +47,9 @@ def init_distributed(dc: DistributedConfig) -> None:
         jax.distributed.initialize()  # jax detects the cluster (Cloud TPU pod slice, GKE, SLURM, ...)
 
 
-def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    shape = [mc.data, mc.fsdp, mc.tensor]
+def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, tensor, context): the -1 axis (at most one) takes the devices the others leave."""
+    shape = [mc.data, mc.fsdp, mc.tensor, mc.context]
     if -1 in shape:
         rest = int(np.prod([s for s in shape if s != -1]))
         if n_devices % rest:
@@ -61,8 +62,15 @@ def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 def build_mesh(mc: MeshConfig, devices=None):
     devices = list(jax.devices() if devices is None else devices)
-    d, f, t = resolve_mesh_shape(mc, len(devices))
-    return make_mesh(d, f, t, devices=devices)
+    d, f, t, c = resolve_mesh_shape(mc, len(devices))
+    return make_mesh(d, f, t, devices=devices, context=c)
+
+
+def check_context_divisible(seq_len: int, mesh) -> None:
+    """Context parallelism cuts each row into 2 x context chunks (an early and a late one per device)."""
+    c = mesh.shape.get("context", 1)
+    if c > 1 and seq_len % (2 * c):
+        raise TrainConfigError(f"seq_len {seq_len} is not divisible by 2 x mesh.context = {2 * c}")
 
 
 def replicated(mesh):

@@ -112,6 +112,7 @@ class Run:
             )
         self.mesh = parallel.build_mesh(tc.mesh)
         parallel.check_batch_divisible(tc.batch_size, tc.grad_accum, self.mesh)
+        parallel.check_context_divisible(tc.seq_len, self.mesh)
         from glm_jax.model.transformer import GLMModel
 
         self.module = GLMModel(self.cfg)

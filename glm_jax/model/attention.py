@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from glm_jax.model.context import context_shards, local_attention, mesh_axes, target_platform
 from glm_jax.model.flash import flash_attention
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of
 from glm_jax.model.masks import MaskSpec
@@ -70,44 +70,39 @@ def flat_heads(x_BTKH):
 
 
 def use_flash(cfg) -> bool:
-    """attention="flash", or "auto" on a TPU backend."""
-    return cfg.attention == "flash" or (cfg.attention == "auto" and jax.default_backend() == "tpu")
-
-
-def _mesh_axes(name: str, dim: int, mesh):
-    """The mesh axes the active logical rules give a dim named `name`, or None where they do not divide it."""
-    axes = nn.logical_to_mesh_axes((name,))
-    axes = None if axes is None else axes[0]
-    if axes is None:
-        return None
-    tup = (axes,) if isinstance(axes, str) else tuple(axes)
-    tup = tuple(a for a in tup if a in mesh.shape and mesh.shape[a] > 1)
-    size = math.prod(mesh.shape[a] for a in tup)
-    if not tup or dim % size:
-        return None
-    return tup[0] if len(tup) == 1 else tup
+    """attention="flash", or "auto" when the program is for TPU (the mesh's devices, else the default backend)."""
+    return cfg.attention == "flash" or (cfg.attention == "auto" and target_platform() == "tpu")
 
 
 def flash_attend(q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec):
     """The Pallas kernel (glm_jax/model/flash.py) on the default mask. Under a mesh it runs per shard (shard_map):
     batch rows split as the activation_batch rule says, heads over the tensor axis when both query and kv heads
-    divide (else every tensor shard computes all heads: GQA's head groups must stay whole on a shard)."""
+    divide (else every tensor shard computes all heads: GQA's head groups must stay whole on a shard), and the
+    sequence over the context axis (glm_jax/model/context.py: inputs in balanced order, K/V all-gathered)."""
     B, T, N, _ = q_BTNH.shape
     K = k_BSKH.shape[2]
     valid = jnp.ones((B, T), bool) if spec.kv_valid is None else spec.kv_valid
     seg = jnp.zeros((B, T), jnp.int32) if spec.segment_ids is None else spec.segment_ids
 
+    def kernel(q, k, v, q_seg, kv_seg, prefix, valid, q_offset=0):
+        return flash_attention(
+            q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, prefix_len=prefix, kv_valid=valid, q_offset=q_offset
+        )
+
     def local(q, k, v, prefix, valid, seg):
-        return flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, prefix_len=prefix, kv_valid=valid)
+        return kernel(q, k, v, seg, seg, prefix, valid)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q_BTNH, k_BSKH, v_BSKH, spec.prefix_len, valid, seg)
-    b = _mesh_axes("activation_batch", B, mesh)
-    h = _mesh_axes("activation_heads", N, mesh)
-    if h is None or h != _mesh_axes("activation_kv_heads", K, mesh):
+    b = mesh_axes("activation_batch", B, mesh)
+    h = mesh_axes("activation_heads", N, mesh)
+    if h is None or h != mesh_axes("activation_kv_heads", K, mesh):
         h = None
-    heads, rows = P(b, None, h, None), P(b, None)
+    t = mesh_axes("activation_length", T, mesh)
+    if t is not None:
+        local = local_attention(kernel, t, context_shards(T))
+    heads, rows = P(b, t, h, None), P(b, t)
     fn = jax.shard_map(
         local, mesh=mesh, in_specs=(heads, heads, heads, P(b), rows, rows), out_specs=heads, check_vma=False
     )

@@ -8,18 +8,16 @@ Mask rule: key s is visible to query t iff all of
   * causal is False, or s <= q_offset + t, or s < prefix_len[b]  (GLM's Part A is bidirectional; ChatGLM-6B's
     "context up to <sop>" is the same rule with prefix_len = index of <sop>). Query t sits at position q_offset + t of
     the key sequence (0 and T == S for self-attention; a context-parallel shard passes its chunk's offset),
-  * q_segment_ids[b, t] == kv_segment_ids[b, s]  (packed documents; when given),
-  * kv_valid[b, s]  (padding; when given).
-Scores and softmax statistics are float32; the scale is 1/sqrt(H). A query row with no visible key gets what the XLA
-reference `attention.attend` gives with its finite -1e30 fill: uniform weights over all S keys, i.e. the mean of v
-(value and gradients; fixed up outside the kernel from the row's logsumexp).
+  * q_segment_ids[b, t] == kv_segment_ids[b, s] (packed documents) and kv_valid[b, s] (padding), when given.
+Scores and softmax statistics are float32, scale 1/sqrt(H). A row with no visible key gets what `attention.attend`
+gives with its -1e30 fill: the mean of v over all S keys (fixed up outside the kernel from the row's logsumexp).
 
 Why this kernel exists: jax's own Pallas TPU kernels (ops/tpu/flash_attention, splash_attention) cover causal and
-segment ids, but splash attention's masks are static per kernel and a per-example prefix_len is data (so is a
-context-parallel shard's query offset, which depends on the device's position on the mesh). Here prefix_len and the
-query offset are scalar-prefetched, and kv blocks the causal/prefix rule hides from a whole q block are skipped with
-pl.when (and not fetched: the index_map repeats a block that is fetched anyway). Blocks hidden only by segment ids or
-padding are computed and masked (segment-based skipping would need per-block id ranges; not done).
+segment ids, but splash attention's masks are static per kernel and a per-example prefix_len is data (so is a context
+shard's query offset, which depends on the device's place on the mesh). Here prefix_len and the query offset are
+scalar-prefetched, and kv blocks the causal/prefix rule hides from a whole q block are skipped with pl.when (and not
+fetched: the index_map repeats a block fetched anyway). Blocks hidden only by segment ids or padding are computed and
+masked (segment-based skipping would need per-block id ranges; not done).
 
 Layout: q/k/v are transposed to [B, N|K, T|S, H] and padded to a multiple of the block sizes (padded keys masked as
 invalid, padded queries sliced off); blocks of 128 rows suit TPU Mosaic. Both passes compile for TPU topologies via
@@ -36,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from glm_jax.model.context import target_platform
 
 NEG = -1e30  # same finite fill as attention.attend: a row with no visible key has every score == NEG
 NT = (((1,), (1,)), ((), ()))  # dot_general dims: a [m, d] . b [n, d] -> [m, n]
@@ -393,7 +393,7 @@ def flash_attention(
         raise ValueError(f"causal/prefix masking: queries at {q_offset}..{q_offset + T - 1} lie past the S={S} keys")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    interpret = target_platform() != "tpu" if interpret is None else interpret
     bq, bk = _block_sizes(T, S, block_q, block_k)
     Tp, Sp = _round_up(T, bq), _round_up(S, bk)
     cfg = _Cfg(bool(causal), bq, bk, Tp // bq, Sp // bk, N // K, bool(interpret))

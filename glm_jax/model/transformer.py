@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from glm_jax.model.attention import use_flash
 from glm_jax.model.block import ACT, Block
+from glm_jax.model.context import context_shards, from_balanced, to_balanced
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, logical_axes, matmul, param
 from glm_jax.model.masks import default_allowed, default_positions, mask_spec
 from glm_jax.model.mtp import MTPLayer, mtp_logits
@@ -140,14 +141,22 @@ class GLMModel(nn.Module):
             position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
         position_ids = jnp.asarray(position_ids)
         dense_given = attention_mask is not None and attention_mask.ndim >= 3
+        ids, positions, C = input_ids, position_ids, 1
         if use_flash(c) and cache is None and not c.pre_seq_len and not dense_given:
             mask = mask_spec(c, input_ids, attention_mask, prefix_len, segment_ids)  # the Pallas kernel's form
+            C = context_shards(input_ids.shape[1])
+            if C > 1:  # context parallelism: tokens in load-balanced order until the last layer (model/context.py)
+                bal = functools.partial(to_balanced, C=C, axis=-1)
+                ids, positions = bal(input_ids), bal(position_ids)
+                mask = mask._replace(
+                    **{f: bal(a) for f, a in mask._asdict().items() if f != "prefix_len" and a is not None}
+                )
         else:
             mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
 
-        x = self.embed(input_ids)
+        x = self.embed(ids)
         if c.position == "learned_2d":
-            pos = position_ids if position_ids.ndim == 3 else position_ids[:, None]
+            pos = positions if positions.ndim == 3 else positions[:, None]
             x = x + self.pos_embed(pos[:, 0])
             if c.block_position_encoding:
                 x = x + self.block_pos_embed(pos[:, 1])
@@ -166,17 +175,18 @@ class GLMModel(nn.Module):
             xs["cache"] = (cache["k"], cache["v"])
 
         if c.scan_layers:
-            x, ys = self._scan(x, xs, position_ids, mask, cache_index)
+            x, ys = self._scan(x, xs, positions, mask, cache_index)
         else:
             outs = []
             for i, layer in enumerate(self.layers):
                 xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else _index(v, i) for k, v in xs.items()}
-                x, y = layer(x, xi, position_ids, mask, cache_index)
+                x, y = layer(x, xi, positions, mask, cache_index)
                 outs.append(y)
             cache_out = [y.pop("cache") for y in outs] if per_layer else None
             ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
             if per_layer:
                 ys["cache"] = tuple(zip(*cache_out))
+        x = from_balanced(x, C)  # natural order again (a no-op without context parallelism)
         last = x
         if c.final_norm:
             x = self.final_norm(x)
@@ -191,7 +201,7 @@ class GLMModel(nn.Module):
             k, v = ys["cache"]
             return logits, {"k": k, "v": v}
         if return_hidden:
-            return logits, {"layer_inputs": ys["hidden"], "last": last, "final": x}
+            return logits, {"layer_inputs": from_balanced(ys["hidden"], C, axis=2), "last": last, "final": x}
         return logits
 
     def _scan(self, x, xs, position_ids, mask, cache_index):
@@ -240,6 +250,12 @@ def _init_args(cfg):
     return ids
 
 
+def _init_model(cfg):
+    """The model that builds the params: they do not depend on the attention path, and the kernel's (context
+    parallel) path refuses the 4-token init sequence on a context mesh."""
+    return GLMModel(cfg.replace(attention="xla"))
+
+
 def init_cache(cfg: GLMConfig, batch: int, length: int, per_layer=None) -> dict:
     """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B·K, S, H] arrays (batch and kv head flattened,
     batch-major), or stacked [L, B·K, S, H]. By default in the form the model consumes as is: stacked for
@@ -255,7 +271,7 @@ def init_cache(cfg: GLMConfig, batch: int, length: int, per_layer=None) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _boxed_shapes(cfg):
-    model = GLMModel(cfg)
+    model = _init_model(cfg)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _init_args(cfg)))["params"]
 
 
@@ -275,7 +291,7 @@ def param_axes(cfg: GLMConfig):
 
 
 def init_params(cfg: GLMConfig, rng):
-    return nn.meta.unbox(GLMModel(cfg).init(rng, _init_args(cfg))["params"])
+    return nn.meta.unbox(_init_model(cfg).init(rng, _init_args(cfg))["params"])
 
 
 def stack_layers(params, num_layers):
