@@ -1,0 +1,204 @@
+"""The README's ahead-of-time table: the train step of GLM-4-9B (8K, 32K, 128K) and ChatGLM3-6B (8K, 32K) compiled
+for v5p-128, v6e-256 and v5e-256 on this CPU host (libtpu's topologies, `glm-train ... compile_only=true`), with
+the memory per chip XLA's compiled program needs, whether it fits the chip's HBM, and XLA/model flops.
+
+Every row has the shipped pretraining recipe (configs/chatglm3_6b_pretrain.yaml: bf16 compute, fp32 params and
+Adam, full remat, scanned layers, the Pallas attention kernel by attention=auto) on one mesh per slice, the same
+for every length: fsdp over chips/4, mesh.context=4, and a global batch of chips/4 sequences. Memory per chip is
+then a function of T alone, which is what the "memory grows at most linearly in T" check below reads.
+
+    .venv/bin/python bench/aot_table.py                 # every row (~70 min on 2 cores: 3-6 min a row)
+    .venv/bin/python bench/aot_table.py --only v5p      # the v5p-128 rows
+    .venv/bin/python bench/aot_table.py --markdown      # print the table from bench/aot_table.json
+
+Each row runs in its own process (one compile holds several GiB of host memory) and lands in bench/aot_table.json
+with the commit it ran at, so a stopped run resumes where it stopped (rows of another commit are run again).
+Flops: XLA's cost_analysis counts a scanned layer once, so glm-train extrapolates from unrolled 1- and 2-layer
+compiles (measured), and cost_analysis sees nothing inside the Pallas kernel, whose flops are computed by formula
+(FlashAttention-2's count, the causal/prefix half); the report says which is which. One extra row compiles the
+8K GLM-4-9B step with XLA's attention (attention=xla) for the flops comparison with and without the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "aot_table.json"
+GIB = 1024**3
+
+SLICES = {
+    "v5p": ("v5p-128", "v5p:4x4x4", 64),
+    "v6e": ("v6e-256", "v6e:16x16", 256),
+    "v5e": ("v5e-256", "v5e:16x16", 256),
+}
+MODELS = [  # (label, preset, T)
+    ("GLM-4-9B", "glm4_9b", 8192),
+    ("GLM-4-9B", "glm4_9b", 32768),
+    ("GLM-4-9B", "glm4_9b", 131072),
+    ("ChatGLM3-6B", "chatglm3_6b", 8192),
+    ("ChatGLM3-6B-32K", "chatglm3_6b_32k", 32768),
+]
+CONTEXT = 4
+
+
+def rows(only=None, flops_all=False):
+    out = []
+    for key, (slice_name, topo, chips) in SLICES.items():
+        if only and key not in only:
+            continue
+        for label, preset, T in MODELS:
+            row = dict(slice=slice_name, topology=topo, chips=chips, label=label, model=preset, seq_len=T)
+            out.append(row | {"flops": key == "v5p" or flops_all})
+        if key == "v5p":
+            out.append(dict(out[-5], attention="xla"))  # GLM-4-9B 8K without the kernel
+    return out
+
+
+def overrides(row) -> list[str]:
+    batch = row["chips"] // CONTEXT
+    return [
+        f"model={row['model']}",
+        f"seq_len={row['seq_len']}",
+        f"batch_size={batch}",
+        "mesh.data=1",
+        "mesh.fsdp=-1",
+        f"mesh.context={CONTEXT}",
+        "mesh.tensor=1",
+        f"topology={row['topology']}",
+        f"attention={row.get('attention', 'auto')}",
+        "compile_only=true",
+        f"flops_extrapolate={str(row['flops']).lower()}",
+        "progress=none",
+    ]
+
+
+def key(row) -> str:
+    return "|".join(o for o in overrides(row) if not o.startswith("flops_extrapolate="))
+
+
+def commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def run_row(row) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/chatglm3_6b_pretrain.yaml"]
+        cmd += overrides(row) + [f"output_dir={out}"]
+        t0 = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        secs = time.time() - t0
+        path = pathlib.Path(out) / "compile_report.json"
+        if p.returncode != 0 or not path.exists():
+            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+            return {"error": f"exit {p.returncode}: {' | '.join(tail)}", "seconds": secs}
+        r = json.loads(path.read_text())
+    keep = (
+        "fits", "peak_memory_bytes_per_device", "hbm_bytes_per_device", "mesh", "attention_kernel", "verdict",
+        "flops_xla_measured", "flops_attention_kernel_computed", "flops_total", "model_flops_per_step",
+        "xla_over_model_flops", "total_over_model_flops", "flops_source", "memory_source",
+    )  # fmt: skip
+    return {k: r.get(k) for k in keep} | {"seconds": secs}
+
+
+def fmt_row(row, res) -> str:
+    att = "kernel" if row.get("attention", "auto") == "auto" else "XLA"
+    head = f"| {row['label']} | {row['seq_len'] // 1024}K | {row['slice']} | {att} | {row['chips'] // CONTEXT} "
+    if res is None:
+        return head + "| not run | | | |"
+    if "error" in res:
+        return head + f"| error: {res['error'][:80]} | | | |"
+    mem = res["peak_memory_bytes_per_device"]
+    mem = "?" if mem is None else f"{mem / GIB:.2f}"
+    hbm = res["hbm_bytes_per_device"]
+    fits = {True: "yes", False: "no", None: "?"}[res["fits"]]
+    xla = res["xla_over_model_flops"] if res.get("flops_extrapolated") else None
+    tot = res["total_over_model_flops"]
+    fl = (
+        "—"
+        if xla is None
+        else (f"{xla:.2f}" if not res["attention_kernel"] else f"{xla:.2f} + {tot - xla:.2f} = {tot:.2f}")
+    )
+    hbm = "?" if not hbm else f"{hbm / GIB:.2f}"
+    return head + f"| {mem} | {hbm} | {fits} | {fl} |"
+
+
+def markdown(table) -> str:
+    lines = [
+        "| model | T | slice | attention | global batch | GiB per chip | HBM GiB | fits | flops / model flops |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows():
+        lines.append(fmt_row(row, table.get(key(row))))
+    lines.append("")
+    lines.append("Every row: mesh fsdp = chips/4 x context = 4, bf16 compute, fp32 params and Adam, full remat.")
+    lines.append("flops / model flops: XLA's measured flops (+ the Pallas kernel's flops computed by formula = total)")
+    lines.append(
+        "over the model's 6·(matmul params) + 12·L·T·N·H per token (the PaLM count: dense attention, no causal"
+    )
+    lines.append(
+        "half), so a kernel that skips masked blocks can come out under 1. —: not counted (XLA counts a scanned"
+    )
+    lines.append("layer once; the 1-/2-layer extrapolation runs on v5p-128 rows, on every slice with --flops-all).")
+    lines += linear_check(table)
+    return "\n".join(lines)
+
+
+def linear_check(table) -> list[str]:
+    """Memory per chip at fixed mesh and batch, across T: the growth factor per 4x T must be at most 4."""
+    out = []
+    for key_, (slice_name, _, _) in SLICES.items():
+        mems = []
+        for row in rows([key_]):
+            res = table.get(key(row))
+            kernel = row.get("attention", "auto") == "auto"
+            if row["label"] == "GLM-4-9B" and kernel and res and res.get("peak_memory_bytes_per_device"):
+                mems.append((row["seq_len"], res["peak_memory_bytes_per_device"]))
+        if len(mems) < 2:
+            continue
+        steps = [f"{b[1] / a[1]:.2f}x for {b[0] // a[0]}x T" for a, b in zip(mems, mems[1:])]
+        ok = all(b[1] / a[1] <= b[0] / a[0] for a, b in zip(mems, mems[1:]))
+        out.append(f"GLM-4-9B on {slice_name}, memory per chip from T to 4T: {', '.join(steps)} "
+                   f"({'at most linear' if ok else 'MORE than linear'}).")  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=list(SLICES), help="slices to run (default: all)")
+    ap.add_argument("--flops-all", action="store_true", help="extrapolate flops on every slice, not only v5p-128")
+    ap.add_argument("--markdown", action="store_true", help="only print the table from bench/aot_table.json")
+    args = ap.parse_args(argv)
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    head = commit()
+    table = {k: v for k, v in data.get("rows", {}).items()}
+    if not args.markdown:
+        todo = rows(args.only, args.flops_all)
+        for i, row in enumerate(todo, 1):
+            k = key(row)
+            old = table.get(k, {})
+            if old.get("commit") == head and "error" not in old and (old.get("flops_extrapolated") or not row["flops"]):
+                continue
+            cmd = f"glm-train --config train/configs/chatglm3_6b_pretrain.yaml {' '.join(overrides(row))}"
+            print(f"[{i}/{len(todo)}] {cmd}", flush=True)
+            res = run_row(row) | {"commit": head, "flops_extrapolated": row["flops"]}
+            table[k] = res
+            OUT.write_text(json.dumps({"rows": table}, indent=1) + "\n")
+            print("   ", res.get("verdict") or res.get("error"), f"({res['seconds']:.0f} s)", flush=True)
+    commits = sorted({v.get("commit") for v in table.values()})
+    print(markdown(table))
+    print(f"\nrows compiled at commit(s) {', '.join(c for c in commits if c)}; libtpu topologies on a CPU host.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
