@@ -9,7 +9,9 @@ then a function of T alone, which is what the "memory grows at most linearly in 
 
     .venv/bin/python bench/aot_table.py                 # every row (~70 min on 2 cores: 3-6 min a row)
     .venv/bin/python bench/aot_table.py --only v5p      # the v5p-128 rows
-    .venv/bin/python bench/aot_table.py --markdown      # print the table from bench/aot_table.json
+    .venv/bin/python bench/aot_table.py --configs       # every shipped config by its own compile_only command
+    .venv/bin/python bench/aot_table.py --finetune      # GLM-4-9B SFT / LoRA / P-Tuning memory (issue 15's table)
+    .venv/bin/python bench/aot_table.py --markdown      # print the tables from bench/aot_*.json
 
 Each row runs in its own process (one compile holds several GiB of host memory) and lands in bench/aot_table.json
 with the commit it ran at, so a stopped run resumes where it stopped (rows of another commit are run again).
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "aot_table.json"
+CONFIGS_OUT = ROOT / "bench" / "aot_configs.json"
+FINETUNE_OUT = ROOT / "bench" / "aot_finetune.json"
 GIB = 1024**3
 
 SLICES = {
@@ -90,10 +95,86 @@ def commit() -> str:
     ).stdout.strip()
 
 
-def run_row(row) -> dict:
+# GLM-4-9B finetuning at THUDM's GLM-4 finetune_demo settings (configs/{sft,lora,ptuning_v2}.yaml: 512 + 512 tokens,
+# 4 rows per GPU for SFT and 1 for LoRA; 128 + 128 and 4 rows for P-Tuning v2, here with pre_seq_len 128), beside
+# the GPU memory its README reports on A100-SXM4-80GB. "one v5p chip": the first chip of a v5p-8 host (libtpu
+# describes no smaller v5p topology) with a one-device mesh.
+THUDM_MIB = {
+    "SFT": "80,935 MiB per GPU, 8 GPUs (ZeRO-3)",
+    "LoRA": "21,531 MiB (1 GPU)",
+    "P-Tuning": "21,381 MiB (1 GPU)",
+}
+FT_METHODS = [  # (method, config, extra args, rows per chip, T)
+    ("SFT", "glm4_9b_chat_sft", [], 4, 1024),
+    ("LoRA", "glm4_9b_chat_lora", [], 1, 1024),
+    ("P-Tuning", "chatglm3_6b_ptuning", ["ptuning.pre_seq_len=128"], 4, 256),
+]
+FT_SLICES = [("one v5p chip", "v5p:2x2x1", 1), ("v5e-8", "v5e:2x4", 8)]
+
+
+def finetune_checks() -> dict[str, tuple[str, list[str]]]:
+    out = {}
+    for method, config, extra, per_chip, T in FT_METHODS:
+        for where, topo, chips in FT_SLICES:
+            fsdp = f"mesh.fsdp={chips}"
+            args = ["model=glm4_9b", f"topology={topo}", "mesh.data=1", fsdp, "mesh.context=1", "mesh.tensor=1"]
+            args += [f"batch_size={per_chip * chips}", f"seq_len={T}", *extra, "compile_only=true"]
+            out[f"{method} | {where}"] = (config, args)
+    return out
+
+
+def finetune_markdown(res) -> str:
+    lines = [
+        "| GLM-4-9B | slice | batch x T | GiB per chip | HBM GiB | fits | THUDM on A100-80GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in finetune_checks():
+        r = res.get(name)
+        method, where = name.split(" | ")
+        if r is None or "error" in r:
+            lines.append(f"| {method} | {where} | | {'not run' if r is None else r['error'][:80]} | | | |")
+            continue
+        mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
+        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
+        lines.append(
+            f"| {method} | {where} | {r['batch_size']} x {r['seq_len']} | {mem / GIB:.2f} | {hbm / GIB:.2f} | "
+            f"{fits} | {THUDM_MIB[method]} |"
+        )
+    return "\n".join(lines)
+
+
+def run_named(checks, path, head) -> dict:
+    """Run {name: (config, args)} compile_only checks not yet done at this commit; results kept in path."""
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for name, (config, cargs) in checks.items():
+        if done.get(name, {}).get("commit") == head and "error" not in done[name]:
+            continue
+        print(f"glm-train --config {config} {' '.join(cargs)}", flush=True)
+        done[name] = run_row(config=config, args=cargs) | {"commit": head, "args": cargs}
+        path.write_text(json.dumps(done, indent=1) + "\n")
+        print("   ", done[name].get("verdict") or done[name].get("error"), flush=True)
+    return done
+
+
+def config_checks() -> dict[str, list[str]]:
+    """Each shipped config whose header gives its compile_only command: name -> that command's arguments."""
+    out = {}
+    for path in sorted((ROOT / "train" / "configs").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            m = re.match(r"#\s+glm-train --config (\S+) (.*compile_only=true.*)$", line)
+            if m and m.group(1) == path.stem:
+                out[path.stem] = (path.stem, m.group(2).split())
+    return out
+
+
+def run_row(row=None, config=None, args=()) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/chatglm3_6b_pretrain.yaml"]
-        cmd += overrides(row) + [f"output_dir={out}"]
+        cmd = [sys.executable, "-m", "train.main", "--config"]
+        if config:
+            cmd += [f"train/configs/{config}.yaml", *args, "flops_extrapolate=false", "progress=none"]
+        else:
+            cmd += ["train/configs/chatglm3_6b_pretrain.yaml", *overrides(row)]
+        cmd += [f"output_dir={out}"]
         t0 = time.time()
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         secs = time.time() - t0
@@ -105,7 +186,8 @@ def run_row(row) -> dict:
     keep = (
         "fits", "peak_memory_bytes_per_device", "hbm_bytes_per_device", "mesh", "attention_kernel", "verdict",
         "flops_xla_measured", "flops_attention_kernel_computed", "flops_total", "model_flops_per_step",
-        "xla_over_model_flops", "total_over_model_flops", "flops_source", "memory_source",
+        "xla_over_model_flops", "total_over_model_flops", "flops_source", "memory_source", "topology", "batch_size",
+        "seq_len", "model",
     )  # fmt: skip
     return {k: r.get(k) for k in keep} | {"seconds": secs}
 
@@ -172,15 +254,40 @@ def linear_check(table) -> list[str]:
     return out
 
 
+def config_markdown(configs) -> str:
+    lines = ["| config | slice | model | batch x T | GiB per chip | HBM GiB | fits |", "|---|---|---|---|---|---|---|"]
+    for name, r in sorted(configs.items()):
+        if "error" in r:
+            lines.append(f"| {name} | | | | error: {r['error'][:80]} | | |")
+            continue
+        mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
+        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
+        lines.append(
+            f"| {name} | {r['topology']} | {r['model']} | {r['batch_size']} x {r['seq_len']} | "
+            f"{mem / GIB:.2f} | {hbm / GIB:.2f} | {fits} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=list(SLICES), help="slices to run (default: all)")
     ap.add_argument("--flops-all", action="store_true", help="extrapolate flops on every slice, not only v5p-128")
+    ap.add_argument("--configs", action="store_true", help="check the shipped configs by their own compile_only")
+    ap.add_argument("--finetune", action="store_true", help="GLM-4-9B SFT / LoRA / P-Tuning memory, THUDM's lengths")
     ap.add_argument("--markdown", action="store_true", help="only print the table from bench/aot_table.json")
     args = ap.parse_args(argv)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     head = commit()
     table = {k: v for k, v in data.get("rows", {}).items()}
+    configs = json.loads(CONFIGS_OUT.read_text()) if CONFIGS_OUT.exists() else {}
+    finetune = json.loads(FINETUNE_OUT.read_text()) if FINETUNE_OUT.exists() else {}
+    if args.configs:
+        print(config_markdown(run_named(config_checks(), CONFIGS_OUT, head)))
+        return 0
+    if args.finetune:
+        print(finetune_markdown(run_named(finetune_checks(), FINETUNE_OUT, head)))
+        return 0
     if not args.markdown:
         todo = rows(args.only, args.flops_all)
         for i, row in enumerate(todo, 1):
@@ -194,6 +301,10 @@ def main(argv=None) -> int:
             table[k] = res
             OUT.write_text(json.dumps({"rows": table}, indent=1) + "\n")
             print("   ", res.get("verdict") or res.get("error"), f"({res['seconds']:.0f} s)", flush=True)
+    print()
+    print(config_markdown(configs))
+    print()
+    print(finetune_markdown(finetune))
     commits = sorted({v.get("commit") for v in table.values()})
     print(markdown(table))
     print(f"\nrows compiled at commit(s) {', '.join(c for c in commits if c)}; libtpu topologies on a CPU host.")

@@ -119,6 +119,40 @@ def test_truncate_counts():
     assert sft.truncate([1, 2], [-100, 2], 3, report) == ([1, 2], [-100, 2]) and report.truncated == 1
 
 
+def test_truncate_keeps_whole_turns():
+    """GLM-4, system + 2 turns (89 tokens, the fixture's THUDM ids): cut anywhere in the second turn, the row is the
+    reference's encoding of the first turn alone (which ends on <|user|>); cut inside the first reply, no turn fits
+    and the record is cut at max_len, counted mid-turn."""
+    case = next(c for c in fixture("glm4")["cases"] if c["id"] == "system_multi_turn_en")
+    tok, ids, labels = tok_for("glm4"), case["input_ids"], case["labels"]
+    one_turn = sft.encode(tok, dict(case["example"], messages=case["example"]["messages"][:3]), "glm4")
+    n1 = len(one_turn[0])
+    assert 0 < n1 < len(ids)
+    for max_len in (n1, n1 + 1, len(ids) - 1):
+        report = sft.SFTReport()
+        assert sft.truncate(ids, labels, max_len, report, sft.user_token(tok)) == one_turn
+        assert (report.truncated, report.truncated_mid_turn) == (1, 0)
+    report = sft.SFTReport()
+    assert sft.truncate(ids, labels, n1 - 1, report, sft.user_token(tok)) == (ids[: n1 - 1], labels[: n1 - 1])
+    assert (report.truncated, report.truncated_mid_turn) == (1, 1)
+
+
+def test_read_jsonl_truncates_chat_records_to_whole_turns(tmp_path):
+    """ChatGLM3, 3 turns (104 tokens): with max_len short of the third turn, read_jsonl keeps two whole turns: the
+    reference ids up to the <|user|> that opens the third, with the reference labels (that <|user|> labelled, as
+    the token after a trained reply)."""
+    case = next(c for c in fixture("chatglm3")["cases"] if c["id"] == "system_multi_turn_en")
+    tok = tok_for("chatglm3")
+    user = sft.user_token(tok)
+    third = [i for i, t in enumerate(case["input_ids"]) if t == user][2]
+    (tmp_path / "a.jsonl").write_text(json.dumps(case["example"]) + "\n")
+    reader = sft.read_jsonl(tmp_path / "a.jsonl", tok, "chatglm3", max_len=len(case["input_ids"]) - 3)
+    [(ids, labels)] = list(reader)
+    assert ids == case["input_ids"][: third + 1] and labels == case["labels"][: third + 1]
+    assert labels[-1] == user
+    assert (reader.report.truncated, reader.report.truncated_mid_turn) == (1, 0)
+
+
 def test_read_jsonl_skips_and_reports(tmp_path):
     cases = fixture("chatglm3")["cases"]
     lines = [

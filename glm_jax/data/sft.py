@@ -43,8 +43,10 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from glm_jax.data.sft_formats import FORMATS, IGNORE, ROLES, SFTRecordError, encode, tool_call_code
+from glm_jax.data.sft_formats import FORMATS, IGNORE, ROLES, SFTRecordError, encode, tool_call_code, user_token
 from glm_jax.inputs import decode_text
+
+CHAT_FORMATS = ("chatglm3", "chatglm3_finetune_hf", "glm4", "glm4_combine")  # turns opened by <|user|>
 
 __all__ = [
     "FORMATS",
@@ -57,6 +59,7 @@ __all__ = [
     "read_jsonl",
     "tool_call_code",
     "truncate",
+    "user_token",
 ]
 
 
@@ -69,12 +72,14 @@ class SFTReport:
     records: int = 0
     skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
     dropped: int = 0
-    truncated: int = 0
+    truncated: int = 0  # records cut to max_len, at a turn boundary or not
+    truncated_mid_turn: int = 0  # of those, the ones no turn boundary could keep (cut at max_len tokens)
     invalid_utf8: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         head = (
             f"{self.records} records, {len(self.skipped)} skipped, {self.dropped} dropped, {self.truncated} truncated"
+            f" ({self.truncated - self.truncated_mid_turn} to whole turns, {self.truncated_mid_turn} mid-turn)"
         )
         bad = [
             f"{path}: {n} invalid UTF-8 byte sequence(s) replaced with U+FFFD" for path, n in self.invalid_utf8.items()
@@ -82,16 +87,35 @@ class SFTReport:
         return "\n".join([head] + bad + [f"{path}:{line}: {reason}" for path, line, reason in self.skipped])
 
 
-def truncate(input_ids: Sequence[int], labels: Sequence[int], max_len: int, report: SFTReport | None = None):
-    """Both lists cut to their first max_len tokens (labels stay aligned, the tail is lost, whole turns are not
-    kept); report.truncated counts the records that were cut."""
+def truncate(
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    max_len: int,
+    report: SFTReport | None = None,
+    turn_token: int | None = None,
+):
+    """Both lists cut to at most max_len tokens, labels aligned; report.truncated counts the records that were cut.
+
+    With `turn_token` (the id of <|user|>, which opens every turn of the chat formats) whole turns are kept where
+    possible: the cut falls just after the last <|user|> that fits, so the row ends as a complete conversation of
+    those formats does (GLM-4's end of chat is <|user|>, and its label closes the last kept reply), and no reply
+    is cut in half. When no such cut keeps a labelled token (the first turn alone is too long, or glm4_combine's
+    single trained reply is at the end), the record is cut at max_len tokens, as THUDM's scripts do, and counted
+    in report.truncated_mid_turn."""
     if max_len is None or len(input_ids) <= max_len:
         return list(input_ids), list(labels)
     if max_len < 1:
         raise ValueError(f"max_len must be positive, got {max_len}")
+    ends = []
+    if turn_token is not None:
+        ends = np.flatnonzero(np.asarray(input_ids[:max_len]) == turn_token) + 1  # keep the <|user|> itself
+        trained = np.cumsum(np.asarray(labels[:max_len]) != IGNORE)
+        ends = [int(e) for e in ends if trained[e - 1] > 0]
+    cut = ends[-1] if ends else max_len
     if report is not None:
         report.truncated += 1
-    return list(input_ids[:max_len]), list(labels[:max_len])
+        report.truncated_mid_turn += not ends
+    return list(input_ids[:cut]), list(labels[:cut])
 
 
 def _jsonl_files(path) -> list[str]:
@@ -129,6 +153,7 @@ class SFTReader:
 
     def _rows(self, tok, format, max_len) -> Iterator[tuple[list[int], list[int]]]:
         rep = self.report
+        turn = user_token(tok) if format in CHAT_FORMATS else None
         for path in self.files:
             with open(path, "rb") as f:
                 for lineno, raw in enumerate(f, 1):
@@ -147,14 +172,14 @@ class SFTReader:
                         rep.dropped += 1
                         continue
                     rep.records += 1
-                    yield truncate(*out, max_len, rep) if max_len is not None else out
+                    yield truncate(*out, max_len, rep, turn) if max_len is not None else out
 
 
 def read_jsonl(path_or_dir, tok, format: str, max_len: int | None = None, report: SFTReport | None = None) -> SFTReader:
     """(input_ids, labels) of every record of a .jsonl file, or of the .jsonl files of a folder (name order).
     Bad lines (invalid JSON, SFTRecordError) are skipped and listed in `.report.skipped` as (file, line number,
     reason); invalid UTF-8 is replaced with U+FFFD and counted per file in `.report.invalid_utf8`; with max_len
-    every record is cut by truncate()."""
+    every record is cut by truncate() (to whole turns where possible in the chat formats)."""
     return SFTReader(path_or_dir, tok, format, max_len, report)
 
 

@@ -271,3 +271,8 @@ def encode(tok, example, format: str):
     if format == "ptuning_chatglm":
         return _ptuning_chatglm(tok, example)
     return _ptuning_chatglm2(tok, example)
+
+
+def user_token(tok) -> int:
+    """The id of <|user|>, which opens every user turn of the chat formats (and ends a GLM-4 conversation)."""
+    return _special(tok, "<|user|>")
