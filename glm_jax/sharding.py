@@ -3,7 +3,8 @@
 Model code names only logical axes (`embed`, `q_heads`, `activation_batch`, ...). `RULES` maps them onto the
 mesh axes ('data', 'fsdp', 'context', 'tensor'); changing a parallelism strategy means editing this table.
 'context' splits the sequence (activation_length) and, like 'fsdp', shards the params' embed dim, so that a context
-shard holds no whole copy of the weights (as MaxText's context axis does).
+shard holds no whole copy of the weights (as MaxText's context axis does). 'expert' shards the routed experts
+(`exp`) and, outside the MoE layers, acts as one more data-parallel axis of the batch (as MaxText's expert axis).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.transformer import param_axes
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 RULES = (
     # params
@@ -31,31 +32,40 @@ RULES = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("exp", "expert"),
     ("positions", None),
     ("prefix", None),
     ("prefix_embed", None),
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
-    ("cache_batch", ("data", "fsdp")),
+    ("cache_batch", ("data", "fsdp", "expert")),
     ("cache_length", None),
 )
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None, *, context: int = 1
+    data: int = 1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence | None = None,
+    *,
+    context: int = 1,
+    expert: int = 1,
 ) -> jax.sharding.Mesh:
-    """A ('data', 'fsdp', 'context', 'tensor') mesh over the first data*fsdp*context*tensor devices."""
+    """A ('data', 'fsdp', 'expert', 'context', 'tensor') mesh over the first data*fsdp*expert*context*tensor
+    devices."""
     devices = list(jax.devices() if devices is None else devices)
-    n = data * fsdp * context * tensor
+    shape = (data, fsdp, expert, context, tensor)
+    n = math.prod(shape)
     if n > len(devices):
-        raise ValueError(f"mesh {data}x{fsdp}x{context}x{tensor} needs {n} devices, only {len(devices)} available")
-    arr = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, context, tensor)
+        raise ValueError(f"mesh {'x'.join(map(str, shape))} needs {n} devices, only {len(devices)} available")
+    arr = np.asarray(devices[:n], dtype=object).reshape(shape)
     return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -35,7 +35,7 @@ def test_compile_only_v5e_2x2_writes_a_report(tmp_path, capsys):
     assert verdict.startswith("verdict: fits — ") and "v5e:2x2, mesh" in verdict
     r = json.loads((out / "compile_report.json").read_text())
     assert r["devices"] == 4 and r["device_kind"].startswith("TPU v5")
-    assert r["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 2}
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "context": 1, "tensor": 2}
     assert 0 < r["peak_memory_bytes_per_device"] < r["hbm_bytes_per_device"] and r["fits"] is True
     assert r["flops"] > 0 and r["model_flops_per_step"] > 0
     # the scanned, accumulated step counts one layer and one microbatch: the extrapolation restores the rest

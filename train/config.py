@@ -40,6 +40,7 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     context: int = 1  # splits the sequence (context parallelism); seq_len must be a multiple of 2 x context
+    expert: int = 1  # splits the routed experts of MoE layers (expert parallelism); a batch axis elsewhere
 
 
 @dataclasses.dataclass

@@ -47,9 +47,9 @@ def init_distributed(dc: DistributedConfig) -> None:
         jax.distributed.initialize()  # jax detects the cluster (Cloud TPU pod slice, GKE, SLURM, ...)
 
 
-def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
-    """(data, fsdp, tensor, context): the -1 axis (at most one) takes the devices the others leave."""
-    shape = [mc.data, mc.fsdp, mc.tensor, mc.context]
+def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int, int, int]:
+    """(data, fsdp, tensor, context, expert): the -1 axis (at most one) takes the devices the others leave."""
+    shape = [mc.data, mc.fsdp, mc.tensor, mc.context, mc.expert]
     if -1 in shape:
         rest = int(np.prod([s for s in shape if s != -1]))
         if n_devices % rest:
@@ -62,8 +62,8 @@ def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int, i
 
 def build_mesh(mc: MeshConfig, devices=None):
     devices = list(jax.devices() if devices is None else devices)
-    d, f, t, c = resolve_mesh_shape(mc, len(devices))
-    return make_mesh(d, f, t, devices=devices, context=c)
+    d, f, t, c, e = resolve_mesh_shape(mc, len(devices))
+    return make_mesh(d, f, t, devices=devices, context=c, expert=e)
 
 
 def check_context_divisible(seq_len: int, mesh) -> None:
@@ -134,12 +134,12 @@ def global_batch(local: dict, shardings: dict, global_rows: int):
 
 
 def check_batch_divisible(batch_size: int, grad_accum: int, mesh) -> None:
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape.get("expert", 1)
     micro = batch_size // grad_accum
     if micro % dp:
         raise TrainConfigError(
             f"batch_size/grad_accum = {micro} rows per microbatch is not divisible by the "
-            f"{dp} data-parallel shards (mesh.data x mesh.fsdp)"
+            f"{dp} data-parallel shards (mesh.data x mesh.fsdp x mesh.expert)"
         )
     if batch_size % jax.process_count():
         raise TrainConfigError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")

@@ -37,10 +37,15 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
     select = tc.loss_select
 
     def grads_of(params, batch):
-        # frozen params are constants: no gradient is computed for them at all
-        p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, params, frozen)
-        loss = lambda q: loss_sums(module, to_model(q), batch, zc, chunk, select)  # noqa: E731
-        (_, sums), g = jax.value_and_grad(loss, has_aux=True)(p)
+        # frozen params are constants inside the differentiated function: autodiff computes no gradient for them
+        # (their entries come back as zeros, and the base's weight-gradient products are never built). A
+        # stop_gradient applied before value_and_grad would not do that: the gradient w.r.t. its output is the
+        # full one, which costs a whole backward pass for a LoRA run and enters grad_norm and clipping.
+        def loss(q):
+            q = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, q, frozen)
+            return loss_sums(module, to_model(q), batch, zc, chunk, select)
+
+        (_, sums), g = jax.value_and_grad(loss, has_aux=True)(params)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         if grad_shardings is not None:
             g = jax.lax.with_sharding_constraint(g, grad_shardings)

@@ -19,12 +19,16 @@ out of the optimizer (`BUFFER_NAMES`); GLM-4.5's aux-loss-free balancing moves i
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from glm_jax.model.context import mesh_axes
 from glm_jax.model.layers import Dense, dtype_of, param
 
 if TYPE_CHECKING:
@@ -60,12 +64,13 @@ def expert_load(idx_NK, num_experts: int):
 
 def grouped_swiglu(x_ND, idx_NK, w_NK, gate_EDI, up_EDI, down_EID, dt):
     """Σ_j w[n, j] · SwiGLU_{idx[n, j]}(x[n]) for every token, dropless: (token, expert) pairs sorted by expert,
-    each projection one jax.lax.ragged_dot over the experts' contiguous groups."""
+    each projection one jax.lax.ragged_dot over the experts' contiguous groups. A pair whose expert id is E or more
+    (another device's expert, under expert parallelism) sorts last, outside every group, and contributes 0."""
     N, k = idx_NK.shape
     E = gate_EDI.shape[0]
     flat = idx_NK.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pair p = n·k + j, sorted by expert
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # ids >= E are not counted
     xs = jnp.take(x_ND.astype(dt), order // k, axis=0)  # [N·k, D]
     pet = jnp.float32 if dt == jnp.float32 else None
 
@@ -74,7 +79,8 @@ def grouped_swiglu(x_ND, idx_NK, w_NK, gate_EDI, up_EDI, down_EID, dt):
 
     h = jax.nn.silu(mm(xs, gate_EDI)) * mm(xs, up_EDI)
     y = mm(h.astype(dt), down_EID)  # [N·k, D]
-    y = y.astype(jnp.float32) * jnp.take(w_NK.reshape(-1), order)[:, None]
+    mine = jnp.take(flat, order) < E
+    y = jnp.where(mine[:, None], y.astype(jnp.float32) * jnp.take(w_NK.reshape(-1), order)[:, None], 0.0)
     inv = jnp.argsort(order)  # back to (token, slot) order
     return jnp.take(y, inv, axis=0).reshape(N, k, -1).sum(axis=1)
 
@@ -102,7 +108,52 @@ class Experts(nn.Module):
         gate = param(self, "gate", (E, D, inner), ("exp", "embed", "moe_mlp"), init, c.param_dtype)
         up = param(self, "up", (E, D, inner), ("exp", "embed", "moe_mlp"), init, c.param_dtype)
         down = param(self, "down", (E, inner, D), ("exp", "moe_mlp", "embed"), init, c.param_dtype)
-        return grouped_swiglu(x_ND, idx_NK, w_NK, gate, up, down, dtype_of(c.dtype))
+        dt = dtype_of(c.dtype)
+        mesh = jax.sharding.get_abstract_mesh()
+        axis = None if mesh.empty else mesh_axes("exp", E, mesh)
+        if axis is None:
+            return grouped_swiglu(x_ND, idx_NK, w_NK, gate, up, down, dt)
+        return expert_parallel(x_ND, idx_NK, w_NK, gate, up, down, dt, mesh, axis)
+
+
+def expert_parallel(x_ND, idx_NK, w_NK, gate, up, down, dt, mesh, axis):
+    """The routed experts with their weights split over the mesh axis `axis` (X devices, E/X experts each), under
+    shard_map. Each device gathers the tokens (and their routing) of the devices along `axis` (jax's all_gather),
+    runs its own experts on the pairs routed to them (dropless, grouped matmuls as grouped_swiglu) and the partial
+    outputs are summed and handed back to the devices the tokens came from (psum_scatter). Tokens are split over
+    `axis` as a batch axis outside the MoE layers (the 'expert' rule of activation_batch), so no device computes
+    another's tokens twice. Where the tokens are not split over it (too few rows), each device keeps all tokens
+    and the partial outputs are summed (psum). This is MaxText's all-gather flavour of expert parallelism; the
+    all-to-all flavour moves fewer bytes for large expert counts and is not implemented here."""
+    N, k = idx_NK.shape
+    E = gate.shape[0]
+    tup = (axis,) if isinstance(axis, str) else tuple(axis)
+    X = math.prod(mesh.shape[a] for a in tup)
+    rows = mesh_axes("activation_batch", N, mesh)
+    rows_tup = () if rows is None else ((rows,) if isinstance(rows, str) else tuple(rows))
+    split = rows_tup[-len(tup) :] == tup  # the expert axes are the minor batch axes: gather/scatter over them
+    if not split:
+        rows = tuple(a for a in rows_tup if a not in tup) or None
+        rows = rows[0] if rows is not None and len(rows) == 1 else rows
+
+    def local(x, idx, w, g, u, d):
+        if split:
+            x, idx, w = (lax.all_gather(a, tup, axis=0, tiled=True) for a in (x, idx, w))
+        first = lax.axis_index(tup) * (E // X)
+        ids = idx - first
+        ids = jnp.where((ids >= 0) & (ids < E // X), ids, E // X)  # other devices' experts: outside every group
+        y = grouped_swiglu(x, ids, w, g, u, d, dt)
+        return lax.psum_scatter(y, tup, scatter_dimension=0, tiled=True) if split else lax.psum(y, tup)
+
+    experts = P(axis, None, None)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(rows, None), P(rows, None), P(rows, None), experts, experts, experts),
+        out_specs=P(rows, None),
+        check_vma=False,
+    )
+    return fn(x_ND, idx_NK, w_NK, gate, up, down)
 
 
 class SwiGLU(nn.Module):
