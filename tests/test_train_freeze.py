@@ -29,3 +29,20 @@ def test_freeze_pattern_that_matches_nothing_is_bad_input(tmp_path):
 
     with pytest.raises(TrainConfigError, match="matches no parameter"):
         train(tiny(tmp_path / "run", "freeze=[no_such_param/*]"))
+
+
+def test_frozen_params_get_no_gradient(tmp_path):
+    """Step 1 from the same init and batch: freezing a set S and, in another run, its complement splits the full
+    run's gradient in two, so grad_norm(S frozen)² + grad_norm(rest frozen)² = grad_norm(nothing frozen)². (Were
+    frozen params only stopped outside the differentiated function, all three would report the full norm.)"""
+    from test_train_util import metrics
+
+    def norm(name, *keys):
+        train(tiny(tmp_path / name, "steps=1", *keys))
+        return next(r["grad_norm"] for r in metrics(tmp_path / name) if "grad_norm" in r)
+
+    full = norm("full")
+    a = norm("a", "freeze=[embed/*, layers_0/*]")
+    b = norm("b", "freeze=[layers_1/*, final_norm/*, pos_embed/*, block_pos_embed/*]")
+    assert a < full and b < full
+    np.testing.assert_allclose(a**2 + b**2, full**2, rtol=1e-5)
