@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -246,17 +245,7 @@ def main():
         flush=True,
     )
 
-    first = {}
-    for name, r in rows:  # warm-up: batch 0 (jax: compiles), then the other batches once, untimed
-        t = time.perf_counter()
-        first[name] = r.steps([0])
-        t1 = time.perf_counter()
-        r.steps(list(range(1, a.steps)))
-        print(
-            f"warm-up {name:50s} first step {t1 - t:5.1f}s, the other {a.steps - 1} batches "
-            f"{time.perf_counter() - t1:5.1f}s",
-            flush=True,
-        )
+    first = sft_bench.warm_up(rows, a.steps, 50)
     jm, tm, jd = (first[n] for n, _ in rows)
     print(
         f"sanity (same weights, same batch 0): MoE loss jax {jm['loss']:.6f} torch {tm['loss']:.6f} |diff| "
@@ -265,21 +254,7 @@ def main():
         flush=True,
     )
 
-    rate = {name: [] for name, _ in rows}
-    last = {}
-    for k in range(a.rounds):  # the host is shared: alternating rows share its load changes
-        for name, r in rows:
-            t = time.perf_counter()
-            last[name] = r.steps(list(range(a.steps)))
-            rate[name].append(a.steps / (time.perf_counter() - t))
-        print(f"round {k + 1}: " + ", ".join(f"{v[-1]:.3f}" for v in rate.values()) + " steps/s", flush=True)
-    med = {name: statistics.median(v) for name, v in rate.items()}
-    print(f"\nmedian of {a.rounds} rounds x {a.steps} steps (steps/s per round in brackets):")
-    for name, _ in rows:
-        print(
-            f"  {name:50s} {med[name]:7.3f} steps/s  {med[name] * B * T:8.0f} tokens/s  "
-            f"[{', '.join(f'{x:.3f}' for x in rate[name])}]  last loss {last[name]['loss']:.4f}"
-        )
+    med = sft_bench.timed_rounds(rows, a.rounds, a.steps, B * T, 50)
     nm, nt, nd = (n for n, _ in rows)
     print(
         f"glm-jax MoE / transformers MoE: {med[nm] / med[nt]:.2f}x; glm-jax MoE / glm-jax dense twin (same active "

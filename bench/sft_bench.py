@@ -225,6 +225,46 @@ class TorchRow:
 
 
 # ---------------------------------------------------------------- main
+
+
+def warm_up(rows, steps: int, width: int = 44) -> dict:
+    """Each row's step on batch 0 (jax: compiles), then on the other batches once, untimed; the first results."""
+    first = {}
+    for name, r in rows:
+        t = time.perf_counter()
+        first[name] = r.steps([0])
+        t1 = time.perf_counter()
+        r.steps(list(range(1, steps)))
+        print(
+            f"warm-up {name:{width}s} first step {t1 - t:5.1f}s, the other {steps - 1} batches "
+            f"{time.perf_counter() - t1:5.1f}s",
+            flush=True,
+        )
+    return first
+
+
+def timed_rounds(rows, rounds: int, steps: int, tokens: int, width: int = 44) -> dict:
+    """`rounds` rounds of `steps` steps per row, the rows alternating (the host is shared: load changes hit all of
+    them alike); prints each round and the medians; returns {row name: median steps/s}."""
+    rate = {name: [] for name, _ in rows}
+    last = {}
+    for k in range(rounds):
+        for name, r in rows:
+            t = time.perf_counter()
+            last[name] = r.steps(list(range(steps)))
+            rate[name].append(steps / (time.perf_counter() - t))
+        print(f"round {k + 1}: " + ", ".join(f"{n.split(' (')[0]} {v[-1]:.2f}" for n, v in rate.items()) + " steps/s")
+    med = {name: statistics.median(v) for name, v in rate.items()}
+    print(f"\nmedian of {rounds} rounds x {steps} steps (steps/s per round in brackets):")
+    for name, _ in rows:
+        print(
+            f"  {name:{width}s} {med[name]:7.3f} steps/s  {med[name] * tokens:9.0f} tokens/s  "
+            f"[{', '.join(f'{x:.3f}' for x in rate[name])}]  last loss {last[name]['loss']:.4f}",
+            flush=True,
+        )
+    return med
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -295,17 +335,7 @@ def main():
         flush=True,
     )
 
-    first = {}
-    for name, r in rows:  # warm-up: batch 0 (jax: compiles), then the other batches once, untimed
-        t = time.perf_counter()
-        first[name] = r.steps([0])
-        t1 = time.perf_counter()
-        r.steps(list(range(1, a.steps)))
-        print(
-            f"warm-up {name:44s} first step {t1 - t:5.1f}s, the other {a.steps - 1} batches "
-            f"{time.perf_counter() - t1:5.1f}s",
-            flush=True,
-        )
+    first = warm_up(rows, a.steps)
     (jf, jl, tf, tl) = (first[n] for n, _ in rows)
     print(
         f"sanity (same weights, same batch 0): full SFT loss jax {jf['loss']:.6f} torch {tf['loss']:.6f} "
@@ -320,33 +350,9 @@ def main():
         flush=True,
     )
     if abs(jl["grad_norm"] - tl["grad_norm"]) > 1e-3 * tl["grad_norm"]:
-        print(
-            "  note: glm-train's LoRA grad norm is the norm of the frozen base's gradients and the adapter's together "
-            "(train/step.py applies stop_gradient to the frozen params outside the function it differentiates, so "
-            "the base's weight gradients are computed in the LoRA step, and its clip uses that norm)"
-        )
+        print("  note: the LoRA gradient norms differ: is the frozen base's gradient counted in glm-train's step?")
 
-    # the host is shared: rounds alternate the rows so that load changes hit all of them alike
-    rate = {name: [] for name, _ in rows}
-    last = {}
-    for k in range(a.rounds):
-        for name, r in rows:
-            t = time.perf_counter()
-            last[name] = r.steps(list(range(a.steps)))
-            rate[name].append(a.steps / (time.perf_counter() - t))
-        print(
-            f"round {k + 1}: "
-            + ", ".join(f"{name.split(' (')[0].split()[0]} {name.split()[1]} {rate[name][-1]:.2f}" for name, _ in rows)
-            + " steps/s",
-            flush=True,
-        )
-    med = {name: statistics.median(v) for name, v in rate.items()}
-    print(f"\nmedian of {a.rounds} rounds x {a.steps} steps (steps/s per round in brackets):")
-    for name, _ in rows:
-        print(
-            f"  {name:44s} {med[name]:7.3f} steps/s  {med[name] * B * T:9.0f} tokens/s  "
-            f"[{', '.join(f'{x:.3f}' for x in rate[name])}]  last loss {last[name]['loss']:.4f}"
-        )
+    med = timed_rounds(rows, a.rounds, a.steps, B * T)
     (nf, nl, tfn, tln) = (n for n, _ in rows)
     print(
         f"glm-jax / torch (steps/s, median): full SFT {med[nf] / med[tfn]:.2f}x, LoRA {med[nl] / med[tln]:.2f}x; "
