@@ -11,6 +11,7 @@ then a function of T alone, which is what the "memory grows at most linearly in 
     .venv/bin/python bench/aot_table.py --only v5p      # the v5p-128 rows
     .venv/bin/python bench/aot_table.py --configs       # every shipped config by its own compile_only command
     .venv/bin/python bench/aot_table.py --finetune      # GLM-4-9B SFT / LoRA / P-Tuning memory (issue 15's table)
+    .venv/bin/python bench/aot_table.py --moe           # GLM-4.5-Air / 4.5 / 4.6 with expert parallelism
     .venv/bin/python bench/aot_table.py --markdown      # print the tables from bench/aot_*.json
 
 Each row runs in its own process (one compile holds several GiB of host memory) and lands in bench/aot_table.json
@@ -37,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "aot_table.json"
 CONFIGS_OUT = ROOT / "bench" / "aot_configs.json"
 FINETUNE_OUT = ROOT / "bench" / "aot_finetune.json"
+MOE_OUT = ROOT / "bench" / "aot_moe.json"
 GIB = 1024**3
 
 SLICES = {
@@ -123,6 +125,39 @@ def finetune_checks() -> dict[str, tuple[str, list[str]]]:
             args += [f"batch_size={per_chip * chips}", f"seq_len={T}", *extra, "compile_only=true"]
             out[f"{method} | {where}"] = (config, args)
     return out
+
+
+# GLM-4.5 / 4.6 (MoE) pretraining steps at 4K tokens: the experts split 8 ways (mesh.expert=8), FSDP over the
+# rest, one sequence per chip; bf16 compute, fp32 params and Adam, full remat (the pretraining recipe).
+MOE = [("GLM-4.5-Air", "glm4_5_air", "v5p-128", "v5p:4x4x4", 64), ("GLM-4.5", "glm4_5", "v5p-512", "v5p:4x8x8", 256),
+       ("GLM-4.6", "glm4_6", "v5p-512", "v5p:4x8x8", 256)]  # fmt: skip
+
+
+def moe_checks() -> dict[str, tuple[str, list[str]]]:
+    out = {}
+    for label, preset, slice_name, topo, chips in MOE:
+        args = [f"model={preset}", f"topology={topo}", "mesh.data=1", "mesh.fsdp=-1", "mesh.expert=8"]
+        args += ["mesh.context=1", "mesh.tensor=1", f"batch_size={chips}", "seq_len=4096", "compile_only=true"]
+        out[f"{label} | {slice_name}"] = ("chatglm3_6b_pretrain", args)
+    return out
+
+
+def moe_markdown(res) -> str:
+    lines = ["| model | slice | mesh | batch x T | GiB per chip | HBM GiB | fits |", "|---|---|---|---|---|---|---|"]
+    for name in moe_checks():
+        r = res.get(name)
+        label, where = name.split(" | ")
+        if r is None or "error" in r:
+            lines.append(f"| {label} | {where} | | | {'not run' if r is None else r['error'][:80]} | | |")
+            continue
+        mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
+        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
+        lines.append(
+            f"| {label} | {where} | {mesh} | {r['batch_size']} x {r['seq_len']} | {mem / GIB:.2f} | {hbm / GIB:.2f} | "
+            f"{fits} |"
+        )
+    return "\n".join(lines)
 
 
 def finetune_markdown(res) -> str:
@@ -279,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flops-all", action="store_true", help="extrapolate flops on every slice, not only v5p-128")
     ap.add_argument("--configs", action="store_true", help="check the shipped configs by their own compile_only")
     ap.add_argument("--finetune", action="store_true", help="GLM-4-9B SFT / LoRA / P-Tuning memory, THUDM's lengths")
+    ap.add_argument("--moe", action="store_true", help="GLM-4.5 / 4.5-Air / 4.6 pretraining steps with mesh.expert=8")
     ap.add_argument("--markdown", action="store_true", help="only print the table from bench/aot_table.json")
     args = ap.parse_args(argv)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
@@ -291,6 +327,9 @@ def main(argv=None) -> int:
         return 0
     if args.finetune:
         print(finetune_markdown(run_named(finetune_checks(), FINETUNE_OUT, head)))
+        return 0
+    if args.moe:
+        print(moe_markdown(run_named(moe_checks(), MOE_OUT, head)))
         return 0
     if not args.markdown:
         todo = rows(args.only, args.flops_all)
@@ -309,6 +348,8 @@ def main(argv=None) -> int:
     print(config_markdown(configs))
     print()
     print(finetune_markdown(finetune))
+    print()
+    print(moe_markdown(json.loads(MOE_OUT.read_text()) if MOE_OUT.exists() else {}))
     commits = sorted({v.get("commit") for v in table.values()})
     print(markdown(table))
     print(f"\nrows compiled at commit(s) {', '.join(c for c in commits if c)}; libtpu topologies on a CPU host.")
