@@ -23,7 +23,7 @@ class TrainConfigError(ValueError):
     """A bad config file, key or value: glm-train exits 2 with this message."""
 
 
-Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft"]
+Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze"]
 Schedule = Literal["cosine", "linear", "constant"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
@@ -310,7 +310,7 @@ def validate(cfg: dict) -> None:
     for k in _FINITE:
         if not math.isfinite(cfg[k]):
             raise TrainConfigError(f"{k} must be a finite number, got {cfg[k]}")
-    _check_data_keys(cfg["data"])
+    _check_data_keys(cfg)
     for k in POSITIVE:
         if cfg[k] < 1:
             raise TrainConfigError(f"{k} must be >= 1, got {cfg[k]}")
@@ -354,12 +354,46 @@ def _check_adapters(cfg: dict) -> None:
         raise TrainConfigError("lora and ptuning together: train one adapter at a time")
 
 
-def _check_data_keys(data: dict) -> None:
+def _check_data_keys(cfg: dict) -> None:
     from glm_jax.data.config import DataConfig
 
+    if cfg["objective"] == "cloze":  # its own keys (a verbaliser, ...): train/cloze_data.py
+        return _check_cloze(cfg)
+    data = cfg["data"]
     names = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise TrainConfigError(
             f"unknown data key(s) {['data.' + k for k in unknown]}; DataConfig has {', '.join(sorted(names))}"
         )
+
+
+CLOZE_KEYS = {"source", "tokenizer", "format", "verbalizer", "length_penalty", "include_eop", "cache_dir"}
+
+
+def _check_cloze(cfg: dict) -> None:
+    """objective=cloze's data keys (train/cloze_data.py reads them), checked before anything is built."""
+    from glm_jax.data.cloze import check_verbalizer
+
+    d = cfg["data"]
+    other = sorted(k for k in d if k not in CLOZE_KEYS and d[k] is not None)
+    if other:
+        raise TrainConfigError(f"objective=cloze takes data.{', data.'.join(sorted(CLOZE_KEYS))}; got data.{other[0]}")
+    if d.get("format") not in (None, "cloze"):
+        raise TrainConfigError(f"objective=cloze: data.format must be cloze (or unset), got {d.get('format')!r}")
+    source = d.get("source")
+    if not isinstance(source, str) or source in ("", "bundled"):
+        raise TrainConfigError("objective=cloze needs data.source=<a .jsonl file or a folder of them>")
+    try:
+        check_verbalizer(d.get("verbalizer"))
+    except ValueError as e:
+        raise TrainConfigError(f"data.{e}") from None
+    lp = d.get("length_penalty", 0.0)
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp < 0:
+        raise TrainConfigError(f"data.length_penalty must be a number >= 0, got {lp!r}")
+    if not isinstance(d.get("include_eop", True), bool):
+        raise TrainConfigError(f"data.include_eop must be true or false, got {d.get('include_eop')!r}")
+    if cfg["compile_only"]:
+        raise TrainConfigError("compile_only=true prices language-model batches; objective=cloze is not supported")
+    if cfg["z_loss"]:
+        raise TrainConfigError("z_loss applies to the vocabulary softmax; objective=cloze has none (set z_loss=0)")

@@ -17,6 +17,9 @@ import numpy as np
 from train.config import TrainConfigError
 
 DEVICE_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "prefix_len", "segment_ids")
+# objective=cloze (glm_jax/data/cloze.py): train/loss.py scores candidates when a batch has choice_mask
+CLOZE_KEYS = ("tokens", "attention_mask", "position_ids", "prefix_len", "targets", "score_mask", "choice_mask")
+CLOZE_KEYS += ("labels", "length_penalty")
 EVAL_SEED_OFFSET = 1_000_003  # eval batches: the same corpus drawn with another seed
 
 
@@ -73,13 +76,29 @@ def make_batches(tc, rows: int, shard_index: int, shard_count: int, eval_split: 
     return pipe
 
 
+def batch_maker(objective: str):
+    """make_batches, or the SFT / cloze equivalent: (tc, rows, shard_index, shard_count, eval_split) -> batches."""
+    if objective == "sft":
+        from train.sft_data import make_sft_batches
+
+        return make_sft_batches
+    if objective == "cloze":
+        from train.cloze_data import make_cloze_batches
+
+        return make_cloze_batches
+    return make_batches
+
+
 def to_device_dict(batch: dict, nan_at=None) -> dict:
-    """The keys the step reads, with loss_mask as float32 (optionally poisoned with a NaN, for tests)."""
-    out = {k: np.asarray(batch[k]) for k in DEVICE_KEYS if k in batch}
-    out["loss_mask"] = out["loss_mask"].astype(np.float32)
+    """The keys the step reads, with loss_mask (a cloze batch: score_mask) as float32 (optionally poisoned with
+    a NaN, for tests)."""
+    cloze = "choice_mask" in batch
+    out = {k: np.asarray(batch[k]) for k in (CLOZE_KEYS if cloze else DEVICE_KEYS) if k in batch}
+    m = "score_mask" if cloze else "loss_mask"
+    out[m] = out[m].astype(np.float32)
     if nan_at:
-        out["loss_mask"] = out["loss_mask"].copy()
-        out["loss_mask"][0, 0] = np.nan
+        out[m] = out[m].copy()
+        out[m][(0,) * out[m].ndim] = np.nan
     return out
 
 

@@ -184,6 +184,8 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
     With `select` (and no chunking) the projection runs only at the positions that carry loss (see
     fused_head): blank infilling puts loss on Part B alone, so most logits would be thrown away.
     """
+    if "choice_mask" in batch:  # objective=cloze
+        return cloze_sums(module, params, batch)
     cfg = module.cfg
     ids, pos, prefix_len, seg = model_inputs(cfg, batch)
     _, hidden = module.apply({"params": params}, ids, None, pos, prefix_len, segment_ids=seg, return_hidden=True)
@@ -206,3 +208,21 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
         out = _head_sums(cfg, h_BTD, w, targets_BT, mask_BT)
     sums = {"ce": out[0], "z": out[1], "correct": out[2], "count": jnp.sum(mask_BT)}
     return out[0] + z_loss * out[1], sums
+
+
+def cloze_sums(module, params, batch):
+    """objective=cloze (glm_jax/data/cloze.py batches of N records x C candidates): glm_jax.eval.cloze's
+    cloze_loss summed instead of averaged -- ce = sum over records of -log softmax(candidate scores)[label] --,
+    correct = records whose best-scoring candidate is the label, count = N records (the step divides by it).
+    A candidate's score: the sum of its target log-probs, / (its target count) ** the row's length_penalty."""
+    from glm_jax.eval.cloze import candidate_scores
+
+    s_NC = candidate_scores(module, params, batch)
+    lp_N = batch["length_penalty"].astype(jnp.float32)
+    s_NC = s_NC / jnp.maximum(jnp.sum(batch["score_mask"], axis=-1), 1.0) ** lp_N[:, None]  # x ** 0 = 1
+    labels_N = batch["labels"].astype(jnp.int32)
+    logp_NC = jax.nn.log_softmax(s_NC, axis=-1)
+    ce = -jnp.sum(jnp.take_along_axis(logp_NC, labels_N[:, None], axis=-1))
+    correct = jnp.sum((jnp.argmax(s_NC, axis=-1) == labels_N).astype(jnp.float32))
+    count = jnp.asarray(labels_N.shape[0], jnp.float32)
+    return ce, {"ce": ce, "z": jnp.zeros((), jnp.float32), "correct": correct, "count": count}

@@ -182,9 +182,7 @@ class Run:
         self.batch_sh_one = parallel.batch_sharding(mesh, 1, (B,))
         lo, hi = data_lib.process_rows(self.batch_sh_one, B)
         rows = hi - lo
-        from train.sft_data import make_sft_batches
-
-        make = make_sft_batches if tc.objective == "sft" else data_lib.make_batches
+        make = data_lib.batch_maker(tc.objective)
         self.data = make(tc, rows, lo // rows, B // rows)
         self.eval_data = None
         if tc.eval_every:
