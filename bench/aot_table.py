@@ -142,21 +142,27 @@ def moe_checks() -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def memory_cells(r) -> str:
+    """'| GiB per chip | HBM GiB | fits |' of one compile report (None, or a row that did not run: 'not run')."""
+    if r is None or "error" in r:
+        return f"| {'not run' if r is None else 'error: ' + r['error'][:80]} | | |"
+    mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
+    mem = "?" if mem is None else f"{mem / GIB:.2f}"
+    hbm = "?" if not hbm else f"{hbm / GIB:.2f}"
+    return f"| {mem} | {hbm} | {dict([(True, 'yes'), (False, 'no')]).get(r['fits'], '?')} |"
+
+
+def shape_cell(r) -> str:
+    return "" if r is None or "error" in r else f"{r['batch_size']} x {r['seq_len']}"
+
+
 def moe_markdown(res) -> str:
     lines = ["| model | slice | mesh | batch x T | GiB per chip | HBM GiB | fits |", "|---|---|---|---|---|---|---|"]
     for name in moe_checks():
         r = res.get(name)
         label, where = name.split(" | ")
-        if r is None or "error" in r:
-            lines.append(f"| {label} | {where} | | | {'not run' if r is None else r['error'][:80]} | | |")
-            continue
-        mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-        mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
-        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
-        lines.append(
-            f"| {label} | {where} | {mesh} | {r['batch_size']} x {r['seq_len']} | {mem / GIB:.2f} | {hbm / GIB:.2f} | "
-            f"{fits} |"
-        )
+        mesh = "" if r is None or "error" in r else " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        lines.append(f"| {label} | {where} | {mesh} | {shape_cell(r)} " + memory_cells(r))
     return "\n".join(lines)
 
 
@@ -168,15 +174,7 @@ def finetune_markdown(res) -> str:
     for name in finetune_checks():
         r = res.get(name)
         method, where = name.split(" | ")
-        if r is None or "error" in r:
-            lines.append(f"| {method} | {where} | | {'not run' if r is None else r['error'][:80]} | | | |")
-            continue
-        mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
-        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
-        lines.append(
-            f"| {method} | {where} | {r['batch_size']} x {r['seq_len']} | {mem / GIB:.2f} | {hbm / GIB:.2f} | "
-            f"{fits} | {THUDM_MIB[method]} |"
-        )
+        lines.append(f"| {method} | {where} | {shape_cell(r)} " + memory_cells(r) + f" {THUDM_MIB[method]} |")
     return "\n".join(lines)
 
 
@@ -232,14 +230,8 @@ def run_row(row=None, config=None, args=()) -> dict:
 def fmt_row(row, res) -> str:
     att = "kernel" if row.get("attention", "auto") == "auto" else "XLA"
     head = f"| {row['label']} | {row['seq_len'] // 1024}K | {row['slice']} | {att} | {row['chips'] // CONTEXT} "
-    if res is None:
-        return head + "| not run | | | |"
-    if "error" in res:
-        return head + f"| error: {res['error'][:80]} | | | |"
-    mem = res["peak_memory_bytes_per_device"]
-    mem = "?" if mem is None else f"{mem / GIB:.2f}"
-    hbm = res["hbm_bytes_per_device"]
-    fits = {True: "yes", False: "no", None: "?"}[res["fits"]]
+    if res is None or "error" in res:
+        return head + memory_cells(res) + " |"
     xla = res["xla_over_model_flops"] if res.get("flops_extrapolated") else None
     tot = res["total_over_model_flops"]
     fl = (
@@ -247,8 +239,7 @@ def fmt_row(row, res) -> str:
         if xla is None
         else (f"{xla:.2f}" if not res["attention_kernel"] else f"{xla:.2f} + {tot - xla:.2f} = {tot:.2f}")
     )
-    hbm = "?" if not hbm else f"{hbm / GIB:.2f}"
-    return head + f"| {mem} | {hbm} | {fits} | {fl} |"
+    return head + memory_cells(res) + f" {fl} |"
 
 
 def markdown(table) -> str:
@@ -296,15 +287,8 @@ def linear_check(table) -> list[str]:
 def config_markdown(configs) -> str:
     lines = ["| config | slice | model | batch x T | GiB per chip | HBM GiB | fits |", "|---|---|---|---|---|---|---|"]
     for name, r in sorted(configs.items()):
-        if "error" in r:
-            lines.append(f"| {name} | | | | error: {r['error'][:80]} | | |")
-            continue
-        mem, hbm = r["peak_memory_bytes_per_device"], r["hbm_bytes_per_device"]
-        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
-        lines.append(
-            f"| {name} | {r['topology']} | {r['model']} | {r['batch_size']} x {r['seq_len']} | "
-            f"{mem / GIB:.2f} | {hbm / GIB:.2f} | {fits} |"
-        )
+        where = "" if "error" in r else f"{r['topology']} | {r['model']}"
+        lines.append(f"| {name} | {where or ' | '} | {shape_cell(r)} " + memory_cells(r))
     return "\n".join(lines)
 
 
