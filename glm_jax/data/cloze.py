@@ -25,8 +25,7 @@ import json
 
 import numpy as np
 
-from glm_jax.data.sft import _jsonl_files
-from glm_jax.inputs import decode_text
+from glm_jax.data.sft import _jsonl_files, jsonl_lines
 
 BLANK = "[MASK]"
 
@@ -114,31 +113,22 @@ def read_jsonl(path, tok, prefix, verbalizer=None, max_len: int | None = None, r
     encode = _encoder(tok)
     cand_ids = [encode(v) for v in verbalizer.values()] if verbalizer else None
     out = []
-    for file in _jsonl_files(path):
-        with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                text, bad = decode_text(raw)
-                if bad:
-                    rep.invalid_utf8[file] = rep.invalid_utf8.get(file, 0) + bad
-                try:
-                    ex = encode_record(json.loads(text), encode, prefix, verbalizer, cand_ids)
-                    longest = len(ex[0]) + len(ex[2]) + 2 + max(len(c) for c in ex[1])  # Part A, <sop>, candidate
-                    if max_len is not None and longest > max_len:
-                        raise ClozeRecordError(
-                            f"{longest} tokens (Part A + <sop> + candidate) exceed seq_len {max_len}"
-                        )
-                except json.JSONDecodeError as e:
-                    rep.skipped.append((file, lineno, f"invalid JSON: {e}"))
-                    continue
-                except ClozeRecordError as e:
-                    rep.skipped.append((file, lineno, str(e)))
-                    continue
-                except ValueError as e:
-                    raise ValueError(f"{file}:{lineno}: {e}") from None
-                rep.records += 1
-                out.append(ex)
+    for file, lineno, text in jsonl_lines(_jsonl_files(path), rep.invalid_utf8):
+        try:
+            ex = encode_record(json.loads(text), encode, prefix, verbalizer, cand_ids)
+            longest = len(ex[0]) + len(ex[2]) + 2 + max(len(c) for c in ex[1])  # Part A, <sop>, candidate
+            if max_len is not None and longest > max_len:
+                raise ClozeRecordError(f"{longest} tokens (Part A + <sop> + candidate) exceed seq_len {max_len}")
+        except json.JSONDecodeError as e:
+            rep.skipped.append((file, lineno, f"invalid JSON: {e}"))
+            continue
+        except ClozeRecordError as e:
+            rep.skipped.append((file, lineno, str(e)))
+            continue
+        except ValueError as e:
+            raise ValueError(f"{file}:{lineno}: {e}") from None
+        rep.records += 1
+        out.append(ex)
     return out, rep
 
 

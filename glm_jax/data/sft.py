@@ -135,6 +135,20 @@ def _jsonl_files(path) -> list[str]:
 _ERROR_KIND = {json.JSONDecodeError: "invalid JSON: "}
 
 
+def jsonl_lines(files, invalid_utf8: dict) -> Iterator[tuple[str, int, str]]:
+    """(file, line number, text) of every non-blank line of the files; invalid UTF-8 is replaced with U+FFFD and
+    counted per file in `invalid_utf8`."""
+    for path in files:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                text, bad = decode_text(raw)
+                if bad:
+                    invalid_utf8[path] = invalid_utf8.get(path, 0) + bad
+                yield path, lineno, text
+
+
 class SFTReader:
     """Iterator over (input_ids, labels) of read_jsonl; `report` fills in while it is consumed."""
 
@@ -154,25 +168,18 @@ class SFTReader:
     def _rows(self, tok, format, max_len) -> Iterator[tuple[list[int], list[int]]]:
         rep = self.report
         turn = user_token(tok) if format in CHAT_FORMATS else None
-        for path in self.files:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    text, bad = decode_text(raw)
-                    if bad:
-                        rep.invalid_utf8[path] = rep.invalid_utf8.get(path, 0) + bad
-                    try:
-                        out = encode(tok, json.loads(text), format)
-                    except (json.JSONDecodeError, SFTRecordError) as e:
-                        kind = _ERROR_KIND.get(type(e), "")
-                        rep.skipped.append((path, lineno, f"{kind}{e}"))
-                        continue
-                    if out is None:
-                        rep.dropped += 1
-                        continue
-                    rep.records += 1
-                    yield truncate(*out, max_len, rep, turn) if max_len is not None else out
+        for path, lineno, text in jsonl_lines(self.files, rep.invalid_utf8):
+            try:
+                out = encode(tok, json.loads(text), format)
+            except (json.JSONDecodeError, SFTRecordError) as e:
+                kind = _ERROR_KIND.get(type(e), "")
+                rep.skipped.append((path, lineno, f"{kind}{e}"))
+                continue
+            if out is None:
+                rep.dropped += 1
+                continue
+            rep.records += 1
+            yield truncate(*out, max_len, rep, turn) if max_len is not None else out
 
 
 def read_jsonl(path_or_dir, tok, format: str, max_len: int | None = None, report: SFTReport | None = None) -> SFTReader:
