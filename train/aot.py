@@ -208,14 +208,20 @@ def _xla_flops(tc, cfg, devices, compiled, n_dev):
     loops = cfg.scan_layers or tc.grad_accum > 1
     if loops and tc.flops_extrapolate:
         one = dataclasses.replace(tc, grad_accum=1)
+        # the first d layers of a MoE model are dense: compile d+1 and d+2 layers so the difference is a MoE layer
+        d = min(cfg.first_k_dense_replace, cfg.num_layers - 1) if cfg.num_experts else 0
         try:
-            f1 = _flops(compile_step(one, cfg.replace(num_layers=1, scan_layers=False), devices)[0]) * n_dev
-            f2 = _flops(compile_step(one, cfg.replace(num_layers=2, scan_layers=False), devices)[0]) * n_dev
+            f1 = _flops(compile_step(one, cfg.replace(num_layers=d + 1, scan_layers=False), devices)[0]) * n_dev
+            f2 = _flops(compile_step(one, cfg.replace(num_layers=d + 2, scan_layers=False), devices)[0]) * n_dev
         except DoesNotFit:
             return raw, raw, None, "as compiled (the unrolled 1-/2-layer compiles do not fit): loops counted once"
         per_layer = f2 - f1
-        method = "extrapolated from unrolled 1- and 2-layer compiles without an accumulation loop: F1 + (L-1)(F2-F1)"
-        return f1 + (cfg.num_layers - 1) * per_layer, raw, per_layer, method
+        n1 = d + 1
+        method = (
+            f"extrapolated from unrolled {n1}- and {n1 + 1}-layer compiles without an accumulation loop: "
+            f"F{n1} + (L-{n1})(F{n1 + 1}-F{n1})"
+        )
+        return f1 + (cfg.num_layers - n1) * per_layer, raw, per_layer, method
     if loops:
         return (
             raw,

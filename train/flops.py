@@ -9,10 +9,22 @@ from flax import traverse_util
 from glm_jax.model.transformer import param_shapes
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Model (not XLA) training flops per token: 6·(matmul params) + 12·L·T·N·H for dense attention."""
+def active_matmul_params(cfg, mtp: bool = False) -> float:
+    """Parameters one token multiplies through: embeddings out; each routed expert tensor [E, ...] counts at
+    num_experts_per_tok / E (the active-parameter count of a MoE); the MTP layers only when their loss trains."""
     flat = traverse_util.flatten_dict(param_shapes(cfg), sep="/")
-    n = sum(math.prod(v.shape) for k, v in flat.items() if not k.endswith("embedding"))
+    n = 0.0
+    for k, v in flat.items():
+        if k.endswith("embedding") or (k.startswith("mtp_") and not mtp) or k.endswith("score_bias"):
+            continue
+        share = cfg.num_experts_per_tok / cfg.num_experts if "/moe/experts/" in k else 1.0
+        n += share * math.prod(v.shape)
+    return n
+
+
+def flops_per_token(cfg, seq_len: int, mtp: bool = False) -> float:
+    """Model (not XLA) training flops per token: 6·(active matmul params) + 12·L·T·N·H for dense attention."""
+    n = active_matmul_params(cfg, mtp)
     if cfg.tie_word_embeddings:
         n += cfg.vocab_size * cfg.hidden_size
     attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
