@@ -322,6 +322,7 @@ def validate(cfg: dict) -> None:
     for k in _FINITE:
         if not math.isfinite(cfg[k]):
             raise TrainConfigError(f"{k} must be a finite number, got {cfg[k]}")
+    _check_moe(cfg)
     _check_data_keys(cfg)
     for k in POSITIVE:
         if cfg[k] < 1:
@@ -342,7 +343,6 @@ def validate(cfg: dict) -> None:
     if not isinstance(cfg["freeze"], list) or not all(isinstance(p, str) for p in cfg["freeze"]):
         raise TrainConfigError(f"freeze must be a list of path patterns, got {cfg['freeze']!r}")
     _check_adapters(cfg)
-    _check_moe(cfg)
 
 
 def _check_moe(cfg: dict) -> None:
