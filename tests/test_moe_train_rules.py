@@ -319,8 +319,8 @@ def test_glm_train_expert_axis_and_accumulation_equal_one_device(tmp_path):
     train(_run_config(ep, *RUN_KEYS, *keys))
     a, b = metrics(one), metrics(ep)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
-    names = ["loss", "mtp_loss", "moe/aux_loss", "moe/load_max_over_mean", "moe/load_max_over_mean/layer_2"]
-    names += ["moe/load_max_over_mean/mtp_0"]
+    names = ["loss", "mtp_loss", "moe/aux_loss", "moe/seq_balance", "moe/load_max_over_mean"]
+    names += [f"moe/load_max_over_mean/{n}" for n in ("layer_1", "layer_2", "mtp_0")]
     for ra, rb in zip(a, b):
         for k in names:
             assert abs(ra[k] - rb[k]) <= 1e-4 * abs(ra[k]), (ra["step"], k, ra[k], rb[k])
