@@ -77,6 +77,14 @@ class PTuningConfig:
 
 
 @dataclasses.dataclass
+class MoEConfig:
+    """Mixture-of-experts balancing (GLM-4.5 / DeepSeek-V3; train/moe_rules.py); 0 = off."""
+
+    bias_update_rate: float = 0.0  # aux-loss-free balancing: score bias += rate * sign(mean load - load) per step
+    aux_loss_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss, summed over MoE layers
+
+
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
@@ -104,6 +112,8 @@ class TrainConfig:
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) over loss tokens
     loss_select: bool = True  # output projection only at loss positions (packed per batch shard; exact)
     loss_chunk: int = 0  # >0: the output projection + loss in blocks of this many positions (memory)
+    mtp_loss_weight: float = 0.0  # GLM-4.5: + weight x the MTP layers' next-next-token CE (0.3 in its recipe)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
@@ -160,6 +170,7 @@ _FINITE = (
     "weight_decay",
     "grad_clip",
     "z_loss",
+    "mtp_loss_weight",
     "embedding_grad_shrink",
     "plot_every_seconds",
     "peak_flops",
@@ -294,6 +305,7 @@ def build(config_file=None, overrides=()) -> TrainConfig:
             "distributed": DistributedConfig(**cfg["distributed"]),
             "lora": LoraConfig(**cfg["lora"]),
             "ptuning": PTuningConfig(**cfg["ptuning"]),
+            "moe": MoEConfig(**cfg["moe"]),
         }
     )
 
@@ -310,6 +322,7 @@ def validate(cfg: dict) -> None:
     for k in _FINITE:
         if not math.isfinite(cfg[k]):
             raise TrainConfigError(f"{k} must be a finite number, got {cfg[k]}")
+    _check_moe(cfg)
     _check_data_keys(cfg)
     for k in POSITIVE:
         if cfg[k] < 1:
@@ -330,6 +343,23 @@ def validate(cfg: dict) -> None:
     if not isinstance(cfg["freeze"], list) or not all(isinstance(p, str) for p in cfg["freeze"]):
         raise TrainConfigError(f"freeze must be a list of path patterns, got {cfg['freeze']!r}")
     _check_adapters(cfg)
+
+
+def _check_moe(cfg: dict) -> None:
+    """mtp_loss_weight and moe.*: numbers >= 0; not for cloze; not with an adapter where they change the base.
+    Whether the model has MTP layers and experts: train/moe_rules.py check_model."""
+    keys = {"mtp_loss_weight": cfg["mtp_loss_weight"], **{f"moe.{k}": v for k, v in cfg["moe"].items()}}
+    for k, v in keys.items():
+        if not math.isfinite(v) or v < 0:
+            raise TrainConfigError(f"{k} must be a finite number >= 0 (0: off), got {v}")
+    on = [k for k, v in keys.items() if v]
+    if on and cfg["objective"] == "cloze":
+        raise TrainConfigError(f"{on[0]} applies to language-model batches; objective=cloze has none (set it to 0)")
+    base = [k for k in on if k != "moe.aux_loss_weight"]
+    if base and (cfg["lora"]["rank"] or cfg["ptuning"]["pre_seq_len"]):
+        raise TrainConfigError(
+            f"{base[0]} changes the base model (MTP layers, score biases); an adapter run keeps it bit-identical"
+        )
 
 
 def _check_adapters(cfg: dict) -> None:

@@ -174,7 +174,7 @@ def _fused_head_bwd(cfg, z_loss, res, g):
 fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
 
 
-def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select: bool = True):
+def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select: bool = True, rules=None, sc=None):
     """Sums over the (micro)batch: CE·mask, z-loss term, correct predictions, loss tokens.
 
     The output projection and the loss are computed here from the model's final hidden states (the model's own
@@ -183,16 +183,56 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
     backward pass (jax.checkpoint) -- a long sequence with a 150k vocabulary needs GBs per row otherwise.
     With `select` (and no chunking) the projection runs only at the positions that carry loss (see
     fused_head): blank infilling puts loss on Part B alone, so most logits would be thrown away.
+
+    `rules` (train/moe_rules.py, a MoE model): the sums also hold the expert loads ("loads"), the balance term
+    ("balance") and the MTP layers' CE sums and counts ("mtp_ce", "mtp_count" [M]); the objective gains the MTP
+    and balance losses, weighted with the normalisers `sc` (moe_rules.scales of the whole step's batch).
     """
     if "choice_mask" in batch:  # objective=cloze
         return cloze_sums(module, params, batch)
+    from train import moe_rules
+
     cfg = module.cfg
     ids, pos, prefix_len, seg = model_inputs(cfg, batch)
-    _, hidden = module.apply({"params": params}, ids, None, pos, prefix_len, segment_ids=seg, return_hidden=True)
+    mutable = ["intermediates"] if rules is not None else False
+    res = module.apply(
+        {"params": params}, ids, None, pos, prefix_len, segment_ids=seg, return_hidden=True, mutable=mutable
+    )
+    (_, hidden), inter = res if rules is not None else (res, {})
     h_BTD = hidden["final"]
     w = params["embed"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     mask_BT = batch["loss_mask"].astype(jnp.float32)
-    targets_BT = batch["targets"].astype(jnp.int32)
+    out = _head(cfg, h_BTD, w, batch["targets"].astype(jnp.int32), mask_BT, z_loss, chunk, select)
+    sums = {"ce": out[0], "z": out[1], "correct": out[2], "count": jnp.sum(mask_BT)}
+    total = out[0] + z_loss * out[1]
+    if rules is None:
+        return total, sums
+    trees = [inter.get("intermediates", {})]
+    if rules.num_mtp:
+        h_M, mtp_inter = module.apply(
+            {"params": params},
+            h_BTD,
+            ids,
+            None,
+            pos,
+            prefix_len,
+            segment_ids=seg,
+            shared=True,
+            return_hidden=True,
+            method="mtp",
+            mutable=["intermediates"],
+        )
+        trees.append(mtp_inter.get("intermediates", {}))
+        mtp = [_head(cfg, h_M[j], w, *moe_rules.mtp_targets(batch, j), 0.0, chunk, select) for j in range(len(h_M))]
+        sums["mtp_ce"] = jnp.stack([o[0] for o in mtp])
+        sums["mtp_count"] = jnp.stack([jnp.sum(moe_rules.mtp_targets(batch, j)[1]) for j in range(len(h_M))])
+    sums["loads"], sums["balance"] = moe_rules.read_intermediates(*trees)
+    total = total + moe_rules.objective_terms(rules, sc, sums.get("mtp_ce"), sums["balance"])
+    return total, sums
+
+
+def _head(cfg, h_BTD, w, targets_BT, mask_BT, z_loss, chunk, select):
+    """[CE·mask, lse²·mask, correct·mask] sums of the output projection w on hidden states h (see loss_sums)."""
     B, T = targets_BT.shape
     if chunk and chunk < T and T % chunk == 0:
         n = T // chunk
@@ -202,12 +242,10 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
 
         body = jax.checkpoint(lambda acc, xs: (acc + _head_sums(cfg, xs[0], w, xs[1], xs[2]), None))
         out, _ = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (split(h_BTD), split(targets_BT), split(mask_BT)))
-    elif select:
-        out = fused_head(cfg, float(z_loss), h_BTD, w, targets_BT, mask_BT)
-    else:
-        out = _head_sums(cfg, h_BTD, w, targets_BT, mask_BT)
-    sums = {"ce": out[0], "z": out[1], "correct": out[2], "count": jnp.sum(mask_BT)}
-    return out[0] + z_loss * out[1], sums
+        return out
+    if select:
+        return fused_head(cfg, float(z_loss), h_BTD, w, targets_BT, mask_BT)
+    return _head_sums(cfg, h_BTD, w, targets_BT, mask_BT)
 
 
 def cloze_sums(module, params, batch):

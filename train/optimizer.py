@@ -51,13 +51,14 @@ def frozen_mask(params, patterns):
 
 def not_trained(cfg, tc) -> list:
     """Patterns of params that no optimizer step changes whatever `freeze` says: buffers (the MoE router's
-    score bias, glm_jax.model.moe.BUFFER_NAMES) and the MTP layers when no MTP loss trains them (weight decay would
-    otherwise shrink them; frozen they export bit for bit)."""
+    score bias, glm_jax.model.moe.BUFFER_NAMES; moe.bias_update_rate moves it by a rule), the MTP layers when no MTP
+    loss trains them (weight decay would otherwise shrink them; frozen they export bit for bit), and with an MTP
+    loss their embedding and head copies (the loss trains the main ones, which the step copies into them)."""
     from glm_jax.model.moe import BUFFER_NAMES
 
     pats = [f"*/{n}" for n in BUFFER_NAMES] if cfg.num_experts else []
-    if cfg.num_mtp_layers and not getattr(tc, "mtp_loss_weight", 0.0):
-        pats.append("mtp_*")
+    if cfg.num_mtp_layers:
+        pats += ["mtp_*/embed/*", "mtp_*/head/*"] if getattr(tc, "mtp_loss_weight", 0.0) else ["mtp_*"]
     return pats
 
 

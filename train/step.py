@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train import moe_rules
 from train.loss import loss_sums
 
 EMBED_PATH = ("embed", "embedding")  # the word-embedding table (GLM-130B gradient shrink applies here)
@@ -28,22 +29,24 @@ def _microbatches(batch, A: int):
 
 
 # ---------------------------------------------------------------- the step
-def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, params_fn=None):
-    """`params_fn(params)`: the model params the loss sees (an adapter run's base with the adapter applied,
-    train/adapters.py); identity when None."""
+def make_grad_fn(module, tc, frozen, grad_shardings=None, params_fn=None, rules=None):
+    """(params, batch) -> (gradients of the step's objective, divided by the loss-token count, and the sums):
+    the loss over the whole batch, accumulated over tc.grad_accum microbatches. `params_fn(params)`: the model
+    params the loss sees (an adapter run's base with the adapter applied, train/adapters.py); identity when
+    None. `rules`: train/moe_rules.py's (MTP and balance losses, expert loads), or None."""
     A = tc.grad_accum
     to_model = params_fn or (lambda p: p)
-    clip, alpha, zc, chunk = tc.grad_clip, tc.embedding_grad_shrink, tc.z_loss, tc.loss_chunk
+    zc, chunk = tc.z_loss, tc.loss_chunk
     select = tc.loss_select
 
-    def grads_of(params, batch):
+    def grads_of(params, batch, sc):
         # frozen params are constants inside the differentiated function: autodiff computes no gradient for them
         # (their entries come back as zeros, and the base's weight-gradient products are never built). A
         # stop_gradient applied before value_and_grad would not do that: the gradient w.r.t. its output is the
         # full one, which costs a whole backward pass for a LoRA run and enters grad_norm and clipping.
         def loss(q):
             q = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, q, frozen)
-            return loss_sums(module, to_model(q), batch, zc, chunk, select)
+            return loss_sums(module, to_model(q), batch, zc, chunk, select, rules, sc)
 
         (_, sums), g = jax.value_and_grad(loss, has_aux=True)(params)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
@@ -51,22 +54,36 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
             g = jax.lax.with_sharding_constraint(g, grad_shardings)
         return g, sums
 
-    def train_step(state, batch):
-        params, opt_state = state["params"], state["opt_state"]
+    def grad_fn(params, batch):
+        sc = moe_rules.scales(rules, batch, A) if rules is not None else None
         if A == 1:
-            grads, sums = grads_of(params, batch)
+            grads, sums = grads_of(params, batch, sc)
         else:
 
             def body(carry, mb):
-                g, s = grads_of(params, mb)
+                g, s = grads_of(params, mb, sc)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zero = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], _microbatches(batch, A)))
-            )
+            first = jax.tree.map(lambda x: x[0], _microbatches(batch, A))
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, first, sc))
             (grads, sums), _ = jax.lax.scan(body, zero, _microbatches(batch, A))
         count = jnp.maximum(sums["count"], 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        return jax.tree.map(lambda g: g / count, grads), sums
+
+    return grad_fn
+
+
+def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, params_fn=None):
+    """`params_fn(params)`: the model params the loss sees (an adapter run's base with the adapter applied,
+    train/adapters.py); identity when None."""
+    rules = moe_rules.Rules.of(module.cfg, tc)
+    grad_fn = make_grad_fn(module, tc, frozen, grad_shardings, params_fn, rules)
+    clip, alpha = tc.grad_clip, tc.embedding_grad_shrink
+
+    def train_step(state, batch):
+        params, opt_state = state["params"], state["opt_state"]
+        grads, sums = grad_fn(params, batch)
+        count = jnp.maximum(sums["count"], 1.0)
         if alpha != 1.0 and EMBED_PATH[0] in grads:
             # GLM-130B: word_emb * alpha + stop_grad(word_emb) * (1 - alpha) — the forward value is unchanged,
             # the gradient reaching the table is scaled by alpha.
@@ -83,6 +100,8 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
         def apply(params, opt_state):
             updates, new_opt = tx.update(grads, opt_state, params)
             new_params = jax.tree.map(lambda p, u, f: p if f else (p - lr * u).astype(p.dtype), params, updates, frozen)
+            if rules is not None:  # the score biases' balancing rule, the MTP layers' head copies
+                new_params = moe_rules.after_update(new_params, module.cfg, rules, sums)
             return new_params, new_opt
 
         # a non-finite step leaves params and optimizer state as they were (a branch, not a select between old
@@ -98,6 +117,8 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
             "loss_tokens": sums["count"],
             "skipped": 1 - ok.astype(jnp.int32),
         }
+        if rules is not None:
+            metrics.update(moe_rules.metrics(rules, sums, tc.grad_accum))
         return new_state, metrics
 
     return train_step

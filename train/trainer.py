@@ -17,7 +17,7 @@ from glm_jax.sharding import axis_rules
 from train import adapters as train_adapters
 from train import data as data_lib
 from train import flops as flops_lib
-from train import optimizer, parallel
+from train import moe_rules, optimizer, parallel
 from train import step as step_lib
 from train.checkpointing import Checkpointer, TrainingStopped, gather_json
 from train.config import TrainConfig, TrainConfigError
@@ -70,6 +70,7 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     """Optimizer, frozen mask, the train step function, and the state's shardings and abstract shapes."""
     from glm_jax.model.transformer import GLMModel, param_shapes
 
+    moe_rules.check_model(tc, cfg)  # mtp_loss_weight / moe.* need MTP layers / experts
     adapter = train_adapters.plan(tc, cfg)  # LoRA / P-Tuning: only the adapter trains
     model_shapes = param_shapes(cfg)
     pshapes = adapter.shapes(model_shapes) if adapter else model_shapes
@@ -414,4 +415,7 @@ def _summarise(step, vals, tps, mfu) -> dict:
     }
     if any(float(v["z_loss"]) for v in ok):
         rec["z_loss"] = mean("z_loss")
+    for k in vals[0]:  # train/moe_rules.py's metrics: mtp_loss, moe/...
+        if k.startswith(("moe/", "mtp_")):
+            rec[k] = mean(k)
     return rec

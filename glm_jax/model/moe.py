@@ -62,6 +62,20 @@ def expert_load(idx_NK, num_experts: int):
     return jnp.bincount(idx_NK.reshape(-1), length=num_experts).astype(jnp.int32)
 
 
+def sequence_balance(scores_NE, idx_NK, rows: int):
+    """DeepSeek-V3's complementary sequence-wise balance term, averaged over the `rows` sequences the N tokens
+    form (each T = N / rows tokens, in any order): per sequence sum_e f_e P_e with f_e = E / (k T) · (tokens
+    whose top-k holds e) and P_e = the mean over its tokens of s_e / sum(s), s the unbiased sigmoid scores.
+    f is a count (no gradient); the gradient flows through P."""
+    N, E = scores_NE.shape
+    k, T = idx_NK.shape[1], N // rows
+    row_N = jnp.arange(N, dtype=jnp.int32) // T
+    count_RE = jnp.zeros((rows, E), jnp.float32).at[row_N[:, None], idx_NK].add(1.0)
+    f_RE = jax.lax.stop_gradient(count_RE) * (E / (k * T))
+    p_RE = (scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)).reshape(rows, T, E).mean(axis=1)
+    return jnp.mean(jnp.sum(f_RE * p_RE, axis=-1))
+
+
 def grouped_swiglu(x_ND, idx_NK, w_NK, gate_EDI, up_EDI, down_EID, dt):
     """Σ_j w[n, j] · SwiGLU_{idx[n, j]}(x[n]) for every token, dropless: (token, expert) pairs sorted by expert,
     each projection one jax.lax.ragged_dot over the experts' contiguous groups. A pair whose expert id is E or more
@@ -182,9 +196,12 @@ class MoE(nn.Module):
         c = self.cfg
         dt = dtype_of(c.dtype)
         x_ND = x.reshape(-1, c.hidden_size)
-        w, idx, _ = Router(c, name="router")(x_ND)
-        if not self.is_initializing():
+        w, idx, scores = Router(c, name="router")(x_ND)
+        if self.is_mutable_collection("intermediates") and not self.is_initializing():
+            # what glm-train's MoE rules read (train/moe_rules.py): the load, and the balance loss term
             self.sow("intermediates", "expert_load", expert_load(idx, c.num_experts))
+            rows = x.shape[0] if x.ndim == 3 else 1
+            self.sow("intermediates", "sequence_balance", sequence_balance(scores, idx, rows))
         y = Experts(c, name="experts")(x_ND, idx, w)
         if c.n_shared_experts:
             y = y + SwiGLU(c, c.n_shared_experts * c.moe_intermediate_size, name="shared")(x_ND).astype(jnp.float32)

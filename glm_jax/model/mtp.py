@@ -11,6 +11,10 @@ as transformers' `MtpLayer`/`MtpModel` (modeling_layers.py) and the GLM-4.5 chec
 `enorm`, `hnorm`, `shared_head.norm`, `shared_head.head`, `embed_tokens`). The layer uses its own stored
 `embed_tokens` and `shared_head.head` (in the released checkpoints copies of the main model's). Positions past
 the end of the sequence see token id 0; their predictions have no target.
+
+Training (glm-train's `mtp_loss_weight`) follows DeepSeek-V3 and Megatron: the MTP layers share the main model's
+embedding and output head (`shared=True` in GLMModel.mtp feeds them the main embedding; the trainer applies the
+main head), as transformers' MtpModel ties them for drafting.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ class MTPLayer(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, h_BTD, ids_BT, position_ids, mask):
-        """(logits [B, T, V] float32, h' [B, T, D]) for hidden states h and the ids it is fed (already shifted)."""
+    def __call__(self, h_BTD, ids_BT, position_ids, mask, e_BTD=None):
+        """(logits [B, T, V] float32, h' [B, T, D]) for hidden states h and the ids it is fed (already shifted).
+        e_BTD: those ids' embeddings from another table (the main model's), instead of this layer's own."""
         c = self.cfg
         dt = dtype_of(c.dtype)
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
@@ -53,7 +58,9 @@ class MTPLayer(nn.Module):
         def norm(name):
             return Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype, name=name)
 
-        e = _Table(c.vocab_size, c.hidden_size, c.param_dtype, name="embed")(ids_BT).astype(dt)
+        if e_BTD is None:
+            e_BTD = _Table(c.vocab_size, c.hidden_size, c.param_dtype, name="embed")(ids_BT)
+        e = e_BTD.astype(dt)
         a = jnp.concatenate([norm("enorm")(e), norm("hnorm")(h_BTD)], axis=-1)
         D = c.hidden_size
         x = Dense((2 * D,), (D,), ("mlp", "embed"), False, name="eh_proj", **kw)(a)
@@ -70,10 +77,13 @@ def shift_ids(ids_BT, by: int):
     return jnp.concatenate([ids_BT[:, by:], jnp.zeros_like(ids_BT[:, :by])], axis=1)
 
 
-def mtp_logits(layers, final_BTD, input_ids, position_ids, mask):
-    """[M, B, T, V]: MTP layer j's logits at position t predict token t+j+2."""
+def mtp_logits(layers, final_BTD, input_ids, position_ids, mask, embed=None, return_hidden=False):
+    """[M, B, T, V]: MTP layer j's logits at position t predict token t+j+2. `embed`: a function of ids giving
+    the embeddings the layers take (None: each layer's own table). return_hidden: [M, B, T, D] head-normed
+    hidden states instead of the logits (for a caller that applies the output head itself)."""
     h, out = final_BTD, []
     for j, layer in enumerate(layers):
-        logits, h = layer(h, shift_ids(input_ids, j + 1), position_ids, mask)
-        out.append(logits)
+        ids = shift_ids(input_ids, j + 1)
+        logits, h = layer(h, ids, position_ids, mask, None if embed is None else embed(ids))
+        out.append(h if return_hidden else logits)
     return jnp.stack(out)

@@ -96,7 +96,7 @@ class GLMModel(nn.Module):
             def stack(n, moe, name):
                 return nn.scan(
                     LayerBody,
-                    variable_axes={"params": 0},
+                    variable_axes={"params": 0, "intermediates": 0},  # sown values stack per layer
                     split_rngs={"params": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=n,
@@ -212,16 +212,34 @@ class GLMModel(nn.Module):
         x, ys1 = self.layers(x, jax.tree.map(lambda a: a[k:], xs), position_ids, mask, cache_index)
         return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys0, ys1)
 
-    def mtp(self, final_BTD, input_ids, attention_mask=None, position_ids=None, prefix_len=None):
+    def mtp(
+        self,
+        final_BTD,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        prefix_len=None,
+        *,
+        segment_ids=None,
+        shared=False,
+        return_hidden=False,
+    ):
         """[M, B, T, V] float32: MTP layer j's logits at position t predict token t+j+2 (glm_jax/model/mtp.py).
         final_BTD: the main model's final-normed hidden states (`return_hidden=True` gives them as "final").
-        Call with `module.apply(variables, final, ids, ..., method="mtp")`."""
+        Call with `module.apply(variables, final, ids, ..., method="mtp")`. shared: the layers take the main
+        model's embedding instead of their own copies (training, DeepSeek-V3 style); return_hidden: the
+        head-normed hidden states [M, B, T, D] instead of the logits."""
         c = self.cfg
         input_ids = jnp.asarray(input_ids)
         if position_ids is None:
             position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
-        mask = default_allowed(c, input_ids, attention_mask, prefix_len, None)
-        return mtp_logits(self.mtp_layers, final_BTD, input_ids, jnp.asarray(position_ids), mask)
+        dense_given = attention_mask is not None and jnp.ndim(attention_mask) >= 3
+        if use_flash(c) and not dense_given and context_shards(input_ids.shape[1]) == 1:
+            mask = mask_spec(c, input_ids, attention_mask, prefix_len, segment_ids)
+        else:
+            mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
+        embed = self.embed if shared else None
+        return mtp_logits(self.mtp_layers, final_BTD, input_ids, jnp.asarray(position_ids), mask, embed, return_hidden)
 
 
 def num_dense_layers(cfg) -> int:
