@@ -134,6 +134,10 @@ def test_presets_have_the_released_sizes(preset, total, stored, active):
     moe_layers = cfg.num_layers - cfg.first_k_dense_replace
     act = main - moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert - n["embed"] - n["lm_head"]
     assert abs(act / active - 1) < 0.02, act
+    # the model flops glm-train divides by (MFU, compile_only's XLA/model ratio) count these active params + the head
+    from train.flops import active_matmul_params
+
+    assert abs(active_matmul_params(cfg) - (act + n["lm_head"])) < 1e-6 * act
 
 
 def test_bfloat16_load_keeps_the_router_bias_in_float32():

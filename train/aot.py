@@ -286,7 +286,7 @@ def compile_report(tc) -> dict:
     fits = False if compiled is None else (None if not hbm else peak <= hbm)
     xla, raw, per_layer, method = _xla_flops(tc, cfg, devices, compiled, n_dev)
     tokens = tc.batch_size * tc.seq_len
-    model_flops = flops_lib.flops_per_token(cfg, tc.seq_len) * tokens
+    model_flops = flops_lib.flops_per_token(cfg, tc.seq_len, mtp=tc.mtp_loss_weight > 0) * tokens
     kf = flops_lib.attention_kernel_flops(cfg, tc.batch_size, tc.seq_len, tc.objective) if kernel else None
     kernel_flops = kf["total"] if kf else 0.0
     total = None if xla is None else xla + kernel_flops

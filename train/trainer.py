@@ -296,7 +296,7 @@ def train(tc: TrainConfig) -> dict:
     rep = Reporter(tc.output_dir, steps, run.start_step, tc.progress, tc.plot_every_seconds)
     n_dev = run.mesh.devices.size
     tokens_per_step = tc.batch_size * tc.seq_len
-    flops_per_step = flops_lib.flops_per_token(run.cfg, tc.seq_len) * tokens_per_step
+    flops_per_step = flops_lib.flops_per_token(run.cfg, tc.seq_len, mtp=tc.mtp_loss_weight > 0) * tokens_per_step
     if run.start_step >= min(steps, tc.stop_at or steps):
         rep.say(
             f"{tc.output_dir} is already at step {run.start_step}: nothing to do (raise steps= to go on)", always=True
