@@ -12,6 +12,7 @@ then a function of T alone, which is what the "memory grows at most linearly in 
     .venv/bin/python bench/aot_table.py --configs       # every shipped config by its own compile_only command
     .venv/bin/python bench/aot_table.py --finetune      # GLM-4-9B SFT / LoRA / P-Tuning memory (issue 15's table)
     .venv/bin/python bench/aot_table.py --moe           # GLM-4.5-Air / 4.5 / 4.6 with expert parallelism
+    .venv/bin/python bench/aot_table.py --flops-fill    # XLA flops (1-/2-layer extrapolation) for rows without them
     .venv/bin/python bench/aot_table.py --markdown      # print the tables from bench/aot_*.json
 
 Each row runs in its own process (one compile holds several GiB of host memory) and lands in bench/aot_table.json
@@ -276,7 +277,7 @@ def markdown(table) -> str:
         "half), so a kernel that skips masked blocks can come out under 1. —: not counted (XLA counts a scanned"
     )
     lines.append(
-        "layer once; the 1-/2-layer extrapolation runs for the 8K GLM-4-9B rows on v5p-128; every row: --flops-all)."
+        "layer once; the unrolled 1-/2-layer extrapolation: --flops-fill for the rows without it, or --flops-all)."
     )
     lines += linear_check(table)
     return "\n".join(lines)
@@ -309,6 +310,49 @@ def config_markdown(configs) -> str:
     return "\n".join(lines)
 
 
+def flops_row(i: int) -> dict:
+    """In this process: the extrapolated XLA flops of row i (the unrolled compiles of train.aot.extrapolated_flops,
+    without compiling the whole step again), printed as JSON for --flops-fill."""
+    from train import aot, parallel
+    from train.config import build
+    from train.trainer import model_config
+
+    row = rows(flops_all=True)[i]
+    with tempfile.TemporaryDirectory() as out:
+        tc = build(str(ROOT / "train/configs/chatglm3_6b_pretrain.yaml"), [*overrides(row), f"output_dir={out}"])
+    _, _, devices = aot.topology_devices(tc.topology)
+    cfg, _ = model_config(tc)
+    n_dev = parallel.build_mesh(tc.mesh, devices).devices.size
+    try:
+        total, per_layer, method = aot.extrapolated_flops(tc, cfg, devices, n_dev)
+    except aot.DoesNotFit:
+        return {"error": "the unrolled 1-/2-layer compiles do not fit"}
+    return {"flops_xla_measured": total, "per_layer": per_layer, "method": method}
+
+
+def flops_fill(table, head) -> None:
+    """Rows compiled without the flops extrapolation get it now, one process a row; memory results stay as they are."""
+    for i, row in enumerate(rows(flops_all=True)):
+        res = table.get(key(row))
+        if not res or "error" in res or res.get("flops_extrapolated") or res.get("fits") is not True:
+            continue
+        print(f"flops of row {i}: {' '.join(overrides(row))}", flush=True)
+        cmd = [sys.executable, str(ROOT / "bench" / "aot_table.py"), "--flops-row", str(i)]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        lines = p.stdout.strip().splitlines()
+        got = json.loads(lines[-1]) if p.returncode == 0 and lines else {"error": p.stderr.strip()[-300:]}
+        if "error" in got:
+            print("   ", got["error"], flush=True)
+            continue
+        xla, model = got["flops_xla_measured"], res["model_flops_per_step"]
+        total = xla + (res["flops_attention_kernel_computed"] or 0.0)
+        res.update(flops_xla_measured=xla, flops_total=total, xla_over_model_flops=xla / model)
+        res.update(total_over_model_flops=total / model, flops_extrapolated=True, flops_commit=head)
+        res["flops_source"]["flops_xla_measured"] = f"measured: XLA cost_analysis() ({got['method']}; at {head})"
+        OUT.write_text(json.dumps({"rows": table}, indent=1) + "\n")
+        print(f"    XLA/model flops {xla / model:.2f}, with the kernel {total / model:.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=list(SLICES), help="slices to run (default: all)")
@@ -317,7 +361,12 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", action="store_true", help="GLM-4-9B SFT / LoRA / P-Tuning memory, THUDM's lengths")
     ap.add_argument("--moe", action="store_true", help="GLM-4.5 / 4.5-Air / 4.6 pretraining steps with mesh.expert=8")
     ap.add_argument("--markdown", action="store_true", help="only print the table from bench/aot_table.json")
+    ap.add_argument("--flops-fill", action="store_true", help="extrapolated flops for the rows that lack them")
+    ap.add_argument("--flops-row", type=int, help=argparse.SUPPRESS)  # one row's flops, in its own process
     args = ap.parse_args(argv)
+    if args.flops_row is not None:
+        print(json.dumps(flops_row(args.flops_row)))
+        return 0
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     head = commit()
     table = {k: v for k, v in data.get("rows", {}).items()}
@@ -332,7 +381,9 @@ def main(argv=None) -> int:
     if args.moe:
         print(moe_markdown(run_named(moe_checks(), MOE_OUT, head)))
         return 0
-    if not args.markdown:
+    if args.flops_fill:
+        flops_fill(table, head)
+    elif not args.markdown:
         todo = rows(args.only, args.flops_all)
         for i, row in enumerate(todo, 1):
             k = key(row)

@@ -200,6 +200,22 @@ def _memory(tc, cfg, devices):
     return compiled, mesh, secs, uses_kernel(compiled), mem, peak, source, None, None
 
 
+def extrapolated_flops(tc, cfg, devices, n_dev):
+    """(step flops, per layer, method) from unrolled compiles without an accumulation loop: XLA counts a scanned
+    layer once. The first d layers of a MoE model are dense, so d+1 and d+2 layers compile and their difference
+    is one MoE layer. Raises DoesNotFit when the unrolled compiles do not fit."""
+    one = dataclasses.replace(tc, grad_accum=1)
+    d = min(cfg.first_k_dense_replace, cfg.num_layers - 1) if cfg.num_experts else 0
+    f1 = _flops(compile_step(one, cfg.replace(num_layers=d + 1, scan_layers=False), devices)[0]) * n_dev
+    f2 = _flops(compile_step(one, cfg.replace(num_layers=d + 2, scan_layers=False), devices)[0]) * n_dev
+    n1 = d + 1
+    method = (
+        f"extrapolated from unrolled {n1}- and {n1 + 1}-layer compiles without an accumulation loop: "
+        f"F{n1} + (L-{n1})(F{n1 + 1}-F{n1})"
+    )
+    return f1 + (cfg.num_layers - n1) * (f2 - f1), f2 - f1, method
+
+
 def _xla_flops(tc, cfg, devices, compiled, n_dev):
     """(step flops by XLA's cost_analysis or None, as compiled, per layer, method)."""
     if compiled is None:
@@ -207,21 +223,11 @@ def _xla_flops(tc, cfg, devices, compiled, n_dev):
     raw = _flops(compiled) * n_dev  # cost_analysis of an SPMD program counts one device's share
     loops = cfg.scan_layers or tc.grad_accum > 1
     if loops and tc.flops_extrapolate:
-        one = dataclasses.replace(tc, grad_accum=1)
-        # the first d layers of a MoE model are dense: compile d+1 and d+2 layers so the difference is a MoE layer
-        d = min(cfg.first_k_dense_replace, cfg.num_layers - 1) if cfg.num_experts else 0
         try:
-            f1 = _flops(compile_step(one, cfg.replace(num_layers=d + 1, scan_layers=False), devices)[0]) * n_dev
-            f2 = _flops(compile_step(one, cfg.replace(num_layers=d + 2, scan_layers=False), devices)[0]) * n_dev
+            total, per_layer, method = extrapolated_flops(tc, cfg, devices, n_dev)
         except DoesNotFit:
             return raw, raw, None, "as compiled (the unrolled 1-/2-layer compiles do not fit): loops counted once"
-        per_layer = f2 - f1
-        n1 = d + 1
-        method = (
-            f"extrapolated from unrolled {n1}- and {n1 + 1}-layer compiles without an accumulation loop: "
-            f"F{n1} + (L-{n1})(F{n1 + 1}-F{n1})"
-        )
-        return f1 + (cfg.num_layers - n1) * per_layer, raw, per_layer, method
+        return total, raw, per_layer, method
     if loops:
         return (
             raw,
