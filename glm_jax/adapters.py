@@ -162,22 +162,61 @@ def _deltas(params, lora, sites, scale, xp):
     return out
 
 
-def apply_lora(params, lora, sites, scale: float):
+def apply_lora(params, lora, sites, scale: float, quantized_dtype="float32"):
     """params with every adapted kernel replaced by kernel + scale · (B @ A) in float32 (traceable: jit, grad).
     Per-layer (`layers_{i}`) and stacked scan_layers (`layers/`, `dense_layers/`) trees alike; the base tree is
-    not modified."""
+    not modified. A weight-only quantized kernel (int8 / packed int4 beside its `kernel_scale`,
+    glm_jax/quant.py) becomes its dequantized q · scale + delta, in `quantized_dtype` (the compute dtype the
+    quantized matmul would feed the product), and loses its scale."""
     import jax.numpy as jnp
 
     for name, items in _deltas(params, lora, sites, scale, jnp).items():
-        w = _get(params, name).astype(jnp.float32)
+        w, out_dtype = _get(params, name), None
+        if name.endswith("/kernel") and _has(params, name[: -len("kernel")] + SCALE):
+            w = _dequantized(w, _get(params, name[: -len("kernel")] + SCALE), items[0][1].shape)
+            params, out_dtype = _drop(params, name[: -len("kernel")] + SCALE), quantized_dtype
+        w = w.astype(jnp.float32)
         if items[0][0] is None:
             w = w + items[0][1]
         else:
             idx = [i for i, _ in items]
             d = jnp.stack([x for _, x in items])
             w = w + d[np.argsort(idx)] if sorted(idx) == list(range(w.shape[0])) else w.at[np.array(idx)].add(d)
-        params = _set(params, name, w)
+        params = _set(params, name, w if out_dtype is None else w.astype(out_dtype))
     return params
+
+
+SCALE = "kernel_scale"  # a weight-only quantized kernel's per-output-channel scale (glm_jax.families.quantized)
+
+
+def _has(tree: dict, path: str) -> bool:
+    for part in path.split("/"):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _drop(tree: dict, path: str) -> dict:
+    head, _, rest = path.partition("/")
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}
+    return {**tree, head: _drop(tree[head], rest)}
+
+
+def _dequantized(q, scale, kernel_shape):
+    """float32 q · scale of a quantized kernel [lead..., in..., out...] (int4: its last in-dim packed) whose
+    per-layer float shape is `kernel_shape`; scale [lead..., out...]."""
+    import jax.numpy as jnp
+
+    from glm_jax.model.layers import unpack_int4
+
+    n_in = q.ndim - scale.ndim
+    lead = q.ndim - len(kernel_shape)
+    if q.shape[lead + n_in - 1] != kernel_shape[n_in - 1]:  # two int4 values a byte
+        q = unpack_int4(q, lead + n_in - 1)
+    s = jnp.expand_dims(scale.astype(jnp.float32), tuple(range(lead, lead + n_in)))
+    return q.astype(jnp.float32) * s
 
 
 def merge_lora(params, lora, sites, scale: float, sign: float = 1.0):
@@ -307,6 +346,12 @@ class MergedStore:
         for s in self.sites:
             for p, g in zip(s.paths, s.gathers):
                 name, idx = store._locate(p)
+                if name[: -len("kernel")] + SCALE in store.leaves:
+                    raise ValueError(
+                        f"{where}: LoRA on a quantized base (int{cfg.quantization_bit} {name}) does not merge into "
+                        "its int8 kernels; load the float base with the run's PEFT adapter files "
+                        "(adapter_config.json, adapter_model.safetensors) in peft"
+                    )
                 self._by_name.setdefault(name, []).append((idx, s, g))
                 self._by_path[p] = (s, g)
 
