@@ -166,23 +166,26 @@ def apply_lora(params, lora, sites, scale: float, quantized_dtype="float32"):
     """params with every adapted kernel replaced by kernel + scale · (B @ A) in float32 (traceable: jit, grad).
     Per-layer (`layers_{i}`) and stacked scan_layers (`layers/`, `dense_layers/`) trees alike; the base tree is
     not modified. A weight-only quantized kernel (int8 / packed int4 beside its `kernel_scale`,
-    glm_jax/quant.py) becomes its dequantized q · scale + delta, in `quantized_dtype` (the compute dtype the
-    quantized matmul would feed the product), and loses its scale."""
+    glm_jax/quant.py) becomes its dequantized q · scale + delta, computed in `quantized_dtype` (the compute
+    dtype, in which the quantized matmul feeds the product anyway: no float32 copy of the stacked kernels, nor
+    of their gradients), and loses its scale."""
     import jax.numpy as jnp
 
     for name, items in _deltas(params, lora, sites, scale, jnp).items():
-        w, out_dtype = _get(params, name), None
-        if name.endswith("/kernel") and _has(params, name[: -len("kernel")] + SCALE):
-            w = _dequantized(w, _get(params, name[: -len("kernel")] + SCALE), items[0][1].shape)
-            params, out_dtype = _drop(params, name[: -len("kernel")] + SCALE), quantized_dtype
-        w = w.astype(jnp.float32)
+        w, dt, scale_name = _get(params, name), jnp.float32, name[: -len("kernel")] + SCALE
+        if name.endswith("/kernel") and _has(params, scale_name):  # no float32 copy of the stacked kernels
+            dt = jnp.dtype(quantized_dtype)
+            w = _dequantized(w, _get(params, scale_name), items[0][1].shape, dt)
+            params = _drop(params, scale_name)
+            items = [(i, x.astype(dt)) for i, x in items]
+        w = w.astype(dt)
         if items[0][0] is None:
             w = w + items[0][1]
         else:
             idx = [i for i, _ in items]
             d = jnp.stack([x for _, x in items])
             w = w + d[np.argsort(idx)] if sorted(idx) == list(range(w.shape[0])) else w.at[np.array(idx)].add(d)
-        params = _set(params, name, w if out_dtype is None else w.astype(out_dtype))
+        params = _set(params, name, w)
     return params
 
 
@@ -204,8 +207,8 @@ def _drop(tree: dict, path: str) -> dict:
     return {**tree, head: _drop(tree[head], rest)}
 
 
-def _dequantized(q, scale, kernel_shape):
-    """float32 q · scale of a quantized kernel [lead..., in..., out...] (int4: its last in-dim packed) whose
+def _dequantized(q, scale, kernel_shape, dtype):
+    """q · scale in `dtype` of a quantized kernel [lead..., in..., out...] (int4: its last in-dim packed) whose
     per-layer float shape is `kernel_shape`; scale [lead..., out...]."""
     import jax.numpy as jnp
 
@@ -215,8 +218,8 @@ def _dequantized(q, scale, kernel_shape):
     lead = q.ndim - len(kernel_shape)
     if q.shape[lead + n_in - 1] != kernel_shape[n_in - 1]:  # two int4 values a byte
         q = unpack_int4(q, lead + n_in - 1)
-    s = jnp.expand_dims(scale.astype(jnp.float32), tuple(range(lead, lead + n_in)))
-    return q.astype(jnp.float32) * s
+    s = jnp.expand_dims(scale.astype(dtype), tuple(range(lead, lead + n_in)))
+    return q.astype(dtype) * s
 
 
 def merge_lora(params, lora, sites, scale: float, sign: float = 1.0):
