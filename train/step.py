@@ -27,13 +27,8 @@ def _microbatches(batch, A: int):
     return jax.tree.map(split, batch)
 
 
-def _grad_leaf(g, p, frozen: bool):
-    """A gradient leaf in float32. A frozen param's is a scalar zero: the optimizer gives it no update (optax
-    set_to_zero) and it adds nothing to the norm, while a full-size zero array would be a real buffer once it
-    enters the step's conditional update (GiBs for an adapter on a 9B base). An integer param (a quantized base,
-    always frozen) has no gradient at all (float0)."""
-    if frozen:
-        return jnp.zeros((), jnp.float32)
+def _float_grad(g, p):
+    """A gradient leaf in float32; an integer param's (a quantized base, always frozen) is zero."""
     if g.dtype == jax.dtypes.float0:
         return jnp.zeros(p.shape, jnp.float32)
     return g.astype(jnp.float32)
@@ -59,10 +54,9 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
 
         # a quantized base's int8 kernels are never differentiated (allow_int: float0 "gradients", made zeros)
         (_, sums), g = jax.value_and_grad(loss, has_aux=True, allow_int=True)(params)
-        g = jax.tree.map(_grad_leaf, g, params, frozen)
+        g = jax.tree.map(_float_grad, g, params)
         if grad_shardings is not None:
-            wsc = jax.lax.with_sharding_constraint
-            g = jax.tree.map(lambda x, sh, f: x if f else wsc(x, sh), g, grad_shardings, frozen)
+            g = jax.lax.with_sharding_constraint(g, grad_shardings)
         return g, sums
 
     def train_step(state, batch):
@@ -94,27 +88,14 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
         loss = sums["ce"] / count
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["z"])
 
-        # only the trained params go through the conditional update: a conditional's outputs are buffers of their
-        # own, so a frozen base passed through it would be copied whole (17.5 GiB for GLM-4-9B in bf16) instead
-        # of handed on in place (donated) as it is here
-        p_leaves, p_def = jax.tree.flatten(params)
-        trained = [i for i, f in enumerate(jax.tree.leaves(frozen)) if not f]
-
-        def with_trained(new):
-            out = list(p_leaves)
-            for i, x in zip(trained, new):
-                out[i] = x
-            return jax.tree.unflatten(p_def, out)
-
-        def apply(new, opt_state):
-            updates, new_opt = tx.update(grads, opt_state, with_trained(new))
-            u = jax.tree.leaves(updates)
-            return [(p - lr * u[i]).astype(p.dtype) for i, p in zip(trained, new)], new_opt
+        def apply(params, opt_state):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            new_params = jax.tree.map(lambda p, u, f: p if f else (p - lr * u).astype(p.dtype), params, updates, frozen)
+            return new_params, new_opt
 
         # a non-finite step leaves params and optimizer state as they were (a branch, not a select between old
         # and new: the donated buffers are then updated in place instead of copied first)
-        new, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), [p_leaves[i] for i in trained], opt_state)
-        new_params = with_trained(new)
+        new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), params, opt_state)
         new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": new_params, "opt_state": new_opt}
         metrics = {
             "loss": loss,
