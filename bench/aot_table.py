@@ -13,6 +13,7 @@ then a function of T alone, which is what the "memory grows at most linearly in 
     .venv/bin/python bench/aot_table.py --finetune      # GLM-4-9B SFT / LoRA / P-Tuning memory (issue 15's table)
     .venv/bin/python bench/aot_table.py --moe           # GLM-4.5-Air / 4.5 / 4.6 with expert parallelism
     .venv/bin/python bench/aot_table.py --flops-fill    # XLA flops (1-/2-layer extrapolation) for rows without them
+    .venv/bin/python bench/aot_table.py --quant-adapters  # GLM-4-9B P-Tuning / LoRA on an int4 / int8 base, one v5e
     .venv/bin/python bench/aot_table.py --markdown      # print the tables from bench/aot_*.json
 
 Each row runs in its own process (one compile holds several GiB of host memory) and lands in bench/aot_table.json
@@ -353,6 +354,58 @@ def flops_fill(table, head) -> None:
         print(f"    XLA/model flops {xla / model:.2f}, with the kernel {total / model:.2f}", flush=True)
 
 
+# ---------------------------------------------------------------- --quant-adapters (issue 18)
+# GLM-4-9B P-Tuning v2 and LoRA (THUDM's finetune lengths, FT_METHODS) on ONE v5e chip (16 GiB): the base in bf16
+# against the same base with its layer linears int4 / int8 (glm-train quantize=, train/quant_base.py); the adapter
+# float32 and its Adam state, bf16 compute, the rest of each config as shipped. libtpu describes no v5e:1x1
+# topology, so "one v5e chip" is the first chip of v5e:2x2 with a one-device mesh, as --finetune does for v5p.
+QUANT_OUT = ROOT / "bench" / "aot_quant.json"
+QUANT_TOPOLOGY = "v5e:2x2"
+QUANT_BASES = [("bf16", []), ("int4", ["quantize=int4"]), ("int8", ["quantize=int8"])]
+# XLA refuses the bf16 steps for one v5e chip with a figure from its out-of-memory message; the same steps compiled
+# for one v5p chip (95 GiB) say what they hold where they fit
+QUANT_WIDE = ("bf16, one v5p chip", "v5p:2x2x1")
+
+
+def quant_checks() -> dict[str, tuple[str, list[str]]]:
+    out = {}
+    methods = [m for m in FT_METHODS if m[0] != "SFT"]  # quantize= trains adapters only
+    for bases in (QUANT_BASES[:2], QUANT_BASES[2:]):  # bf16 and int4 first, int8 after
+        for method, config, margs, per_chip, T in methods:
+            for base, extra in bases:
+                args = ["model=glm4_9b", f"topology={QUANT_TOPOLOGY}", "mesh.data=1", "mesh.fsdp=1", "mesh.context=1"]
+                args += ["mesh.tensor=1", f"batch_size={per_chip}", f"seq_len={T}", *margs, "param_dtype=bfloat16"]
+                out[f"{method} | {base}"] = (config, args + extra + ["compile_only=true"])
+    for method, config, *_ in methods:
+        args = [a.replace(QUANT_TOPOLOGY, QUANT_WIDE[1]) for a in out[f"{method} | bf16"][1]]
+        out[f"{method} | {QUANT_WIDE[0]}"] = (config, args)
+    return out
+
+
+def quant_markdown(res) -> str:
+    lines = [
+        "| GLM-4-9B, one v5e chip | base | batch x T | GiB per chip | HBM GiB | fits | GiB from |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in ("P-Tuning", "LoRA"):
+        for base in [b for b, _ in QUANT_BASES] + [QUANT_WIDE[0]]:
+            r = res.get(f"{method} | {base}")
+            src = (r or {}).get("memory_source") or ""
+            src = "the compiled step" if src.startswith("memory_analysis") else ("XLA's refusal" if src else "")
+            lines.append(f"| {method} | {base} | {shape_cell(r)} " + memory_cells(r) + f" {src} |")
+    commits = sorted({r.get("commit") for r in res.values() if r.get("commit")})
+    where = f"libtpu's {QUANT_TOPOLOGY} (v5p: {QUANT_WIDE[1]}), one device"
+    lines.append(f"\ncompile_only at commit(s) {', '.join(commits) or '-'}; {where}.")
+    return "\n".join(lines)
+
+
+def quant_main(args, head) -> int:
+    """--quant-adapters: run the rows not yet done at this commit (--markdown: only print bench/aot_quant.json)."""
+    res = json.loads(QUANT_OUT.read_text()) if QUANT_OUT.exists() else {}
+    print(quant_markdown(res if args.markdown else run_named(quant_checks(), QUANT_OUT, head)))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=list(SLICES), help="slices to run (default: all)")
@@ -360,6 +413,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", action="store_true", help="check the shipped configs by their own compile_only")
     ap.add_argument("--finetune", action="store_true", help="GLM-4-9B SFT / LoRA / P-Tuning memory, THUDM's lengths")
     ap.add_argument("--moe", action="store_true", help="GLM-4.5 / 4.5-Air / 4.6 pretraining steps with mesh.expert=8")
+    ap.add_argument("--quant-adapters", action="store_true", help="GLM-4-9B P-Tuning / LoRA on int4 vs bf16, one v5e")
     ap.add_argument("--markdown", action="store_true", help="only print the table from bench/aot_table.json")
     ap.add_argument("--flops-fill", action="store_true", help="extrapolated flops for the rows that lack them")
     ap.add_argument("--flops-row", type=int, help=argparse.SUPPRESS)  # one row's flops, in its own process
@@ -372,6 +426,8 @@ def main(argv=None) -> int:
     table = {k: v for k, v in data.get("rows", {}).items()}
     configs = json.loads(CONFIGS_OUT.read_text()) if CONFIGS_OUT.exists() else {}
     finetune = json.loads(FINETUNE_OUT.read_text()) if FINETUNE_OUT.exists() else {}
+    if args.quant_adapters:
+        return quant_main(args, head)
     if args.configs:
         print(config_markdown(run_named(config_checks(), CONFIGS_OUT, head)))
         return 0

@@ -162,14 +162,23 @@ def _deltas(params, lora, sites, scale, xp):
     return out
 
 
-def apply_lora(params, lora, sites, scale: float):
+def apply_lora(params, lora, sites, scale: float, quantized_dtype="float32"):
     """params with every adapted kernel replaced by kernel + scale · (B @ A) in float32 (traceable: jit, grad).
     Per-layer (`layers_{i}`) and stacked scan_layers (`layers/`, `dense_layers/`) trees alike; the base tree is
-    not modified."""
+    not modified. A weight-only quantized kernel (int8 / packed int4 beside its `kernel_scale`,
+    glm_jax/quant.py) becomes its dequantized q · scale + delta, computed in `quantized_dtype` (the compute
+    dtype, in which the quantized matmul feeds the product anyway: no float32 copy of the stacked kernels, nor
+    of their gradients), and loses its scale."""
     import jax.numpy as jnp
 
     for name, items in _deltas(params, lora, sites, scale, jnp).items():
-        w = _get(params, name).astype(jnp.float32)
+        w, dt, scale_name = _get(params, name), jnp.float32, name[: -len("kernel")] + SCALE
+        if name.endswith("/kernel") and _has(params, scale_name):  # no float32 copy of the stacked kernels
+            dt = jnp.dtype(quantized_dtype)
+            w = _dequantized(w, _get(params, scale_name), items[0][1].shape, dt)
+            params = _drop(params, scale_name)
+            items = [(i, x.astype(dt)) for i, x in items]
+        w = w.astype(dt)
         if items[0][0] is None:
             w = w + items[0][1]
         else:
@@ -178,6 +187,39 @@ def apply_lora(params, lora, sites, scale: float):
             w = w + d[np.argsort(idx)] if sorted(idx) == list(range(w.shape[0])) else w.at[np.array(idx)].add(d)
         params = _set(params, name, w)
     return params
+
+
+SCALE = "kernel_scale"  # a weight-only quantized kernel's per-output-channel scale (glm_jax.families.quantized)
+
+
+def _has(tree: dict, path: str) -> bool:
+    for part in path.split("/"):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _drop(tree: dict, path: str) -> dict:
+    head, _, rest = path.partition("/")
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}
+    return {**tree, head: _drop(tree[head], rest)}
+
+
+def _dequantized(q, scale, kernel_shape, dtype):
+    """q · scale in `dtype` of a quantized kernel [lead..., in..., out...] (int4: its last in-dim packed) whose
+    per-layer float shape is `kernel_shape`; scale [lead..., out...]."""
+    import jax.numpy as jnp
+
+    from glm_jax.model.layers import unpack_int4
+
+    n_in = q.ndim - scale.ndim
+    lead = q.ndim - len(kernel_shape)
+    if q.shape[lead + n_in - 1] != kernel_shape[n_in - 1]:  # two int4 values a byte
+        q = unpack_int4(q, lead + n_in - 1)
+    s = jnp.expand_dims(scale.astype(dtype), tuple(range(lead, lead + n_in)))
+    return q.astype(dtype) * s
 
 
 def merge_lora(params, lora, sites, scale: float, sign: float = 1.0):
@@ -307,6 +349,12 @@ class MergedStore:
         for s in self.sites:
             for p, g in zip(s.paths, s.gathers):
                 name, idx = store._locate(p)
+                if name[: -len("kernel")] + SCALE in store.leaves:
+                    raise ValueError(
+                        f"{where}: LoRA on a quantized base (int{cfg.quantization_bit} {name}) does not merge into "
+                        "its int8 kernels; load the float base with the run's PEFT adapter files "
+                        "(adapter_config.json, adapter_model.safetensors) in peft"
+                    )
                 self._by_name.setdefault(name, []).append((idx, s, g))
                 self._by_path[p] = (s, g)
 

@@ -79,8 +79,9 @@ class Plan:
 
     # ---------------------------------------------------------- layout
     def shapes(self, pshapes) -> dict:
-        if self.kind != "lora":
-            return pshapes
+        if self.kind != "lora":  # the prefix encoder in float32 whatever param_dtype (THUDM: prefix_encoder.float())
+            f32 = lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32)  # noqa: E731
+            return {**pshapes, PREFIX: jax.tree.map(f32, pshapes[PREFIX])}
         f32 = jnp.float32
         tree = {
             f"{i:03d}": {
@@ -108,7 +109,8 @@ class Plan:
         if self.kind != "lora":
             return params
         base = {k: v for k, v in params.items() if k != LORA}
-        return adapters.apply_lora(base, adapters.from_run_tree(params[LORA], self.sites), self.sites, self.scale)
+        lora = adapters.from_run_tree(params[LORA], self.sites)
+        return adapters.apply_lora(base, lora, self.sites, self.scale, quantized_dtype=self.cfg.dtype)
 
     def model_part(self, tree):
         return {k: v for k, v in tree.items() if k != LORA} if self.kind == "lora" else tree
@@ -126,8 +128,8 @@ class Plan:
         k1, k2 = jax.random.split(key)
         enc = nn.meta.unbox(PrefixEncoder(self.cfg).init(k1)["params"])
         emb = enc["embedding"]
-        enc["embedding"] = jax.random.normal(k2, emb.shape, jnp.float32).astype(emb.dtype)
-        return {**params, PREFIX: enc}
+        enc["embedding"] = jax.random.normal(k2, emb.shape, jnp.float32)
+        return {**params, PREFIX: jax.tree.map(lambda a: a.astype(jnp.float32), enc)}
 
     def write_peft(self, out, params) -> None:
         """The PEFT adapter folder files of `params[lora]` into `out` (process 0; the adapter is replicated)."""

@@ -30,6 +30,7 @@ Remat = Literal["none", "full", "dots"]
 Progress = Literal["auto", "bar", "lines", "none"]
 HostHeap = Literal["auto", "keep", "system"]
 Attention = Literal["xla", "flash", "auto"]
+Quantize = Literal["none", "int8", "int4"]
 
 
 @dataclasses.dataclass
@@ -118,6 +119,7 @@ class TrainConfig:
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
     ptuning: PTuningConfig = dataclasses.field(default_factory=PTuningConfig)
+    quantize: Quantize = "none"  # the frozen base's layer linears int8 / int4 (adapters only; train/quant_base.py)
     # numerics and memory
     dtype: DType = "float32"
     param_dtype: DType = "float32"
@@ -382,6 +384,11 @@ def _check_adapters(cfg: dict) -> None:
         raise TrainConfigError(f"lora.dropout={lo['dropout']}: only 0 is supported (the adapter is a weight delta)")
     if lo["rank"] and pt["pre_seq_len"]:
         raise TrainConfigError("lora and ptuning together: train one adapter at a time")
+    if cfg["quantize"] != "none" and not (lo["rank"] or pt["pre_seq_len"]):
+        raise TrainConfigError(
+            f"quantize={cfg['quantize']} freezes the base as int8 / int4 weights, so it trains only with an adapter "
+            "(lora.rank=... or ptuning.pre_seq_len=...); full-parameter training needs quantize=none"
+        )
 
 
 def _check_data_keys(cfg: dict) -> None:

@@ -78,9 +78,9 @@ def replicated(mesh):
 
 
 def param_shardings(cfg, params_shapes, mesh):
-    from glm_jax.model.transformer import param_axes
+    from train.quant_base import param_axes  # the model's axes (+ a quantized base's scales)
 
-    return tree_shardings(param_axes(cfg), params_shapes, mesh)
+    return tree_shardings(param_axes(cfg, params_shapes), params_shapes, mesh)
 
 
 def _path_key(path) -> tuple:

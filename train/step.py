@@ -28,6 +28,13 @@ def _microbatches(batch, A: int):
     return jax.tree.map(split, batch)
 
 
+def _float_grad(g, p):
+    """A gradient leaf in float32; an integer param's (a quantized base, always frozen) is zero."""
+    if g.dtype == jax.dtypes.float0:
+        return jnp.zeros(p.shape, jnp.float32)
+    return g.astype(jnp.float32)
+
+
 # ---------------------------------------------------------------- the step
 def make_grad_fn(module, tc, frozen, grad_shardings=None, params_fn=None, rules=None):
     """(params, batch) -> (gradients of the step's objective, divided by the loss-token count, and the sums):
@@ -48,8 +55,9 @@ def make_grad_fn(module, tc, frozen, grad_shardings=None, params_fn=None, rules=
             q = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, q, frozen)
             return loss_sums(module, to_model(q), batch, zc, chunk, select, rules, sc)
 
-        (_, sums), g = jax.value_and_grad(loss, has_aux=True)(params)
-        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        # a quantized base's int8 kernels are never differentiated (allow_int: float0 "gradients", made zeros)
+        (_, sums), g = jax.value_and_grad(loss, has_aux=True, allow_int=True)(params)
+        g = jax.tree.map(_float_grad, g, params)
         if grad_shardings is not None:
             g = jax.lax.with_sharding_constraint(g, grad_shardings)
         return g, sums

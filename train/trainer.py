@@ -17,11 +17,12 @@ from glm_jax.sharding import axis_rules
 from train import adapters as train_adapters
 from train import data as data_lib
 from train import flops as flops_lib
-from train import moe_rules, optimizer, parallel
+from train import moe_rules, optimizer, parallel, quant_base
 from train import step as step_lib
 from train.checkpointing import Checkpointer, TrainingStopped, gather_json
 from train.config import TrainConfig, TrainConfigError
 from train.metrics import Reporter, device_peak_flops
+from train.quant_base import base_config
 
 COMPUTE_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 
@@ -40,13 +41,18 @@ def model_config(tc: TrainConfig):
                 from glm_jax import checkpoint
 
                 cfg = checkpoint.config_from_folder(p)
-            return train_adapters.ptuning_config(tc, cfg.replace(**over, **compute)), name
-        return train_adapters.ptuning_config(tc, GLMConfig.preset(name).replace(**over, **compute)), None
+            return _base_config(tc, cfg.replace(**over, **compute)), name
+        return _base_config(tc, GLMConfig.preset(name).replace(**over, **compute)), None
     except (ConfigError, TypeError, KeyError, ValueError) as e:
         raise TrainConfigError(f"model={name}: {e}") from None
 
 
-def load_pretrained(path, cfg, overrides):
+def _base_config(tc, cfg):
+    """cfg with the run's P-Tuning prefix and the base's quantization (train/adapters.py, train/quant_base.py)."""
+    return base_config(tc, train_adapters.ptuning_config(tc, cfg))
+
+
+def load_pretrained(path, cfg, overrides, load_kwargs=None):
     import glm_jax
     from glm_jax.checkpoint import CheckpointFormatError
 
@@ -59,6 +65,7 @@ def load_pretrained(path, cfg, overrides):
             attention=cfg.attention,
             scan_layers=cfg.scan_layers,
             **overrides,
+            **(load_kwargs or {}),
         )
     except (ConfigError, CheckpointFormatError, OSError) as e:
         raise TrainConfigError(f"model={path}: {e}") from None
@@ -68,11 +75,11 @@ def load_pretrained(path, cfg, overrides):
 # ---------------------------------------------------------------- the run
 def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     """Optimizer, frozen mask, the train step function, and the state's shardings and abstract shapes."""
-    from glm_jax.model.transformer import GLMModel, param_shapes
+    from glm_jax.model.transformer import GLMModel
 
     moe_rules.check_model(tc, cfg)  # mtp_loss_weight / moe.* need MTP layers / experts
     adapter = train_adapters.plan(tc, cfg)  # LoRA / P-Tuning: only the adapter trains
-    model_shapes = param_shapes(cfg)
+    model_shapes = quant_base.model_shapes(cfg)  # a quantized base (quantize=): int8 / int4 kernels + scales
     pshapes = adapter.shapes(model_shapes) if adapter else model_shapes
     frozen = optimizer.frozen_mask(pshapes, tc.freeze)
     if tc.freeze and not any(jax.tree.leaves(frozen)):
@@ -146,7 +153,7 @@ class Run:
         loaded = None
         if self.meta is None and self.pretrained:  # (outside the rules context: loading builds param boxes)
             loaded = train_adapters.add_params(
-                self.adapter, load_pretrained(self.pretrained, cfg, tc.model_overrides), tc
+                self.adapter, load_pretrained(self.pretrained, cfg, tc.model_overrides, quant_base.load_kwargs(tc)), tc
             )
         with self.ctx():
             if self.meta is not None:
