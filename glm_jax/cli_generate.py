@@ -244,6 +244,7 @@ class Session:
             print("prompt_ids: " + json.dumps(ids), file=self.err, flush=True)
         a = self.args
         ts = TextStream(self.tok)
+        stop = None
         for t in stream_generate(
             self.lm,
             ids,
@@ -256,12 +257,17 @@ class Session:
             stop_token_ids=self.stops,
         ):
             if t in self.stops:
+                stop = t
                 break
             piece = ts.push(t)
             if stream and piece:
                 self.out.write(piece)
                 self.out.flush()
-        return self.tok.decode(ts.ids)
+        text = self.tok.decode(ts.ids)
+        if not text.strip():  # say why nothing shows (an undertrained model often ends or emits blanks at once)
+            why = f"ended with stop token {stop}" if stop is not None else f"reached --max-new-tokens {max_new}"
+            print(f"note: the reply is empty: {len(ts.ids)} token(s) of blank text, then it {why}", file=self.err)
+        return text
 
     def answer(self, messages: list[dict] | None, raw_text: str | None = None) -> str:
         """One turn: print the reply (streamed, or formatted at the end with --tools); return its text."""

@@ -268,3 +268,17 @@ def test_glm4_tools_run(tmp_path):
     )
     assert _prompt_ids(err) == [want]
     assert out.endswith("\n") and len(out.splitlines()) >= 1
+
+
+def test_empty_reply_says_why(chatglm_dir, monkeypatch):
+    """A reply with no text (the model stops at once, as a barely trained one does) is reported on stderr, not left
+    as a bare empty line."""
+    import glm_jax.stream
+
+    rc, out, err = _main([chatglm_dir, "--prompt", "hi", "--max-new-tokens", "4"])
+    assert rc == 0 and out.strip() and "reply is empty" not in err  # the fixture model does reply
+    eos = load_tokenizer(chatglm_dir).stop_token_ids[0]
+    monkeypatch.setattr(glm_jax.stream, "stream_generate", lambda *a, **k: iter([eos]))
+    rc, out, err = _main([chatglm_dir, "--prompt", "hi", "--max-new-tokens", "4"])
+    assert rc == 0 and out == "\n", err
+    assert f"the reply is empty: 0 token(s) of blank text, then it ended with stop token {eos}" in err
