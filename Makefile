@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
 
 .PHONY: train test venv clean bench
 
@@ -18,7 +19,7 @@ train: $(STAMP)
 	$(VENV)/bin/glm-train --config train/configs/default.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs
