@@ -24,7 +24,7 @@ Data: the bundled corpus (glm_jax/data/corpus) encoded with the GLM-4 stand-in t
 pipeline; every position carries a next-token target. The same batches go to every row: transformers gets
 input_ids, position_ids and the targets as shift_labels (its loss then uses them unshifted: the same mean token
 cross-entropy over the same B*T targets as glm-train's). No aux/balance loss in either (output_router_logits is
-off in transformers; glm-train has none).
+off in transformers; moe.aux_loss_weight and mtp_loss_weight at their default 0 in glm-train).
 
 Float32 on the CPU, threads, OpenMP wait policy, host memory, warm-up, alternating rounds and medians as
 bench/sft_bench.py (imported from there; see its docstring): each row runs batch 0 once (jax: the compile; the
