@@ -20,7 +20,7 @@ import numpy as np
 from glm_jax.errors import ConfigError
 from glm_jax.families import glm_hf
 from glm_jax.families.base import Family, eos_out, need_int, number
-from glm_jax.families.rows import KH, NH, D, F, Row, V, layer_rows, linear, reshape_bias, untied
+from glm_jax.families.rows import HF_ATTENTION, D, F, Row, V, layer_rows, linear, untied
 
 _MOE_KEYS = {  # config.json key -> (GLMConfig field, Glm4MoeConfig's default)
     "n_routed_experts": ("num_experts", 128),
@@ -108,10 +108,6 @@ def fit_to_checkpoint(cfg, keys):
 
 
 # ---------------------------------------------------------------- key map
-def _qkv_bias(cfg) -> bool:
-    return cfg.qkv_bias
-
-
 def _qk_norm(cfg) -> bool:
     return cfg.qk_norm
 
@@ -149,14 +145,7 @@ def experts():
 
 
 ATTENTION = [
-    ("input_layernorm.weight", "input_norm/scale", None, None),
-    ("self_attn.q_proj.weight", "attn/q/kernel", linear(D, NH), None),
-    ("self_attn.q_proj.bias", "attn/q/bias", reshape_bias(NH), _qkv_bias),
-    ("self_attn.k_proj.weight", "attn/k/kernel", linear(D, KH), None),
-    ("self_attn.k_proj.bias", "attn/k/bias", reshape_bias(KH), _qkv_bias),
-    ("self_attn.v_proj.weight", "attn/v/kernel", linear(D, KH), None),
-    ("self_attn.v_proj.bias", "attn/v/bias", reshape_bias(KH), _qkv_bias),
-    ("self_attn.o_proj.weight", "attn/o/kernel", linear(NH, D), None),
+    *HF_ATTENTION,
     ("self_attn.q_norm.weight", "attn/q_norm/scale", None, _qk_norm),
     ("self_attn.k_norm.weight", "attn/k_norm/scale", None, _qk_norm),
     ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from glm_jax.errors import ConfigError
 from glm_jax.families.base import Family, eos_ids, eos_out
-from glm_jax.families.rows import KH, NH, D, F, Row, V, gate_up, layer_rows, linear, reshape_bias, untied
+from glm_jax.families.rows import HF_ATTENTION, D, F, Row, V, gate_up, layer_rows, linear, untied
 
 
 def recognise(d: dict) -> bool:
@@ -95,10 +95,6 @@ def base_hf(c, arch: str = "GlmForCausalLM", model_type: str = "glm") -> dict:
     }
 
 
-def _qkv_bias(cfg) -> bool:
-    return cfg.qkv_bias
-
-
 def _sandwich(cfg) -> bool:
     return cfg.sandwich_norm
 
@@ -109,14 +105,7 @@ ROWS = (
         "model.layers.{l}.",
         "layers_{l}/block/",
         [
-            ("input_layernorm.weight", "input_norm/scale", None, None),
-            ("self_attn.q_proj.weight", "attn/q/kernel", linear(D, NH), None),
-            ("self_attn.q_proj.bias", "attn/q/bias", reshape_bias(NH), _qkv_bias),
-            ("self_attn.k_proj.weight", "attn/k/kernel", linear(D, KH), None),
-            ("self_attn.k_proj.bias", "attn/k/bias", reshape_bias(KH), _qkv_bias),
-            ("self_attn.v_proj.weight", "attn/v/kernel", linear(D, KH), None),
-            ("self_attn.v_proj.bias", "attn/v/bias", reshape_bias(KH), _qkv_bias),
-            ("self_attn.o_proj.weight", "attn/o/kernel", linear(NH, D), None),
+            *HF_ATTENTION,
             ("post_self_attn_layernorm.weight", "post_attn_norm/scale", None, _sandwich),
             ("post_attention_layernorm.weight", "mlp_norm/scale", None, None),
             ("mlp.gate_up_proj.weight", ("mlp/gate/kernel", "mlp/up/kernel"), gate_up(), None),

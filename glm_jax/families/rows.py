@@ -126,6 +126,24 @@ def reshape_bias(shape_fn):
     return to_jax, to_hf
 
 
+def qkv_bias(cfg) -> bool:
+    return cfg.qkv_bias
+
+
+# transformers' Llama-style attention block with separate q/k/v/o projections (GLM-4-0414's Glm4, Glm4Moe): the
+# input norm and the projections; each family appends its own norms after them
+HF_ATTENTION = [
+    ("input_layernorm.weight", "input_norm/scale", None, None),
+    ("self_attn.q_proj.weight", "attn/q/kernel", linear(D, NH), None),
+    ("self_attn.q_proj.bias", "attn/q/bias", reshape_bias(NH), qkv_bias),
+    ("self_attn.k_proj.weight", "attn/k/kernel", linear(D, KH), None),
+    ("self_attn.k_proj.bias", "attn/k/bias", reshape_bias(KH), qkv_bias),
+    ("self_attn.v_proj.weight", "attn/v/kernel", linear(D, KH), None),
+    ("self_attn.v_proj.bias", "attn/v/bias", reshape_bias(KH), qkv_bias),
+    ("self_attn.o_proj.weight", "attn/o/kernel", linear(NH, D), None),
+]
+
+
 def qkv_blocks():
     """Fused [Q (all heads) | K (all groups) | V (all groups)] rows <-> q, k, v kernels (or biases)."""
 
