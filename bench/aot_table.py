@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", action="store_true", help="GLM-4-9B SFT / LoRA / P-Tuning memory, THUDM's lengths")
     ap.add_argument("--moe", action="store_true", help="GLM-4.5 / 4.5-Air / 4.6 pretraining steps with mesh.expert=8")
     ap.add_argument("--quant-adapters", action="store_true", help="GLM-4-9B P-Tuning / LoRA on int4 vs bf16, one v5e")
-    ap.add_argument("--markdown", action="store_true", help="only print the table from bench/aot_table.json")
+    ap.add_argument("--markdown", action="store_true", help="print the tables only (with --moe etc.: that one)")
     ap.add_argument("--flops-fill", action="store_true", help="extrapolated flops for the rows that lack them")
     ap.add_argument("--flops-row", type=int, help=argparse.SUPPRESS)  # one row's flops, in its own process
     args = ap.parse_args(argv)
@@ -242,13 +242,14 @@ def main(argv=None) -> int:
     if args.quant_adapters:
         return quant_main(args, head)
     if args.configs:
-        print(config_markdown(run_named(config_checks(), CONFIGS_OUT, head)))
+        print(config_markdown(configs if args.markdown else run_named(config_checks(), CONFIGS_OUT, head)))
         return 0
     if args.finetune:
-        print(finetune_markdown(run_named(finetune_checks(), FINETUNE_OUT, head)))
+        print(finetune_markdown(finetune if args.markdown else run_named(finetune_checks(), FINETUNE_OUT, head)))
         return 0
     if args.moe:
-        print(moe_markdown(run_named(moe_checks(), MOE_OUT, head)))
+        moe = json.loads(MOE_OUT.read_text()) if MOE_OUT.exists() else {}
+        print(moe_markdown(moe if args.markdown else run_named(moe_checks(), MOE_OUT, head)))
         return 0
     if args.flops_fill:
         flops_fill(table, head)
