@@ -210,3 +210,17 @@ class GLMTokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(chat_format={self.chat_format!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceText:
+    """Text <-> pieces and ids through the sentencepiece processor `self.sp`, for the tokenizers built on one
+    (ChatGLM2/3, the original GLM's); put before GLMTokenizer in the bases."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def _piece_to_id(self, piece: str) -> int | None:
+        return sp_piece_id(self.sp, piece)

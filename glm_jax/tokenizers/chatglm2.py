@@ -5,10 +5,10 @@ from __future__ import annotations
 from glm_jax.tokenizers import templates, tool_parse
 from glm_jax.tokenizers.base import (
     GLMTokenizer,
+    SentencePieceText,
     as_id_list,
     check_messages,
     load_sentencepiece,
-    sp_piece_id,
     special_pattern,
     split_special,
 )
@@ -17,7 +17,7 @@ GENERATION_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 
-class ChatGLM2Tokenizer(GLMTokenizer):
+class ChatGLM2Tokenizer(SentencePieceText, GLMTokenizer):
     """ChatGLM2: the appended ids follow the last piece; [gMASK] sop prefix; '[Round n]' prompts."""
 
     chat_format = "chatglm2"
@@ -48,15 +48,6 @@ class ChatGLM2Tokenizer(GLMTokenizer):
         self.prefix_ids = [self.appended["[gMASK]"], self.appended["sop"]]
         self.vocab_size = n + len(self.appended)
         self._empty_ids = {self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()}
-
-    def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
-
-    def _encode_text(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def _piece_to_id(self, piece: str) -> int | None:
-        return sp_piece_id(self.sp, piece)
 
     def _id_to_token(self, i: int) -> str:
         if i in self.index_special:

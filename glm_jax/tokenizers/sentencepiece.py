@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import os
 
-from glm_jax.tokenizers.base import GLMTokenizer, as_id_list, load_sentencepiece, sp_piece_id
+from glm_jax.tokenizers.base import GLMTokenizer, SentencePieceText, as_id_list, load_sentencepiece, sp_piece_id
 
 MODEL_FILE = "glm_sentencepiece.model"
 CLASS_NAME = "GLMSentencePieceTokenizer"
 COMMAND_PIECES = ("[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>", "[dBLOCK]", "</s>", "<pad>", "<unk>")
 
 
-class GLMSentencePieceTokenizer(GLMTokenizer):
+class GLMSentencePieceTokenizer(SentencePieceText, GLMTokenizer):
     chat_format = "sentencepiece"
 
     def __init__(self, vocab_file: str):
@@ -36,15 +36,6 @@ class GLMSentencePieceTokenizer(GLMTokenizer):
         self.prefix_ids = [self.special_tokens["[CLS]"]] if "[CLS]" in self.special_tokens else []
         self.suffix_ids = [eos] if eos is not None else []
         self.vocab_size = self.sp.get_piece_size()
-
-    def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
-
-    def _encode_text(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def _piece_to_id(self, piece: str) -> int | None:
-        return sp_piece_id(self.sp, piece)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = as_id_list(ids)
