@@ -196,12 +196,14 @@ def flops_row(i: int) -> dict:
     return {"flops_xla_measured": total, "per_layer": per_layer, "method": method}
 
 
-def flops_fill(table, head) -> None:
+def flops_fill(table, head, also_unfit=False) -> None:
     """Rows compiled without the flops extrapolation get it now, one process a row; memory results stay as they are."""
     for i, row in enumerate(rows(flops_all=True)):
         res = table.get(key(row))
         if not res or "error" in res or res.get("flops_extrapolated") or res.get("flops_fill_failed") == head:
-            continue  # (a step that does not fit may still have unrolled 1-/2-layer compiles that do)
+            continue
+        if res.get("fits") is not True and not also_unfit:  # its unrolled 1-/2-layer compiles may still fit
+            continue
         print(f"flops of row {i}: {' '.join(overrides(row))}", flush=True)
         cmd = [sys.executable, str(ROOT / "bench" / "aot_table.py"), "--flops-row", str(i)]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -231,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quant-adapters", action="store_true", help="GLM-4-9B P-Tuning / LoRA on int4 vs bf16, one v5e")
     ap.add_argument("--markdown", action="store_true", help="print the tables only (with --moe etc.: that one)")
     ap.add_argument("--flops-fill", action="store_true", help="extrapolated flops for the rows that lack them")
+    ap.add_argument("--unfit-too", action="store_true", help="with --flops-fill: also the steps that do not fit")
     ap.add_argument("--flops-row", type=int, help=argparse.SUPPRESS)  # one row's flops, in its own process
     args = ap.parse_args(argv)
     if args.flops_row is not None:
@@ -254,7 +257,7 @@ def main(argv=None) -> int:
         print(moe_markdown(moe if args.markdown else run_named(moe_checks(), MOE_OUT, head)))
         return 0
     if args.flops_fill:
-        flops_fill(table, head)
+        flops_fill(table, head, args.unfit_too)
     elif not args.markdown:
         todo = rows(args.only, args.flops_all)
         for i, row in enumerate(todo, 1):
