@@ -36,6 +36,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from glm_jax.model.context import target_platform
+from glm_jax.model.flash_blocks import block_sizes, block_visible, kv_fetch, q_fetch, round_up, visible_blocks
+
+__all__ = ["NEG", "flash_attention", "visible_blocks"]
 
 NEG = -1e30  # same finite fill as attention.attend: a row with no visible key has every score == NEG
 NT = (((1,), (1,)), ((), ()))  # dot_general dims: a [m, d] . b [n, d] -> [m, n]
@@ -50,50 +53,6 @@ class _Cfg(NamedTuple):
     nk: int
     groups: int  # G = N // K
     interpret: bool
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
-
-
-def _block_sizes(T, S, block_q, block_k):
-    """Block sizes actually used: no larger than the (8-rounded) sequence."""
-    return min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 8))
-
-
-def block_visible(qi, ki, prefix, *, causal, block_q, block_k, q_offset=0):
-    """Whether kv block ki may hold a key visible to some query of q block qi by the causal/prefix rule: its first key
-    is at or before the block's last query, or inside the prefix. Exact for that rule; the kernels skip the rest."""
-    if not causal:
-        return jnp.ones(jnp.broadcast_shapes(jnp.shape(qi), jnp.shape(ki), jnp.shape(prefix)), bool)
-    k_first = ki * block_k
-    return (k_first <= q_offset + qi * block_q + block_q - 1) | (k_first < prefix)
-
-
-def visible_blocks(T, S, *, prefix_len=None, causal=True, block_q=128, block_k=128, q_offset=0):
-    """[B, nq, nk] bool (B = 1 without prefix_len): the (q block, kv block) pairs the kernels compute."""
-    bq, bk = _block_sizes(T, S, block_q, block_k)
-    prefix_B = jnp.zeros((1,), jnp.int32) if prefix_len is None else jnp.asarray(prefix_len, jnp.int32).reshape(-1)
-    qi = jnp.arange(_round_up(T, bq) // bq)[None, :, None]
-    ki = jnp.arange(_round_up(S, bk) // bk)[None, None, :]
-    return block_visible(qi, ki, prefix_B[:, None, None], causal=causal, block_q=bq, block_k=bk, q_offset=q_offset)
-
-
-def _kv_fetch(cfg, qi, ki, prefix, qoff):
-    """kv block to fetch at step ki: ki itself, or for a skipped block the last visible one (already resident).
-    lax.div on non-negative ints: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU."""
-    if not cfg.causal:
-        return ki
-    last = jnp.maximum(lax.div(qoff + qi * cfg.bq + cfg.bq - 1, cfg.bk), lax.div(jnp.maximum(prefix, 1) - 1, cfg.bk))
-    return jnp.minimum(ki, last)
-
-
-def _q_fetch(cfg, qi, ki, prefix, qoff):
-    """q block to fetch at step qi of the dk/dv kernel: qi, or for a skipped block the first visible one."""
-    if not cfg.causal:
-        return qi
-    first = jnp.where(ki * cfg.bk < prefix, 0, lax.div(jnp.maximum(ki * cfg.bk - qoff, 0), cfg.bq))
-    return jnp.minimum(jnp.maximum(qi, first), cfg.nq - 1)
 
 
 def _scores(cfg, qi, ki, prefix, qoff, q_ref, k_ref, qseg_ref, kseg_ref, valid_ref):
@@ -243,13 +202,13 @@ def _q_major_specs(cfg, H):
         return b, n, qi, 0
 
     def kv_map(b, n, qi, ki, scal_ref):
-        return b, lax.div(n, cfg.groups), _kv_fetch(cfg, qi, ki, *_scalars(scal_ref, b)), 0
+        return b, lax.div(n, cfg.groups), kv_fetch(cfg, qi, ki, *_scalars(scal_ref, b)), 0
 
     def qrow_map(b, n, qi, ki, scal_ref):
         return b, qi, 0
 
     def krow_map(b, n, qi, ki, scal_ref):
-        return b, 0, _kv_fetch(cfg, qi, ki, *_scalars(scal_ref, b))
+        return b, 0, kv_fetch(cfg, qi, ki, *_scalars(scal_ref, b))
 
     q_spec = pl.BlockSpec((None, None, cfg.bq, H), q_map)
     kv_spec = pl.BlockSpec((None, None, cfg.bk, H), kv_map)
@@ -299,14 +258,14 @@ def _backward_dkv(cfg, res, do_BNTH, delta_BNT1):
     B, K, _, H = k_BKSH.shape
 
     def q_map(b, kh, ki, r, scal_ref):
-        qb = _q_fetch(cfg, lax.rem(r, cfg.nq), ki, *_scalars(scal_ref, b))
+        qb = q_fetch(cfg, lax.rem(r, cfg.nq), ki, *_scalars(scal_ref, b))
         return b, kh * cfg.groups + lax.div(r, cfg.nq), qb, 0
 
     def kv_map(b, kh, ki, r, scal_ref):
         return b, kh, ki, 0
 
     def qrow_map(b, kh, ki, r, scal_ref):
-        return b, _q_fetch(cfg, lax.rem(r, cfg.nq), ki, *_scalars(scal_ref, b)), 0
+        return b, q_fetch(cfg, lax.rem(r, cfg.nq), ki, *_scalars(scal_ref, b)), 0
 
     def krow_map(b, kh, ki, r, scal_ref):
         return b, 0, ki
@@ -394,8 +353,8 @@ def flash_attention(
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     interpret = target_platform() != "tpu" if interpret is None else interpret
-    bq, bk = _block_sizes(T, S, block_q, block_k)
-    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
+    bq, bk = block_sizes(T, S, block_q, block_k)
+    Tp, Sp = round_up(T, bq), round_up(S, bk)
     cfg = _Cfg(bool(causal), bq, bk, Tp // bq, Sp // bk, N // K, bool(interpret))
 
     prefix_B = jnp.broadcast_to(jnp.asarray(0 if prefix_len is None else prefix_len, jnp.int32), (B,))
