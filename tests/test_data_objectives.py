@@ -196,3 +196,30 @@ def test_causal_rows_shift_and_segments():
     boundary = int(np.flatnonzero(s.tokens == EOS)[0])  # predicting doc 2's [CLS] from doc 1's <eos>
     assert row["loss_mask"][boundary] == 0 and row["loss_mask"].sum() == len(t) - 1
     assert row["position_ids"][boundary + 1] == 0
+
+
+# THUDM/GLM's released pretraining scripts, as the blank-infilling spec's table of released configs transcribes them
+# (config/ds_block_*.sh): bert (token-level) and gap-sentence probabilities and the other mixture flags.
+RELEASED_MIXTURES = {
+    "glm_large": dict(bert_prob=1.0, gap_sentence_prob=0.0, task_mask=False, block_mask_prob=0.0),
+    "glm_10b": dict(
+        bert_prob=0.5, gap_sentence_prob=0.3, gpt_min_ratio=0.25, task_mask=True, block_mask_prob=0.1,
+        short_seq_prob=0.02, single_span_prob=0.0,
+    ),
+    "glm_10b_longer": dict(
+        bert_prob=0.4, gap_sentence_prob=0.3, gpt_min_ratio=0.25, task_mask=True, block_mask_prob=0.1,
+        short_seq_prob=0.5, single_span_prob=0.05,
+    ),
+    "glm_large_chinese": dict(
+        bert_prob=0.4, gap_sentence_prob=0.3, gpt_min_ratio=0.25, task_mask=True, block_mask_prob=0.1,
+        short_seq_prob=0.02, single_span_prob=0.0,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_MIXTURES))
+def test_named_mixtures_match_the_released_scripts(name):
+    from glm_jax.data.config import MIXTURES
+
+    got = MIXTURES[name]
+    assert {k: got[k] for k in RELEASED_MIXTURES[name]} == RELEASED_MIXTURES[name]
