@@ -78,6 +78,8 @@ def check_glm45_messages(messages) -> list[dict]:
     one), and with `reasoning_content` taken from `thinking` or `reasoning` when it is not given."""
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise ValueError("an empty conversation has no chat prompt (transformers refuses it too)")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
@@ -263,11 +265,11 @@ def decode_value(raw: str, is_string: bool):
 def parse_tool_call(body: str, tools=None) -> dict:
     """'name\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>...' (between <tool_call> tags) ->
     {"name", "arguments": dict}; ValueError that quotes the call when it is malformed."""
-    name, sep, rest = body.partition("<arg_key>")
+    cut = body.find("<")
+    name, rest = (body, "") if cut < 0 else (body[:cut], body[cut:])
     name = name.strip()
-    if not name or "<" in name or "\n" in name:
+    if not name or "\n" in name:
         raise ValueError(f"tool call without a valid function name: <tool_call>{body[:60]}")
-    rest = sep + rest
     strings, args, pos = _string_params(tools, name), {}, 0
     while pos < len(rest):
         m = _ARG.match(rest, pos)

@@ -1,0 +1,418 @@
+"""GLM-4.5/4.6 chat (chat_format "glm4_5") against transformers rendering the released chat_template.jinja on the
+stand-in tokenizer of fixtures/glm4-moe-chat (see its MANIFEST.md): text for text, id for id; and the reply
+parser (<think> reasoning, XML tool calls)."""
+
+import copy
+import functools
+import pathlib
+import pickle
+
+import pytest
+
+from glm_jax.families import glm4_moe
+from glm_jax.tokenizers import load_tokenizer
+from glm_jax.tokenizers.glm45 import GLM45Tokenizer
+from glm_jax.tokenizers.glm45_chat import parse_response, render
+
+FIX = pathlib.Path(__file__).parent / "fixtures" / "glm4-moe-chat"
+TEMPLATE = FIX / "GLM-4.6.chat_template.jinja"
+
+
+@functools.cache
+def ours():
+    return load_tokenizer(FIX)
+
+
+@functools.cache
+def reference():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(FIX), local_files_only=True)
+    tok.chat_template = TEMPLATE.read_text(encoding="utf-8")
+    return tok
+
+
+def ref_render(messages, tools=None, add_generation_prompt=True, enable_thinking=None, tokenize=False):
+    kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if tools is not None:
+        kw["tools"] = tools
+    out = reference().apply_chat_template(
+        copy.deepcopy(messages), tokenize=tokenize, add_generation_prompt=add_generation_prompt, **kw
+    )
+    return list(out["input_ids"]) if tokenize else out
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather of a city — 天气 <b>&'\"",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "code": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
+VALUES = {  # every JSON type, unicode, newlines and markup in values
+    "s": "北京 <b>",
+    "empty": "",
+    "multi": "line1\nline2\n",
+    "i": 7,
+    "f": 2.5,
+    "t": True,
+    "n": None,
+    "list": [1, "é", {"k": None}],
+    "obj": {"a": "ü", "b": [False]},
+}
+
+CASES = {
+    "user": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "system_user": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi 北京"}],
+    "multi_turn": [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "  a2 \n"},
+    ],
+    "history_reasoning_dropped": [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2", "reasoning_content": "\n r2 \n"},
+    ],
+    "think_in_content": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "\n\n<think>\nstep 1\n\n</think>\n\n answer \n"},
+    ],
+    "think_in_content_history": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>old</think>old answer"},
+        {"role": "user", "content": "again"},
+    ],
+    "two_think_blocks": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>a<think>b\n</think>mid</think>\nend"},
+    ],
+    "reasoning_wins_over_content_think": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>in content</think>text", "reasoning_content": "field"},
+    ],
+    "blank_reasoning": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "x", "reasoning_content": "   "},
+    ],
+    "reasoning_aliases": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "x", "thinking": "t1"},
+        {"role": "assistant", "content": "y", "reasoning": "t2"},
+    ],
+    "assistants_after_last_user": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>t1</think>r1"},
+        {"role": "assistant", "content": "r2", "reasoning_content": "t2"},
+    ],
+    "tool_call_round": [
+        {"role": "system", "content": "You can look things up."},
+        {"role": "user", "content": "Weather in Paris for 3 days?"},
+        {"role": "assistant", "content": "Let me check.", "reasoning_content": "need tool", "tool_calls": [CALL]},
+        {"role": "tool", "content": '{"temp": 24, "sky": "晴"}'},
+        {"role": "assistant", "content": "Sunny, 24 degrees."},
+    ],
+    "all_value_types": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": VALUES}}]},
+    ],
+    "parallel_calls_grouped_results": [
+        {"role": "user", "content": "two cities"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+                {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}},  # bare form
+                {"function": {"name": "add", "arguments": {}}},
+                {"function": {"name": "add", "arguments": None}},
+            ],
+        },
+        {"role": "tool", "content": "r1", "tool_call_id": "c1"},
+        {"role": "tool", "content": "r2"},
+        {"role": "tool", "content": "r3"},
+        {"role": "user", "content": "thanks"},
+        {"role": "tool", "content": "late"},
+    ],
+    "tool_list_content": [
+        {"role": "user", "content": "q"},
+        {"role": "tool", "content": [{"output": "o1"}, "plain", {"other": 1}, {"output": 5}]},
+        {"role": "tool", "content": [{"output": "o2"}]},
+        {"role": "tool", "content": "after a list"},
+        {"role": "tool", "content": []},
+    ],
+    "tool_first": [{"role": "tool", "content": "orphan"}, {"role": "user", "content": "q"}],
+    "content_parts": [
+        {"role": "system", "content": [{"type": "text", "text": "sys "}, "part"]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "look "}, {"type": "image_url"}, "here", {"type": "text"}, 3],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "<think>r</think>ok"}]},
+    ],
+    "none_and_absent": [
+        {"role": "system", "content": None},
+        {"role": "user"},
+        {"role": "assistant", "content": None, "tool_calls": None, "reasoning_content": None},
+        {"role": "tool", "content": None},
+        {"role": "user", "content": ""},
+    ],
+    "nothink_already": [{"role": "user", "content": "quick /nothink"}, {"role": "user", "content": "x/nothink"}],
+    "mapping_content": [{"role": "user", "content": {"k": "v"}}],
+}
+TOOLSETS = {"no_tools": None, "tools": [WEATHER, ADD], "empty_tools": []}
+
+
+@pytest.mark.parametrize("thinking", [None, False, True], ids=["thinking_unset", "thinking_off", "thinking_on"])
+@pytest.mark.parametrize("gen", [True, False], ids=["gen", "no_gen"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_released_template(case, gen, thinking):
+    messages, tok = CASES[case], ours()
+    for tools_id in ("no_tools", "tools") if case in ("user", "tool_call_round", "none_and_absent") else ("no_tools",):
+        tools = TOOLSETS[tools_id]
+        text = tok.render_chat(messages, gen, tools, thinking)
+        assert text == ref_render(messages, tools, gen, thinking), tools_id
+        ids = tok.apply_chat_template(messages, gen, tools, thinking)
+        assert ids == ref_render(messages, tools, gen, thinking, tokenize=True), tools_id
+        assert [i for _, part in tok.chat_segments(messages, gen, tools, thinking) for i in part] == ids
+
+
+@pytest.mark.parametrize("tools_id", sorted(TOOLSETS))
+def test_tools_on_system_message_equal_tools_argument(tools_id):
+    """DESIGN §3.4 puts tools on the system message; the template takes them apart, before the messages."""
+    tools, tok = TOOLSETS[tools_id], ours()
+    chat = [{"role": "user", "content": "q"}]
+    with_system = [{"role": "system", "content": "sys", "tools": tools}] + chat
+    plain_system = [{"role": "system", "content": "sys"}] + chat
+    assert tok.render_chat(with_system) == ref_render(plain_system, tools)
+    if tools is not None:  # a system message holding only tools adds no block of its own
+        only_tools = [{"role": "system", "tools": tools}] + chat
+        assert tok.apply_chat_template(only_tools) == ref_render(chat, tools, tokenize=True)
+
+
+def test_tool_json_is_transformers_tojson():
+    text = render([{"role": "user", "content": "q"}], tools=[WEATHER])
+    assert '"description": "Get the weather of a city — 天气 <b>&\'\\""' in text  # ensure_ascii=False, no escaping
+    assert text == ref_render([{"role": "user", "content": "q"}], [WEATHER])
+
+
+TEXTS = ["", "hello world", "北京今天天气晴朗 🚀", "a\n\n  b\t\r\n", "<think>x</think><|user|>/nothink<arg_key>"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_match_transformers(text):
+    tok, ref = ours(), reference()
+    ids = tok.encode(text)
+    assert ids == ref.encode(text, add_special_tokens=False)
+    assert tok.encode(text, add_special_tokens=True) == ref.encode(text)
+    assert tok.decode(ids) == ref.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert tok.tokenize(text) == ref.tokenize(text)
+
+
+def test_loader_and_family():
+    tok = ours()
+    assert isinstance(tok, GLM45Tokenizer) and tok.chat_format == "glm4_5"
+    assert glm4_moe.FAMILY.chat_formats == ("glm4_5",)
+    st = tok.special_tokens
+    assert st["<|endoftext|>"] == 558 and st["<arg_key>"] == 558 + 27 and len(tok) == 594
+    assert tok.stop_tokens == ["<|endoftext|>", "<|user|>", "<|observation|>"]
+    assert tok.token_to_id("<tool_call>") == st["<tool_call>"]
+    assert load_tokenizer(FIX / "tokenizer.json").chat_format == "glm4_5"
+    assert load_tokenizer(FIX, chat_format="glm4_5").encode("hi") == tok.encode("hi")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_tokenizer(FIX / "tokenizer.json", chat_format="glm4")
+    with pytest.raises(FileNotFoundError, match="needs tokenizer.model"):
+        load_tokenizer(FIX, chat_format="glm4")
+    copied = pickle.loads(pickle.dumps(tok))
+    assert copied.apply_chat_template(CASES["tool_call_round"]) == tok.apply_chat_template(CASES["tool_call_round"])
+
+
+def test_other_tokenizer_json_is_not_glm45(tmp_path):
+    """A tokenizer.json without GLM-4.5's tool tokens (GLM-4-0414's...) has no glm-jax chat format."""
+    import json
+
+    data = json.loads((FIX / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<arg_key>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="GLM-4.5 tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="no <arg_key>"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="added tokens missing"):
+        load_tokenizer(tmp_path, chat_format="glm4_5")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ({"role": "user", "content": "x"}, "must be a list"),
+        ([], "empty conversation"),
+        (["hi"], "must be a dict with a 'role'"),
+        ([{"role": "observation", "content": "x"}], "calls tool results 'tool'"),
+        ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}]}], "json.loads"),
+        ([{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}], "'name' string"),
+        ([{"role": "assistant", "tool_calls": {"name": "f"}}], "must be a list"),
+        ([{"role": "assistant", "tool_calls": ["f"]}], "must be a dict"),
+        ([{"role": "assistant", "tool_calls": [{"name": "f", "arguments": {"x": object()}}]}], "JSON-serialisable"),
+        ([{"role": "tool", "content": 5}], "string or a list"),
+    ],
+)
+def test_bad_messages_raise(messages, match):
+    with pytest.raises(ValueError, match=match):
+        ours().apply_chat_template(messages)
+
+
+def test_unexpected_keyword_raises():
+    with pytest.raises(TypeError, match="template_variant"):
+        ours().apply_chat_template([{"role": "user", "content": "x"}], template_variant="jinja")
+
+
+# ---------------------------------------------------------------- replies
+
+
+def reply_text(conversation, message, tools=None):
+    """What the model writes after the generation prompt for `message`, per the released template."""
+    prompt = ref_render(conversation, tools, True)
+    full = ref_render(conversation + [message], tools, False)
+    assert full.startswith(prompt)
+    return full[len(prompt) :]
+
+
+ROUND_TRIPS = {
+    "content": ({"content": "Plain answer."}, None),
+    "reasoning": ({"content": "Answer.", "reasoning_content": "I think so."}, None),
+    "empty_reasoning_call_only": (
+        {"content": "", "reasoning_content": "", "tool_calls": [CALL]},
+        [WEATHER],
+    ),
+    "typed_strings_kept": (  # with the schema, string parameters that look like JSON stay strings
+        {
+            "content": "Checking.",
+            "reasoning_content": "call twice",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "42", "code": "null"}}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}},
+            ],
+        },
+        [WEATHER],
+    ),
+    "all_values_without_schema": (
+        {
+            "content": "",
+            "reasoning_content": "r",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": {k: v for k, v in VALUES.items()}}}
+            ],
+        },
+        None,
+    ),
+    "no_arguments": (
+        {"content": "x", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {}}}]},
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
+def test_parse_round_trip(case):
+    """parse(render(message)) gives the message back, and rendering the parse gives the same text again."""
+    message, tools = ROUND_TRIPS[case]
+    conversation = [{"role": "user", "content": "q"}]
+    text = reply_text(conversation, {"role": "assistant", **message}, tools)
+    parsed = ours().parse_response(text, tools=tools)
+    expected = dict(message)
+    expected.setdefault("reasoning_content", "")
+    assert parsed == expected
+    assert ref_render(conversation + [{"role": "assistant", **parsed}], tools, False) == ref_render(
+        conversation + [{"role": "assistant", **message}], tools, False
+    )
+
+
+def test_parse_values_rule():
+    """Without a schema a value is JSON when it parses (the template writes non-strings with tojson), else text."""
+    text = (
+        "<tool_call>f\n<arg_key>n</arg_key>\n<arg_value>42</arg_value>\n<arg_key>s</arg_key>\n<arg_value>Paris"
+        '</arg_value>\n<arg_key>j</arg_key>\n<arg_value>{"a": [1, 2]}</arg_value>\n<arg_key>bad</arg_key>\n'
+        '<arg_value>{not json</arg_value>\n<arg_key>q</arg_key>\n<arg_value>"quoted"</arg_value>\n</tool_call>'
+    )
+    args = parse_response(text)["tool_calls"][0]["function"]["arguments"]
+    assert args == {"n": 42, "s": "Paris", "j": {"a": [1, 2]}, "bad": "{not json", "q": "quoted"}
+    typed = parse_response(text, tools=[{"name": "f", "parameters": {"properties": {"n": {"type": "string"}}}}])
+    assert typed["tool_calls"][0]["function"]["arguments"]["n"] == "42"  # bare schemas work too
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("\nHello there.", {"content": "Hello there."}),
+        ("\n<think>Let me see.\n</think>\nSure.<|user|>", {"content": "Sure.", "reasoning_content": "Let me see."}),
+        ("<think>cut off mid-thought", {"content": "", "reasoning_content": "cut off mid-thought"}),
+        (
+            "\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+            "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call><|observation|>",
+            {"content": "", "reasoning_content": "", "tool_calls": [CALL]},
+        ),
+        (  # GLM-4.7's layout (no newlines inside the call) parses too
+            "Ok<tool_call>add<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>b</arg_key><arg_value>x y"
+            "</arg_value></tool_call>\n<tool_call>add</tool_call>",
+            {
+                "content": "Ok",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": "x y"}}},
+                    {"type": "function", "function": {"name": "add", "arguments": {}}},
+                ],
+            },
+        ),
+    ],
+)
+def test_parse_model_outputs(text, expected):
+    assert ours().parse_response(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>", "unclosed <tool_call>"),
+        ("<tool_call>f\n<arg_key>a</arg_key>\n</tool_call>", "expected <arg_key>k</arg_key><arg_value>v"),
+        ("<tool_call>f\n<arg_value>1</arg_value>\n</tool_call>", "expected <arg_key>"),
+        ("<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>", "without a valid function name"),
+        ("<tool_call>two words\nmore</tool_call>", "without a valid function name"),
+        ("<tool_call>f</tool_call> and then text", "text after the tool calls"),
+        ("<tool_call>f</tool_call>junk<tool_call>g</tool_call>", "text between tool calls"),
+        ("<tool_call>f<tool_call>g</tool_call>", "inside a tool call"),
+        (
+            "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>a</arg_key><arg_value>2</arg_value></tool_call>",
+            "given twice",
+        ),
+        ("preface <think>late</think>", None),
+        ("preface <think>never closed", "text before <think>"),
+    ],
+)
+def test_parse_malformed_raises(text, match):
+    if match is None:  # text before a closed think block is dropped like the template drops it
+        assert parse_response(text) == {"content": "", "reasoning_content": "late"}
+        return
+    with pytest.raises(ValueError, match=match):
+        parse_response(text)
+
+
+def test_parse_uses_history_tools_and_process_response():
+    tok = ours()
+    history = [{"role": "system", "content": "s", "tools": [WEATHER]}, {"role": "user", "content": "q"}]
+    text = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>2024</arg_value>\n</tool_call>"
+    parsed, new_history = tok.process_response(text, history)
+    assert parsed["tool_calls"][0]["function"]["arguments"] == {"city": "2024"}
+    assert new_history[-1] == {"role": "assistant", **parsed} and len(new_history) == 3
