@@ -416,3 +416,46 @@ def test_parse_uses_history_tools_and_process_response():
     parsed, new_history = tok.process_response(text, history)
     assert parsed["tool_calls"][0]["function"]["arguments"] == {"city": "2024"}
     assert new_history[-1] == {"role": "assistant", **parsed} and len(new_history) == 3
+
+
+# ---------------------------------------------------------------- glm-generate
+
+
+def test_cli_glm45_tools_reply_and_history(monkeypatch, tmp_path):
+    """glm-generate's pieces on the glm4_5 format: --tools in OpenAI form, the prompt, the printed reply (content,
+    then one JSON line per call), the history the next turn renders."""
+    import io
+    import json
+    import types
+
+    from glm_jax import cli_generate, stream
+    from glm_jax.config import GLMConfig
+
+    tok = ours()
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps([WEATHER["function"]]), encoding="utf-8")
+    tools = cli_generate.read_tools(str(f), "glm4_5")
+    assert tools == [WEATHER]
+    system = cli_generate.system_messages(tok, None, tools)
+    messages = system + [{"role": "user", "content": "Weather in Paris?"}]
+    assert cli_generate.prompt_ids(tok, messages) == ref_render(messages[1:], [WEATHER], tokenize=True)
+    reply = (
+        "\n<think>need the tool</think>\nChecking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>2024</arg_value>\n</tool_call>"
+    )
+    call_line = json.dumps({"name": "get_weather", "parameters": {"city": "2024"}})  # a string per the schema
+    assert cli_generate.format_response(tok, reply, system).splitlines() == ["Checking.", call_line]
+    assert cli_generate.format_response(tok, "\nplain <tool_call>broken") == "plain <tool_call>broken"
+    history = cli_generate.next_history(tok, messages, reply)
+    assert history[-1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "2024"}}
+    follow = history + [{"role": "tool", "content": "sunny"}]
+    assert tok.apply_chat_template(follow) == ref_render(follow[1:], [WEATHER], tokenize=True)
+    # the Session's reply path, on the ids of that reply
+    monkeypatch.setattr(stream, "stream_generate", lambda *a, **k: iter(tok.encode(reply)))
+    lm = types.SimpleNamespace(config=GLMConfig(vocab_size=1024))  # no params: stream_generate is replaced
+    args = cli_generate.build_parser().parse_args(["x", "--prompt", "q"])
+    out = io.StringIO()
+    session = cli_generate.Session(lm, tok, args, out, io.StringIO())
+    session.tools, session.system = tools, system
+    session.answer(messages)
+    assert out.getvalue().splitlines() == ["Checking.", call_line]
