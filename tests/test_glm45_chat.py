@@ -1,6 +1,6 @@
-"""GLM-4.5/4.6 chat (chat_format "glm4_5") against transformers rendering the released chat_template.jinja on the
-stand-in tokenizer of fixtures/glm4-moe-chat (see its MANIFEST.md): text for text, id for id; and the reply
-parser (<think> reasoning, XML tool calls)."""
+"""GLM-4.5/4.6/4.7 chat (chat_format "glm4_5", template variants glm4.5 and glm4.7) against transformers rendering
+the released chat_template.jinja files on the stand-in tokenizer of fixtures/glm4-moe-chat (see its MANIFEST.md):
+text for text, id for id; and the reply parser (<think> reasoning, XML tool calls)."""
 
 import copy
 import functools
@@ -15,28 +15,42 @@ from glm_jax.tokenizers.glm45 import GLM45Tokenizer
 from glm_jax.tokenizers.glm45_chat import parse_response, render
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "glm4-moe-chat"
-TEMPLATE = FIX / "GLM-4.6.chat_template.jinja"
+TEMPLATES = {"glm4.5": "GLM-4.6.chat_template.jinja", "glm4.7": "GLM-4.7-Flash.chat_template.jinja"}
+VARIANTS = sorted(TEMPLATES)
 
 
 @functools.cache
-def ours():
-    return load_tokenizer(FIX)
+def ours(variant="glm4.5"):
+    if variant == "glm4.5":
+        return load_tokenizer(FIX)  # the folder has no chat_template.jinja: the GLM-4.5/4.6 layout
+    return GLM45Tokenizer(str(FIX / "tokenizer.json"), template_variant=variant)
 
 
 @functools.cache
-def reference():
+def reference(variant="glm4.5"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(FIX), local_files_only=True)
-    tok.chat_template = TEMPLATE.read_text(encoding="utf-8")
+    tok.chat_template = (FIX / TEMPLATES[variant]).read_text(encoding="utf-8")
     return tok
 
 
-def ref_render(messages, tools=None, add_generation_prompt=True, enable_thinking=None, tokenize=False):
+def ref_render(
+    messages,
+    tools=None,
+    add_generation_prompt=True,
+    enable_thinking=None,
+    tokenize=False,
+    variant="glm4.5",
+    clear_thinking=None,
+):
+    """transformers' apply_chat_template with the released template; a flag left None is not passed at all."""
     kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if clear_thinking is not None:
+        kw["clear_thinking"] = clear_thinking
     if tools is not None:
         kw["tools"] = tools
-    out = reference().apply_chat_template(
+    out = reference(variant).apply_chat_template(
         copy.deepcopy(messages), tokenize=tokenize, add_generation_prompt=add_generation_prompt, **kw
     )
     return list(out["input_ids"]) if tokenize else out
@@ -134,7 +148,6 @@ CASES = {
                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
                 {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}},  # bare form
                 {"function": {"name": "add", "arguments": {}}},
-                {"function": {"name": "add", "arguments": None}},
             ],
         },
         {"role": "tool", "content": "r1", "tool_call_id": "c1"},
@@ -142,6 +155,10 @@ CASES = {
         {"role": "tool", "content": "r3"},
         {"role": "user", "content": "thanks"},
         {"role": "tool", "content": "late"},
+    ],
+    "call_without_arguments": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": None}}, {"name": "add"}]},
     ],
     "tool_list_content": [
         {"role": "user", "content": "q"},
@@ -172,18 +189,31 @@ CASES = {
 TOOLSETS = {"no_tools": None, "tools": [WEATHER, ADD], "empty_tools": []}
 
 
+TEMPLATE_FAILS = {("glm4.7", "call_without_arguments")}  # GLM-4.7 iterates a call's arguments, None too
+
+
 @pytest.mark.parametrize("thinking", [None, False, True], ids=["thinking_unset", "thinking_off", "thinking_on"])
 @pytest.mark.parametrize("gen", [True, False], ids=["gen", "no_gen"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_released_template(case, gen, thinking):
-    messages, tok = CASES[case], ours()
-    for tools_id in ("no_tools", "tools") if case in ("user", "tool_call_round", "none_and_absent") else ("no_tools",):
-        tools = TOOLSETS[tools_id]
-        text = tok.render_chat(messages, gen, tools, thinking)
-        assert text == ref_render(messages, tools, gen, thinking), tools_id
-        ids = tok.apply_chat_template(messages, gen, tools, thinking)
-        assert ids == ref_render(messages, tools, gen, thinking, tokenize=True), tools_id
-        assert [i for _, part in tok.chat_segments(messages, gen, tools, thinking) for i in part] == ids
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_released_template(variant, case, gen, thinking):
+    messages, tok = CASES[case], ours(variant)
+    tool_sets = ("no_tools", "tools") if case in ("user", "tool_call_round", "none_and_absent") else ("no_tools",)
+    clear_flags = (None, False) if variant == "glm4.7" else (None,)  # GLM-4.7: clear_thinking=False keeps all
+    for tools_id in tool_sets:
+        for clear in clear_flags:
+            tools, where = TOOLSETS[tools_id], f"{tools_id}, clear_thinking={clear}"
+            if (variant, case) in TEMPLATE_FAILS:  # the template itself fails: so must we, with a ValueError
+                with pytest.raises(Exception, match="'None' has no attribute 'items'"):
+                    ref_render(messages, tools, gen, thinking, False, variant, clear)
+                with pytest.raises(ValueError, match="GLM-4.7's template needs 'arguments'"):
+                    tok.render_chat(messages, gen, tools, thinking, clear)
+                continue
+            want = ref_render(messages, tools, gen, thinking, False, variant, clear)
+            assert tok.render_chat(messages, gen, tools, thinking, clear) == want, where
+            ids = tok.apply_chat_template(messages, gen, tools, thinking, clear)
+            assert ids == ref_render(messages, tools, gen, thinking, True, variant, clear), where
+            assert [i for _, part in tok.chat_segments(messages, gen, tools, thinking, clear) for i in part] == ids
 
 
 @pytest.mark.parametrize("tools_id", sorted(TOOLSETS))
@@ -235,6 +265,30 @@ def test_loader_and_family():
         load_tokenizer(FIX, chat_format="glm4")
     copied = pickle.loads(pickle.dumps(tok))
     assert copied.apply_chat_template(CASES["tool_call_round"]) == tok.apply_chat_template(CASES["tool_call_round"])
+    with pytest.raises(ValueError, match="unknown GLM-4.5 template variant"):
+        GLM45Tokenizer(str(FIX / "tokenizer.json"), template_variant="glm4.6")
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_template_variant_inferred_from_the_folder(tmp_path, variant, where):
+    """A checkpoint folder carries its template (chat_template.jinja, or tokenizer_config.json's chat_template):
+    GLM-4.7's reads clear_thinking."""
+    import json
+    import shutil
+
+    shutil.copy(FIX / "tokenizer.json", tmp_path / "tokenizer.json")
+    template = (FIX / TEMPLATES[variant]).read_text(encoding="utf-8")
+    cfg = json.loads((FIX / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(template, encoding="utf-8")
+    else:
+        cfg["chat_template"] = template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_format == "glm4_5" and tok.template_variant == variant
+    messages = CASES["tool_call_round"]
+    assert tok.apply_chat_template(messages) == ref_render(messages, tokenize=True, variant=variant)
 
 
 def test_other_tokenizer_json_is_not_glm45(tmp_path):
@@ -283,10 +337,11 @@ def test_unexpected_keyword_raises():
 # ---------------------------------------------------------------- replies
 
 
-def reply_text(conversation, message, tools=None):
-    """What the model writes after the generation prompt for `message`, per the released template."""
-    prompt = ref_render(conversation, tools, True)
-    full = ref_render(conversation + [message], tools, False)
+def reply_text(conversation, message, tools=None, variant="glm4.5"):
+    """What follows "<|assistant|>" for `message` in the released template's rendering: the model's reply (GLM-4.7's
+    generation prompt also holds the "<think>" that opens it)."""
+    prompt = ref_render(conversation, tools, False, variant=variant) + "<|assistant|>"
+    full = ref_render(conversation + [message], tools, False, variant=variant)
     assert full.startswith(prompt)
     return full[len(prompt) :]
 
@@ -327,18 +382,18 @@ ROUND_TRIPS = {
 
 
 @pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
-def test_parse_round_trip(case):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parse_round_trip(variant, case):
     """parse(render(message)) gives the message back, and rendering the parse gives the same text again."""
     message, tools = ROUND_TRIPS[case]
     conversation = [{"role": "user", "content": "q"}]
-    text = reply_text(conversation, {"role": "assistant", **message}, tools)
-    parsed = ours().parse_response(text, tools=tools)
+    text = reply_text(conversation, {"role": "assistant", **message}, tools, variant)
+    parsed = ours(variant).parse_response(text, tools=tools)
     expected = dict(message)
     expected.setdefault("reasoning_content", "")
     assert parsed == expected
-    assert ref_render(conversation + [{"role": "assistant", **parsed}], tools, False) == ref_render(
-        conversation + [{"role": "assistant", **message}], tools, False
-    )
+    again = ref_render(conversation + [{"role": "assistant", **parsed}], tools, False, variant=variant)
+    assert again == ref_render(conversation + [{"role": "assistant", **message}], tools, False, variant=variant)
 
 
 def test_parse_values_rule():
@@ -365,7 +420,8 @@ def test_parse_values_rule():
             "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call><|observation|>",
             {"content": "", "reasoning_content": "", "tool_calls": [CALL]},
         ),
-        (  # GLM-4.7's layout (no newlines inside the call) parses too
+        ("Thought it through.</think>Done.", {"content": "Done.", "reasoning_content": "Thought it through."}),
+        (  # GLM-4.7's layout (no newlines inside the call)
             "Ok<tool_call>add<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>b</arg_key><arg_value>x y"
             "</arg_value></tool_call>\n<tool_call>add</tool_call>",
             {

@@ -1,5 +1,5 @@
-"""GLM-4.5 / 4.6 tokenizer (the glm4-moe family): the checkpoint's tokenizer.json, read with the `tokenizers`
-library (what transformers' fast tokenizer runs), and the chat format of glm45_chat."""
+"""GLM-4.5 / 4.6 / 4.7 tokenizer (the glm4-moe family): the checkpoint's tokenizer.json, read with the
+`tokenizers` library (what transformers' fast tokenizer runs), and the chat format of glm45_chat."""
 
 from __future__ import annotations
 
@@ -42,17 +42,36 @@ def is_glm45_tokenizer_json(path: str) -> bool:
     return any(isinstance(t, dict) and t.get("content") == "<arg_key>" for t in added or ())
 
 
+def template_variant_of(folder: str, cfg: dict) -> str:
+    """ "glm4.7" when the folder's chat template (chat_template.jinja, else tokenizer_config.json's) is GLM-4.7's
+    (it reads clear_thinking), else "glm4.5"."""
+    path = os.path.join(folder, "chat_template.jinja")
+    text = cfg.get("chat_template")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    return "glm4.7" if isinstance(text, str) and "clear_thinking" in text else "glm4.5"
+
+
 class GLM45Tokenizer(GLMTokenizer):
     """GLM-4.5/4.6: byte-level BPE from tokenizer.json; added tokens are cut out of the text (as transformers
     does); apply_chat_template renders the released template (glm45_chat) and encodes the text at once."""
 
     chat_format = "glm4_5"
 
-    def __init__(self, tokenizer_file: str, clean_up_tokenization_spaces: bool = False):
-        """clean_up_tokenization_spaces: tokenizer_config.json's flag for decode (False in GLM-4.5's)."""
+    def __init__(
+        self, tokenizer_file: str, clean_up_tokenization_spaces: bool = False, template_variant: str = "glm4.5"
+    ):
+        """clean_up_tokenization_spaces: tokenizer_config.json's flag for decode (False in GLM-4.5's).
+        template_variant: "glm4.5" (GLM-4.5 and 4.6) or "glm4.7" (glm45_chat.VARIANTS)."""
         from tokenizers import Tokenizer
 
-        self._init_args = dict(tokenizer_file=tokenizer_file, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+        self._init_args = dict(
+            tokenizer_file=tokenizer_file,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            template_variant=template_variant,
+        )
+        self.template_variant = glm45_chat.check_variant(template_variant)
         if not os.path.isfile(tokenizer_file):
             raise FileNotFoundError(f"{tokenizer_file}: tokenizer.json not found")
         try:
@@ -97,24 +116,37 @@ class GLM45Tokenizer(GLMTokenizer):
         return clean_up_tokenization(text) if self.clean_up else text
 
     # ---- chat
-    def render_chat(self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking=None) -> str:
+    def render_chat(
+        self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking=None, clear_thinking=None
+    ) -> str:
         """The prompt text (apply_chat_template with tokenize=False)."""
-        return glm45_chat.render(messages, tools, add_generation_prompt, enable_thinking)
+        return glm45_chat.render(
+            messages, tools, add_generation_prompt, enable_thinking, self.template_variant, clear_thinking
+        )
 
     def apply_chat_template(
-        self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking=None, **kwargs
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        tools=None,
+        enable_thinking=None,
+        clear_thinking=None,
+        **kwargs,
     ) -> list[int]:
         """Prompt ids: the rendered text encoded at once, as transformers does. tools: the tool schemas
-        (also read from a system message's "tools"); enable_thinking=False: the /nothink prompt."""
+        (also read from a system message's "tools"); enable_thinking=False: no thinking (/nothink on GLM-4.5);
+        clear_thinking=False (GLM-4.7): keep the reasoning of turns before the last user message."""
         if kwargs:
             raise TypeError(f"unexpected arguments for the glm4_5 chat format: {sorted(kwargs)}")
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools, enable_thinking))
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, enable_thinking, clear_thinking))
 
     def chat_segments(
-        self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking=None
+        self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking=None, clear_thinking=None
     ) -> list[tuple[str, list[int]]]:
         """(part, ids) per rendered piece (glm45_chat.render_segments); the ids join to apply_chat_template's."""
-        parts = glm45_chat.render_segments(messages, tools, add_generation_prompt, enable_thinking)
+        parts = glm45_chat.render_segments(
+            messages, tools, add_generation_prompt, enable_thinking, self.template_variant, clear_thinking
+        )
         return [(name, self.encode(text)) for name, text in parts]
 
     def parse_response(self, text: str, history=None, tools=None) -> dict:

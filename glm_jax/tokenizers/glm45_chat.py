@@ -1,8 +1,8 @@
-"""GLM-4.5 / 4.6 chat (the glm4-moe family), written in Python (no jinja): the prompt its released
+"""GLM-4.5 / 4.6 / 4.7 chat (the glm4-moe family), written in Python (no jinja): the prompt their released
 chat_template.jinja renders, and the parse of a reply (<think> reasoning, XML tool calls).
 
-What the template does, and so what `render` does (transformers renders it with trim_blocks, lstrip_blocks and
-tojson = json.dumps(ensure_ascii=False), default separators):
+What the GLM-4.5/4.6 template does, and so what `render` does (transformers renders it with trim_blocks,
+lstrip_blocks and tojson = json.dumps(ensure_ascii=False), default separators):
 - "[gMASK]<sop>", then, when `tools` is non-empty, one "<|system|>" block listing each tool as one JSON line;
 - system: "<|system|>\\n" + text; user: "<|user|>\\n" + text, plus "/nothink" when thinking is off and the text
   does not already end with it;
@@ -15,6 +15,10 @@ tojson = json.dumps(ensure_ascii=False), default separators):
   for the first of consecutive tool messages; a list content is "<|observation|>" + one response per item
   (an item's "output" when it has one);
 - the generation prompt is "<|assistant|>", plus "\\n<think></think>" when thinking is off.
+GLM-4.7's template (variant "glm4.7") drops every newline above (after the role tokens, around the think block,
+inside calls and responses), has no /nothink, closes an empty or dropped think block with "</think>" alone,
+keeps all reasoning when clear_thinking=False, and ends the generation prompt with "<think>" ("</think>" when
+thinking is off).
 A content is a string, or a list of parts whose {"type": "text", "text": ...} items and plain strings are joined.
 Messages are first normalised as transformers 5 does before rendering (check_glm45_messages).
 """
@@ -32,11 +36,17 @@ TOOLS_HEAD = (
     "<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
 )
-TOOLS_TAIL = (
+_TOOLS_FORMAT = (
     "</tools>\n\nFor each function call, output the function name and arguments within the following XML format:\n"
     "<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}</arg_value>\n"
     "<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>"
 )
+VARIANTS = ("glm4.5", "glm4.7")  # GLM-4.5 and 4.6 share a template; GLM-4.7 has its own
+TOOLS_TAIL = {  # GLM-4.7 writes the call format without the newlines (the first line's own "\n" stays)
+    "glm4.5": _TOOLS_FORMAT,
+    "glm4.7": _TOOLS_FORMAT[: _TOOLS_FORMAT.index("<tool_call>")]
+    + _TOOLS_FORMAT[_TOOLS_FORMAT.index("<tool_call>") :].replace("\n", ""),
+}
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' aliases, first one wins
 _ABSENT = object()
 
@@ -110,18 +120,26 @@ def split_tools(messages: list[dict], tools) -> tuple[list[dict], list]:
     return out, tools
 
 
-def tools_block(tools: Sequence) -> str:
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown GLM-4.5 template variant {variant!r}; expected one of {VARIANTS}")
+    return variant
+
+
+def tools_block(tools: Sequence, variant: str = "glm4.5") -> str:
     """The "<|system|>" block of available tools (each tool dict as one JSON line)."""
-    return TOOLS_HEAD + "".join(tojson(t, f"tools[{i}]") + "\n" for i, t in enumerate(tools)) + TOOLS_TAIL
+    return TOOLS_HEAD + "".join(tojson(t, f"tools[{i}]") + "\n" for i, t in enumerate(tools)) + TOOLS_TAIL[variant]
 
 
-def _thinking_off(enable_thinking) -> bool:
-    return enable_thinking is not None and not enable_thinking  # None: not passed to the template
+def _off(flag) -> bool:
+    return flag is not None and not flag  # None: not passed to the template (undefined there)
 
 
-def user_block(m: dict, enable_thinking=None) -> str:
+def user_block(m: dict, enable_thinking=None, variant: str = "glm4.5") -> str:
     text = visible_text(m.get("content", _ABSENT))
-    nothink = NOTHINK if _thinking_off(enable_thinking) and not text.endswith(NOTHINK) else ""
+    if variant == "glm4.7":
+        return f"<|user|>{text}"
+    nothink = NOTHINK if _off(enable_thinking) and not text.endswith(NOTHINK) else ""
     return f"<|user|>\n{text}{nothink}"
 
 
@@ -138,8 +156,9 @@ def reasoning_and_content(m: dict) -> tuple[str, str]:
     return "", content
 
 
-def tool_call_block(tc, where: str) -> str:
-    """One call: {"function": {"name", "arguments"}} (OpenAI form) or {"name", "arguments"}; arguments a dict."""
+def tool_call_block(tc, where: str, variant: str = "glm4.5") -> str:
+    """One call: {"function": {"name", "arguments"}} (OpenAI form) or {"name", "arguments"}; arguments a dict
+    (GLM-4.5/4.6: absent, None or empty for none; GLM-4.7's template needs the key)."""
     if not isinstance(tc, dict):
         raise ValueError(f"{where}: a tool call must be a dict, got {type(tc).__name__}")
     if tc.get("function"):
@@ -149,76 +168,103 @@ def tool_call_block(tc, where: str) -> str:
     name = tc.get("name")
     if not isinstance(name, str):
         raise ValueError(f"{where}: the tool call needs a 'name' string, got {name!r}")
+    if variant == "glm4.7" and tc.get("arguments") is None:
+        raise ValueError(f"{where}: GLM-4.7's template needs 'arguments' (a dict, {{}} for none)")
     args = tc.get("arguments") or {}
     if not isinstance(args, dict):
         raise ValueError(
             f"{where}: 'arguments' must be a dict (the template iterates its items); got {type(args).__name__}"
             + (" - json.loads the OpenAI string form first" if isinstance(args, str) else "")
         )
-    body = "".join(
-        f"<arg_key>{k}</arg_key>\n<arg_value>{v if isinstance(v, str) else tojson(v, f'{where}: {k!r}')}</arg_value>\n"
-        for k, v in args.items()
-    )
-    return f"\n<tool_call>{name}\n{body}</tool_call>"
+    nl = "" if variant == "glm4.7" else "\n"
+    values = {k: v if isinstance(v, str) else tojson(v, f"{where}: {k!r}") for k, v in args.items()}
+    body = "".join(f"<arg_key>{k}</arg_key>{nl}<arg_value>{v}</arg_value>{nl}" for k, v in values.items())
+    return f"{nl}<tool_call>{name}{nl}{body}</tool_call>"
 
 
-def assistant_block(m: dict, keep_reasoning: bool, where: str) -> str:
+def assistant_block(m: dict, keep_reasoning: bool, where: str, variant: str = "glm4.5") -> str:
     reasoning, content = reasoning_and_content(m)
-    think = reasoning.strip() if keep_reasoning and reasoning else ""
-    text = f"<|assistant|>\n<think>{think}</think>"
+    nl = "" if variant == "glm4.7" else "\n"
+    if keep_reasoning and reasoning:
+        text = f"<|assistant|>{nl}<think>{reasoning.strip()}</think>"
+    else:
+        text = "<|assistant|></think>" if variant == "glm4.7" else "<|assistant|>\n<think></think>"
     if content.strip():
-        text += "\n" + content.strip()
+        text += nl + content.strip()
     calls = m.get("tool_calls")
     if calls:
         if not isinstance(calls, (list, tuple)):
             raise ValueError(f"{where}: 'tool_calls' must be a list, got {type(calls).__name__}")
-        text += "".join(tool_call_block(tc, f"{where}.tool_calls[{j}]") for j, tc in enumerate(calls))
+        text += "".join(tool_call_block(tc, f"{where}.tool_calls[{j}]", variant) for j, tc in enumerate(calls))
     return text
 
 
-def tool_block(m: dict, first_of_run: bool, where: str) -> str:
+def tool_block(m: dict, first_of_run: bool, where: str, variant: str = "glm4.5") -> str:
+    nl = "" if variant == "glm4.7" else "\n"
     content = m.get("content", _ABSENT)
     if isinstance(content, str):
-        return ("<|observation|>" if first_of_run else "") + f"\n<tool_response>\n{content}\n</tool_response>"
+        return ("<|observation|>" if first_of_run else "") + f"{nl}<tool_response>{nl}{content}{nl}</tool_response>"
     if content is _ABSENT:
         content = []
     if not isinstance(content, (list, tuple)):
         raise ValueError(f"{where}: a tool message's content must be a string or a list, got {type(content).__name__}")
     items = (str(tr["output"]) if isinstance(tr, dict) and "output" in tr else str(tr) for tr in content)
-    return "<|observation|>" + "".join(f"\n<tool_response>\n{t}\n</tool_response>" for t in items)
+    return "<|observation|>" + "".join(f"{nl}<tool_response>{nl}{t}{nl}</tool_response>" for t in items)
+
+
+def generation_prompt(enable_thinking=None, variant: str = "glm4.5") -> str:
+    if variant == "glm4.7":
+        return "<|assistant|>" + ("</think>" if _off(enable_thinking) else "<think>")
+    return "<|assistant|>" + ("\n<think></think>" if _off(enable_thinking) else "")
 
 
 def render_segments(
-    messages, tools=None, add_generation_prompt: bool = True, enable_thinking=None
+    messages,
+    tools=None,
+    add_generation_prompt: bool = True,
+    enable_thinking=None,
+    variant: str = "glm4.5",
+    clear_thinking=None,
 ) -> list[tuple[str, str]]:
     """The prompt as (part, text) pieces whose concatenation is the rendered template: ("prefix", "[gMASK]<sop>"),
     ("tools", block) when there are tools, one (role, text) per message (in order), ("generation", ...) last.
     Each piece but the prefix begins with a special token (or follows one), so they tokenise apart."""
+    check_variant(variant)
     messages, tools = split_tools(check_glm45_messages(messages), tools)
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    keep_all = variant == "glm4.7" and _off(clear_thinking)  # GLM-4.7: clear_thinking=False keeps every turn's
     out = [("prefix", PREFIX)]
     if tools:
-        out.append(("tools", tools_block(tools)))
+        out.append(("tools", tools_block(tools, variant)))
     for i, m in enumerate(messages):
         role, where = m["role"], f"messages[{i}]"
         if role == "user":
-            text = user_block(m, enable_thinking)
+            text = user_block(m, enable_thinking, variant)
         elif role == "assistant":
-            text = assistant_block(m, i > last_user, where)
+            text = assistant_block(m, keep_all or i > last_user, where, variant)
         elif role == "tool":
-            text = tool_block(m, i == 0 or messages[i - 1]["role"] != "tool", where)
+            text = tool_block(m, i == 0 or messages[i - 1]["role"] != "tool", where, variant)
         else:
-            text = "<|system|>\n" + visible_text(m.get("content", _ABSENT))
+            text = ("<|system|>" if variant == "glm4.7" else "<|system|>\n") + visible_text(m.get("content", _ABSENT))
         out.append((role, text))
     if add_generation_prompt:
-        out.append(("generation", "<|assistant|>" + ("\n<think></think>" if _thinking_off(enable_thinking) else "")))
+        out.append(("generation", generation_prompt(enable_thinking, variant)))
     return out
 
 
-def render(messages, tools=None, add_generation_prompt: bool = True, enable_thinking=None) -> str:
+def render(
+    messages,
+    tools=None,
+    add_generation_prompt: bool = True,
+    enable_thinking=None,
+    variant: str = "glm4.5",
+    clear_thinking=None,
+) -> str:
     """The prompt text, as transformers renders the released template (apply_chat_template, tokenize=False).
-    enable_thinking: None leaves it undefined in the template (thinking on); False turns thinking off."""
-    return "".join(text for _, text in render_segments(messages, tools, add_generation_prompt, enable_thinking))
+    enable_thinking / clear_thinking (GLM-4.7 only): None leaves them undefined in the template (thinking on,
+    reasoning cleared before the last user turn); False turns them off."""
+    parts = render_segments(messages, tools, add_generation_prompt, enable_thinking, variant, clear_thinking)
+    return "".join(text for _, text in parts)
 
 
 # ---------------------------------------------------------------- replies

@@ -77,7 +77,8 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     chat_format: "chatglm" (ChatGLM-6B), "chatglm2", "chatglm3", "glm4", "glm4_5" (GLM-4.5/4.6, the glm4-moe
     family: tokenizer.json, XML tool calls, <think> blocks, enable_thinking=False for /nothink), or None to infer
     it from the files (ChatGLM2 vs ChatGLM3 from tokenizer_config.json's name_or_path; glm4_5 from a
-    tokenizer.json whose added tokens include <arg_key>). "gpt2" loads a GPT-2-style BPE
+    tokenizer.json whose added tokens include <arg_key>; GLM-4.7's template variant from a chat_template that
+    reads clear_thinking). "gpt2" loads a GPT-2-style BPE
     (vocab.json + merges.txt, original GLM; no chat template). Extra keyword arguments go to the class
     (e.g. num_image_tokens, encode_special_tokens, template_variant).
     """
@@ -107,9 +108,12 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     if chat_format == "glm4_5" or os.path.basename(vocab_file) == "tokenizer.json":
         if chat_format != "glm4_5":
             raise ValueError(f"{vocab_file}: a tokenizer.json does not fit chat_format={chat_format!r}")
-        from glm_jax.tokenizers.glm45 import GLM45Tokenizer
+        from glm_jax.tokenizers.glm45 import GLM45Tokenizer, template_variant_of
 
-        opts = {"clean_up_tokenization_spaces": bool(cfg.get("clean_up_tokenization_spaces", False))}
+        opts = {
+            "clean_up_tokenization_spaces": bool(cfg.get("clean_up_tokenization_spaces", False)),
+            "template_variant": template_variant_of(folder, cfg),
+        }
         return GLM45Tokenizer(vocab_file, **{**opts, **kwargs})
     if chat_format == "chatglm":
         from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
