@@ -329,6 +329,22 @@ def test_bad_messages_raise(messages, match):
         ours().apply_chat_template(messages)
 
 
+@pytest.mark.parametrize(
+    "tools, match",
+    [
+        ({"type": "function"}, "must be a list of tool schemas"),
+        (["get_weather"], r"tools\[0\] must be a JSON schema dict"),
+        ([WEATHER, 3], r"tools\[1\] must be a JSON schema dict"),
+    ],
+)
+def test_bad_tools_raise(tools, match):
+    messages = [{"role": "user", "content": "q"}]
+    with pytest.raises(ValueError, match=match):
+        ours().apply_chat_template(messages, tools=tools)
+    with pytest.raises(ValueError, match="must be a list|must be a JSON schema"):
+        ours().apply_chat_template([{"role": "system", "content": "s", "tools": tools}] + messages)
+
+
 def test_unexpected_keyword_raises():
     with pytest.raises(TypeError, match="template_variant"):
         ours().apply_chat_template([{"role": "user", "content": "x"}], template_variant="jinja")

@@ -108,15 +108,22 @@ def check_glm45_messages(messages) -> list[dict]:
 def split_tools(messages: list[dict], tools) -> tuple[list[dict], list]:
     """DESIGN §3.4 puts tools on a system message: those join `tools`, and a system message that holds only
     tools (no content) is dropped. Returns (messages, tools)."""
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list of tool schemas, got {type(tools).__name__}")
     tools = list(tools or [])
     out = []
     for m in messages:
         if m["role"] == "system" and "tools" in m:
-            tools += list(m["tools"] or [])
+            if not isinstance(m["tools"], (list, tuple)):
+                raise ValueError(f"a system message's 'tools' must be a list, got {type(m['tools']).__name__}")
+            tools += list(m["tools"])
             if m.get("content") is None:
                 continue
             m = {k: v for k, v in m.items() if k != "tools"}
         out.append(m)
+    bad = next((i for i, t in enumerate(tools) if not isinstance(t, dict)), None)
+    if bad is not None:  # transformers takes JSON schemas (or Python functions, which glm-jax does not)
+        raise ValueError(f"tools[{bad}] must be a JSON schema dict, got {type(tools[bad]).__name__}")
     return out, tools
 
 
