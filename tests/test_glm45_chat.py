@@ -531,3 +531,36 @@ def test_cli_glm45_tools_reply_and_history(monkeypatch, tmp_path):
     session.tools, session.system = tools, system
     session.answer(messages)
     assert out.getvalue().splitlines() == ["Checking.", call_line]
+
+
+def test_post_processor_prefix(tmp_path):
+    """A tokenizer.json whose post-processor adds [gMASK] <sop> (as GLM-4's -hf tokenizers do): encode with special
+    tokens is transformers' tokenizer(text), and prefix_ids says what it puts in front; chat ids never get it."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    data = json.loads((FIX / "tokenizer.json").read_text(encoding="utf-8"))
+    st = ours().special_tokens
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "[gMASK]", "type_id": 0}},
+            {"SpecialToken": {"id": "<sop>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {name: {"id": name, "ids": [st[name]], "tokens": [name]} for name in ("[gMASK]", "<sop>")},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    shutil.copy(FIX / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    tok, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert tok.prefix_ids == [st["[gMASK]"], st["<sop>"]] and tok.suffix_ids == []
+    for text in TEXTS:
+        assert tok.encode(text, add_special_tokens=True) == ref(text)["input_ids"]
+        assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+    ref.chat_template = (FIX / TEMPLATES["glm4.5"]).read_text(encoding="utf-8")
+    messages = CASES["tool_call_round"]
+    want = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert tok.apply_chat_template(messages) == list(want)
