@@ -216,6 +216,22 @@ def test_matches_released_template(variant, case, gen, thinking):
             assert [i for _, part in tok.chat_segments(messages, gen, tools, thinking, clear) for i in part] == ids
 
 
+def golden_cases():
+    import json
+
+    data = json.loads((FIX / "golden.json").read_text(encoding="utf-8"))
+    return [pytest.param(c, id=c["id"]) for c in data["cases"]]
+
+
+@pytest.mark.parametrize("case", golden_cases())
+def test_matches_stored_golden(case):
+    """The prompts transformers 5.24 rendered (make_golden.py), stored: pinned even if transformers changes."""
+    tok = ours(case["variant"])
+    args = (case["tools"], case["enable_thinking"], case["clear_thinking"])
+    assert tok.render_chat(case["messages"], case["add_generation_prompt"], *args) == case["text"]
+    assert tok.apply_chat_template(case["messages"], case["add_generation_prompt"], *args) == case["input_ids"]
+
+
 @pytest.mark.parametrize("tools_id", sorted(TOOLSETS))
 def test_tools_on_system_message_equal_tools_argument(tools_id):
     """DESIGN §3.4 puts tools on the system message; the template takes them apart, before the messages."""
