@@ -320,6 +320,11 @@ def test_other_tokenizer_json_is_not_glm45(tmp_path):
         load_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="added tokens missing"):
         load_tokenizer(tmp_path, chat_format="glm4_5")
+    (tmp_path / "tokenizer.json").write_text('{"added_tokens": [{"content": "<arg_key>"}]}', encoding="utf-8")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        GLM45Tokenizer(str(tmp_path / "missing.json"))
 
 
 # ---------------------------------------------------------------- bad input

@@ -54,7 +54,7 @@ def template_variant_of(folder: str, cfg: dict) -> str:
 
 
 class GLM45Tokenizer(GLMTokenizer):
-    """GLM-4.5/4.6: byte-level BPE from tokenizer.json; added tokens are cut out of the text (as transformers
+    """GLM-4.5/4.6/4.7: byte-level BPE from tokenizer.json; added tokens are cut out of the text (as transformers
     does); apply_chat_template renders the released template (glm45_chat) and encodes the text at once."""
 
     chat_format = "glm4_5"
