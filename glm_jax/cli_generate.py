@@ -4,7 +4,8 @@
     glm-generate PATH --chat [--system TEXT] [--tools FILE]      # lines from stdin; /reset, /exit or EOF
 
 Tokens are printed as they decode (glm_jax.stream). With --tools the reply is printed once it is complete:
-a tool call as one JSON line {"name": ..., "parameters": ...}, anything else as text.
+a tool call as one JSON line {"name": ..., "parameters": ...} (GLM-4.5: the text, then one line per call),
+anything else as text.
 Exit codes: 0 ok; 2 bad input (one stderr line starting "error:"); 1 internal error.
 Before anything is allocated, a prompt is checked against a learned position table (the original GLM) and the KV
 cache + prefill attention against the machine's available memory (exit 2; in --chat the turn is refused and the
@@ -25,6 +26,7 @@ from glm_jax.errors import InputError
 from glm_jax.platform import use_cpu_when_no_accelerator
 
 CHATGLM3_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+SYSTEM_FORMATS = ("chatglm3", "glm4", "glm4_5")  # the chat formats with a system role and tools
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -70,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: PATH)")
     p.add_argument("--chat-format", choices=CHAT_FORMATS, help="prompt format (default: inferred from the tokenizer)")
-    p.add_argument("--system", metavar="TEXT", help="system message (chatglm3, glm4)")
+    p.add_argument("--system", metavar="TEXT", help="system message (chatglm3, glm4, glm4_5)")
     p.add_argument(
-        "--tools", metavar="FILE", help="JSON list of function schemas offered to the model (chatglm3, glm4)"
+        "--tools", metavar="FILE", help="JSON list of function schemas offered to the model (chatglm3, glm4, glm4_5)"
     )
     p.add_argument(
         "--raw", action="store_true", help="no chat template: the prompt as-is, with the family's prefix tokens"
@@ -110,7 +112,8 @@ def check_model_folder(path: pathlib.Path) -> None:
 
 
 def read_tools(file: str, chat_format: str) -> list:
-    """The --tools list in the family's form: GLM-4 {"type": "function", "function": schema}, ChatGLM3 bare schemas."""
+    """The --tools list in the family's form: GLM-4 and GLM-4.5 {"type": "function", "function": schema}, ChatGLM3
+    bare schemas."""
     from glm_jax.tokenizers.templates import GLM4_BUILTIN_TOOLS
 
     try:
@@ -129,16 +132,16 @@ def read_tools(file: str, chat_format: str) -> list:
             continue
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise UsageError(f'{file}: tool {i} is not a function schema with a "name" string')
-        out.append({"type": "function", "function": fn} if chat_format == "glm4" else fn)
+        out.append({"type": "function", "function": fn} if chat_format in ("glm4", "glm4_5") else fn)
     return out
 
 
 def system_messages(tok, system: str | None, tools: list | None) -> list[dict]:
     if system is None and not tools:
         return []
-    if tok.chat_format not in ("chatglm3", "glm4"):
+    if tok.chat_format not in SYSTEM_FORMATS:
         raise UsageError(
-            f"--system and --tools need a chat format with a system role (chatglm3, glm4); "
+            f"--system and --tools need a chat format with a system role {SYSTEM_FORMATS}; "
             f"this tokenizer's format is {tok.chat_format}"
         )
     if not tools:
@@ -168,6 +171,8 @@ def prompt_ids(tok, messages: list[dict] | None, raw_text: str | None = None) ->
 
 def format_response(tok, text: str, history: list | None = None) -> str:
     """What to print for a finished reply: one JSON line for a tool call, else the reply's content."""
+    if tok.chat_format == "glm4_5":
+        return _format_glm45(tok, text, history)
     if tok.chat_format in ("chatglm3", "glm4"):
         parsed = tok.parse_response(text, history)
     else:
@@ -179,8 +184,26 @@ def format_response(tok, text: str, history: list | None = None) -> str:
     return str(parsed.get("content", ""))
 
 
+def _format_glm45(tok, text: str, history: list | None) -> str:
+    """GLM-4.5: the reply's content, then each tool call as one JSON line {"name", "parameters"}; a reply whose
+    calls do not parse is printed as it is."""
+    try:
+        parsed = tok.parse_response(text, history)
+    except ValueError:
+        return text.strip()
+    calls = [c["function"] for c in parsed.get("tool_calls", ())]
+    lines = [json.dumps({"name": c["name"], "parameters": c["arguments"]}, ensure_ascii=False) for c in calls]
+    return "\n".join(([parsed["content"]] if parsed["content"] else []) + lines)
+
+
 def next_history(tok, messages: list[dict], text: str) -> list[dict]:
-    """The conversation with the reply appended, the way the family's chat() keeps it."""
+    """The conversation with the reply appended, the way the family's chat() keeps it (GLM-4.5: as the assistant
+    message its template takes, reasoning and tool calls included)."""
+    if tok.chat_format == "glm4_5":
+        try:
+            return tok.process_response(text, messages)[1]
+        except ValueError:  # a malformed tool call: keep the text as it is
+            return messages + [{"role": "assistant", "content": text.strip()}]
     if tok.chat_format in ("chatglm3", "glm4"):
         try:
             return tok.process_response(text, messages)[1]
@@ -328,9 +351,9 @@ def load(args):
     except (ValueError, OSError) as e:
         raise UsageError(f"tokenizer: {e}") from None
     tools = read_tools(args.tools, tok.chat_format) if args.tools else None
-    if tools and tok.chat_format not in ("chatglm3", "glm4"):
+    if tools and tok.chat_format not in SYSTEM_FORMATS:
         raise UsageError(
-            f"--tools needs the chatglm3 or glm4 chat format; this tokenizer's format is {tok.chat_format}"
+            f"--tools needs the chatglm3, glm4 or glm4_5 chat format; this tokenizer's format is {tok.chat_format}"
         )
     import glm_jax
 

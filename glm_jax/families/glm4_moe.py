@@ -265,6 +265,6 @@ FAMILY = Family(
     rows=ROWS,
     presets=PRESETS,
     dtype_key="dtype",
-    chat_formats=("glm4",),
+    chat_formats=("glm4_5",),
     fit_to_checkpoint=fit_to_checkpoint,
 )

@@ -11,11 +11,12 @@ __all__ = [
     "ChatGLM2Tokenizer",
     "ChatGLM3Tokenizer",
     "GLM4Tokenizer",
+    "GLM45Tokenizer",
     "GPT2BPETokenizer",
 ]
 
 
-def __getattr__(name):  # the family modules import sentencepiece / tiktoken only when used
+def __getattr__(name):  # the family modules import sentencepiece / tiktoken / tokenizers only when used
     if name == "ChatGLMTokenizer":
         from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
 
@@ -28,6 +29,10 @@ def __getattr__(name):  # the family modules import sentencepiece / tiktoken onl
         from glm_jax.tokenizers.glm4 import GLM4Tokenizer
 
         return GLM4Tokenizer
+    if name == "GLM45Tokenizer":
+        from glm_jax.tokenizers.glm45 import GLM45Tokenizer
+
+        return GLM45Tokenizer
     if name == "GPT2BPETokenizer":
         from glm_jax.tokenizers.gpt2 import GPT2BPETokenizer
 

@@ -6,12 +6,13 @@ import os
 
 from glm_jax.tokenizers.base import GLMTokenizer, read_tokenizer_config
 
-CHAT_FORMATS = ("chatglm", "chatglm2", "chatglm3", "glm4")
+CHAT_FORMATS = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm4_5")
 _FILES = {
     "chatglm": "ice_text.model",
     "chatglm2": "tokenizer.model",
     "chatglm3": "tokenizer.model",
     "glm4": "tokenizer.model",
+    "glm4_5": "tokenizer.json",
 }
 
 
@@ -21,6 +22,8 @@ def _infer_format(folder: str, cfg: dict, model_file: str | None) -> str:
         return "gpt2"
     if name == "ice_text.model" or (not model_file and os.path.isfile(os.path.join(folder, "ice_text.model"))):
         return "chatglm"
+    if name == "tokenizer.json":
+        return _infer_tokenizer_json(model_file, explicit=True)
     model = model_file or os.path.join(folder, "tokenizer.model")
     if os.path.isfile(model):
         from glm_jax.tokenizers.glm4 import is_tiktoken_file
@@ -35,11 +38,27 @@ def _infer_format(folder: str, cfg: dict, model_file: str | None) -> str:
             f"{model}: a sentencepiece tokenizer.model is used by both ChatGLM2 and ChatGLM3 and "
             f"tokenizer_config.json does not say which; pass chat_format='chatglm2' or 'chatglm3'"
         )
+    hf_json = os.path.join(folder, "tokenizer.json")
+    if not model_file and os.path.isfile(hf_json) and _infer_tokenizer_json(hf_json, explicit=False):
+        return "glm4_5"
     if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
         return "gpt2"
     raise FileNotFoundError(
-        f"{folder}: no tokenizer file found (expected ice_text.model, tokenizer.model, or vocab.json + merges.txt)"
+        f"{folder}: no tokenizer file found (expected ice_text.model, tokenizer.model, vocab.json + merges.txt, "
+        "or a GLM-4.5 tokenizer.json)"
     )
+
+
+def _infer_tokenizer_json(path: str, explicit: bool) -> str | None:
+    """ "glm4_5" for GLM-4.5's tokenizer.json (tool-call tokens among its added tokens). Other tokenizer.json
+    files (GLM-4-0414's...) have no glm-jax chat format: None, or an error when the file was named."""
+    from glm_jax.tokenizers.glm45 import is_glm45_tokenizer_json
+
+    if is_glm45_tokenizer_json(path):
+        return "glm4_5"
+    if explicit:
+        raise ValueError(f"{path}: not a GLM-4.5 tokenizer.json (no <arg_key> added token); no chat format fits it")
+    return None
 
 
 def _glm4_special_ids(cfg: dict) -> dict[str, int] | None:
@@ -55,8 +74,11 @@ def _glm4_special_ids(cfg: dict) -> dict[str, int] | None:
 def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTokenizer:
     """Tokenizer of a folder, or of a tokenizer file (its folder's tokenizer_config.json is read too).
 
-    chat_format: "chatglm" (ChatGLM-6B), "chatglm2", "chatglm3", "glm4", or None to infer it from the files
-    (ChatGLM2 vs ChatGLM3 from tokenizer_config.json's name_or_path). "gpt2" loads a GPT-2-style BPE
+    chat_format: "chatglm" (ChatGLM-6B), "chatglm2", "chatglm3", "glm4", "glm4_5" (GLM-4.5/4.6, the glm4-moe
+    family: tokenizer.json, XML tool calls, <think> blocks, enable_thinking=False for /nothink), or None to infer
+    it from the files (ChatGLM2 vs ChatGLM3 from tokenizer_config.json's name_or_path; glm4_5 from a
+    tokenizer.json whose added tokens include <arg_key>; GLM-4.7's template variant from a chat_template that
+    reads clear_thinking). "gpt2" loads a GPT-2-style BPE
     (vocab.json + merges.txt, original GLM; no chat template). Extra keyword arguments go to the class
     (e.g. num_image_tokens, encode_special_tokens, template_variant).
     """
@@ -83,6 +105,16 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     vocab_file = model_file or os.path.join(folder, _FILES[chat_format])
     if not os.path.isfile(vocab_file):
         raise FileNotFoundError(f"{vocab_file}: missing; chat_format={chat_format!r} needs {_FILES[chat_format]}")
+    if chat_format == "glm4_5" or os.path.basename(vocab_file) == "tokenizer.json":
+        if chat_format != "glm4_5":
+            raise ValueError(f"{vocab_file}: a tokenizer.json does not fit chat_format={chat_format!r}")
+        from glm_jax.tokenizers.glm45 import GLM45Tokenizer, template_variant_of
+
+        opts = {
+            "clean_up_tokenization_spaces": bool(cfg.get("clean_up_tokenization_spaces", False)),
+            "template_variant": template_variant_of(folder, cfg),
+        }
+        return GLM45Tokenizer(vocab_file, **{**opts, **kwargs})
     if chat_format == "chatglm":
         from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
 
