@@ -428,7 +428,11 @@ def test_parse_round_trip(variant, case):
     parsed = ours(variant).parse_response(text, tools=tools)
     expected = dict(message)
     expected.setdefault("reasoning_content", "")
+    if message.get("tool_calls"):  # the first call also in the shape of the other formats' parse_response
+        first = message["tool_calls"][0]["function"]
+        expected.update(name=first["name"], parameters=first["arguments"])
     assert parsed == expected
+    parsed = {k: v for k, v in parsed.items() if k not in ("name", "parameters")}
     again = ref_render(conversation + [{"role": "assistant", **parsed}], tools, False, variant=variant)
     assert again == ref_render(conversation + [{"role": "assistant", **message}], tools, False, variant=variant)
 
@@ -455,7 +459,13 @@ def test_parse_values_rule():
         (
             "\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
             "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call><|observation|>",
-            {"content": "", "reasoning_content": "", "tool_calls": [CALL]},
+            {
+                "content": "",
+                "reasoning_content": "",
+                "tool_calls": [CALL],
+                "name": "get_weather",
+                "parameters": {"city": "Paris", "days": 3},
+            },
         ),
         ("Thought it through.</think>Done.", {"content": "Done.", "reasoning_content": "Thought it through."}),
         (  # GLM-4.7's layout (no newlines inside the call)
@@ -467,6 +477,8 @@ def test_parse_values_rule():
                     {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": "x y"}}},
                     {"type": "function", "function": {"name": "add", "arguments": {}}},
                 ],
+                "name": "add",
+                "parameters": {"a": 1, "b": "x y"},
             },
         ),
     ],
@@ -508,7 +520,9 @@ def test_parse_uses_history_tools_and_process_response():
     text = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>2024</arg_value>\n</tool_call>"
     parsed, new_history = tok.process_response(text, history)
     assert parsed["tool_calls"][0]["function"]["arguments"] == {"city": "2024"}
-    assert new_history[-1] == {"role": "assistant", **parsed} and len(new_history) == 3
+    assert (parsed["name"], parsed["parameters"]) == ("get_weather", {"city": "2024"})  # the other formats' shape
+    message = {k: v for k, v in parsed.items() if k not in ("name", "parameters")}
+    assert new_history[-1] == {"role": "assistant", **message} and len(new_history) == 3
 
 
 # ---------------------------------------------------------------- glm-generate

@@ -151,12 +151,19 @@ class GLM45Tokenizer(GLMTokenizer):
 
     def parse_response(self, text: str, history=None, tools=None) -> dict:
         """A reply -> {"content", "reasoning_content"?, "tool_calls"?} (glm45_chat.parse_response). The string
-        parameters of `tools` (or of the tools on a system message of `history`) are kept as written."""
+        parameters of `tools` (or of the tools on a system message of `history`) are kept as written. A reply
+        with tool calls also carries the first call as "name" and "parameters", the shape every other chat
+        format's parse_response gives a tool call (all calls stay in "tool_calls")."""
         if tools is None and history:
             _, tools = glm45_chat.split_tools(glm45_chat.check_glm45_messages(history), None)
-        return glm45_chat.parse_response(text, tools)
+        parsed = glm45_chat.parse_response(text, tools)
+        if parsed.get("tool_calls"):
+            first = parsed["tool_calls"][0]["function"]
+            parsed["name"], parsed["parameters"] = first["name"], first["arguments"]
+        return parsed
 
     def process_response(self, output: str, history: list):
         """(parsed reply, history + the reply as an assistant message)."""
         parsed = self.parse_response(output, history)
-        return parsed, list(history) + [{"role": "assistant", **parsed}]
+        message = {k: v for k, v in parsed.items() if k not in ("name", "parameters")}
+        return parsed, list(history) + [{"role": "assistant", **message}]
