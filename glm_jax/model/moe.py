@@ -9,8 +9,9 @@ Routing, per token (float32):
   weights = scores of the chosen experts (unbiased), / their sum if norm_topk_prob, × routed_scaling_factor
 
 Expert computation: the N·k (token, expert) pairs are sorted by expert and each expert's contiguous run goes through
-its SwiGLU with `jax.lax.ragged_dot` (one grouped matmul per projection over all experts). Nothing is dropped and
-no [tokens, experts] activation is formed. The outputs are put back in token order and summed with the weights.
+its SwiGLU with one grouped matmul per projection over all experts (`jax.lax.ragged_dot`; on CPU its tiled form
+in glm_jax/model/grouped_matmul.py). Nothing is dropped and no [tokens, experts] activation is formed. The outputs
+are put back in token order and summed with the weights.
 
 `score_bias` (the checkpoint's `e_score_correction_bias`) lives in the params tree so that loading, sharding and
 export treat it like any tensor, but it is a buffer: the forward pass stops its gradient, and glm-train keeps it
@@ -29,6 +30,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.context import mesh_axes
+from glm_jax.model.grouped_matmul import grouped_matmul
 from glm_jax.model.layers import Dense, dtype_of, param
 
 if TYPE_CHECKING:
@@ -78,8 +80,9 @@ def sequence_balance(scores_NE, idx_NK, rows: int):
 
 def grouped_swiglu(x_ND, idx_NK, w_NK, gate_EDI, up_EDI, down_EID, dt):
     """Σ_j w[n, j] · SwiGLU_{idx[n, j]}(x[n]) for every token, dropless: (token, expert) pairs sorted by expert,
-    each projection one jax.lax.ragged_dot over the experts' contiguous groups. A pair whose expert id is E or more
-    (another device's expert, under expert parallelism) sorts last, outside every group, and contributes 0."""
+    each projection one grouped matmul (ragged_dot) over the experts' contiguous groups. A pair whose expert id
+    is E or more (another device's expert, under expert parallelism) sorts last, outside every group, and
+    contributes 0."""
     N, k = idx_NK.shape
     E = gate_EDI.shape[0]
     flat = idx_NK.reshape(-1)
@@ -89,7 +92,7 @@ def grouped_swiglu(x_ND, idx_NK, w_NK, gate_EDI, up_EDI, down_EID, dt):
     pet = jnp.float32 if dt == jnp.float32 else None
 
     def mm(a, w):
-        return jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=pet)
+        return grouped_matmul(a, w.astype(dt), sizes, preferred_element_type=pet)
 
     h = jax.nn.silu(mm(xs, gate_EDI)) * mm(xs, up_EDI)
     y = mm(h.astype(dt), down_EID)  # [N·k, D]
