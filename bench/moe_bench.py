@@ -34,12 +34,11 @@ over rounds of steps/s and tokens/s (B*T per step), the ratios glm-jax MoE / tra
 glm-jax dense twin, and the total and active params of both models (embedding and output layer included; active:
 the routed experts counted top_k / experts of them).
 
-On the CPU glm-jax's routed experts (glm_jax/model/moe.py grouped_swiglu: one jax.lax.ragged_dot per projection)
-pay for jax's generic ragged_dot lowering: XLA:CPU has no ragged-dot instruction, so jax (_ragged_dot_general_impl)
-broadcasts the sorted rows to [experts, rows, in], zeroes the rows outside each group and runs one dense dot, i.e.
---experts times the routed matmul work (and memory), forward and backward. With the defaults that is 16x, and the
-glm-jax MoE row is the slowest; TPU and GPU lower ragged_dot natively. With the defaults the run takes ~4.5 min on a
-2-core host, most of it the glm-jax MoE row.
+On the CPU glm-jax's routed experts (glm_jax/model/moe.py grouped_swiglu) run the tiled grouped matmul of
+glm_jax/model/grouped_matmul.py: jax's own CPU lowering of jax.lax.ragged_dot broadcasts the sorted rows to
+[experts, rows, in] and runs one dense dot, --experts times the routed work (16x with the defaults; the glm-jax MoE
+row was then 0.14-0.21x transformers), where the tile loop does the real work plus at most one row tile per expert.
+TPU and GPU programs keep ragged_dot. With the defaults the run takes ~3 min on a 2-core host.
 
     .venv/bin/python bench/moe_bench.py [--batch 8] [--seq 256] [--rounds 3] [--steps 5] [--threads 2]
         [--hidden 256] [--layers 4] [--first-dense 1] [--heads 8] [--kv-heads 2] [--head-dim 32] [--experts 16]
