@@ -15,7 +15,6 @@ from test_ptuning_train import build_chatglm2_base
 from test_train_util import CACHE, load_params, metrics
 
 import glm_jax
-from glm_jax.checkpoint import CheckpointFormatError
 from glm_jax.checkpoint.orbax import open_jax
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "train" / "data" / "sft"
@@ -163,6 +162,49 @@ def test_lora_on_int8_base_equals_peft_on_the_dequantized_weights(glm4_base, tmp
     assert off > 1e-2, off  # 100x the tolerance
 
 
+def test_lora_run_on_int8_base_loads_as_the_model_peft_gives(glm4_base, tmp_path):
+    """A trained LoRA run on an int8 base, read back by from_pretrained: the logits and greedy ids of peft loading
+    the run's own adapter files onto transformers' Glm4 holding the dequantized weights (1e-4; ids exact)."""
+    import peft
+    import safetensors.torch
+    import torch
+    import transformers
+
+    from train.trainer import train
+
+    run = tmp_path / "run"
+    train(
+        _build(
+            f"model={glm4_base}", "objective=sft", "data.format=glm4", f"data.source={EXAMPLES / 'glm4_chat.jsonl'}",
+            "seq_len=64", "batch_size=2", "steps=3", "learning_rate=5e-2", "warmup_steps=1", "quantize=int8",
+            "lora.rank=4", "lora.alpha=8", f"lora.targets=[{', '.join(TARGETS)}]", "scan_layers=true",
+            f"output_dir={run}",
+        )
+    )  # fmt: skip
+    lm = glm_jax.from_pretrained(run)
+    assert lm.config.quantization_bit == 0
+    state = safetensors.torch.load_file(str(glm4_base / "model.safetensors"))
+    deq = {k: _dequantized_int8(v) for k, v in state.items() if k.endswith(tuple(f"{n}.weight" for n in LINEARS))}
+    model = transformers.Glm4ForCausalLM.from_pretrained(glm4_base, torch_dtype=torch.float32)
+    model.load_state_dict({**state, **deq}, strict=False)
+    pm = peft.PeftModel.from_pretrained(model, str(run)).eval()  # the run folder's adapter_config / safetensors
+    assert max(float(p.abs().max()) for n, p in pm.named_parameters() if "lora_B" in n) > 0  # it trained
+
+    ids = np.random.default_rng(0).integers(3, lm.config.vocab_size, size=(2, 12))
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids)).logits.numpy()
+        want_ids = pm.generate(
+            input_ids=torch.tensor(ids), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+        ).numpy()
+    got = np.asarray(lm(ids))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(lm.generate(ids, max_new_tokens=8, eos_token_id=[-1])), want_ids)
+    # the comparison tells the merged adapter apart: without it, or on the float base, the logits are far off
+    with torch.no_grad(), pm.disable_adapter():
+        plain = pm(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(plain - want).max() > 100 * 1e-4 * np.abs(want).max()
+
+
 # ---------------------------------------------------------------- (b) P-Tuning on an int4 base
 def _saved(run) -> dict:
     ck = open_jax(run)
@@ -227,10 +269,37 @@ def test_chatglm_int4_checkpoint_trains_lora_as_stored(chatglm2_base, tmp_path):
     for p, a in ref.items():
         np.testing.assert_array_equal(saved[p], a, err_msg=p)
     assert np.abs(saved["lora/000/B"]).max() > 0  # the adapter trained (B starts at zero)
-    # quantize= of another width is refused, and so is a quantized base without an adapter
-    # its readers refuse to merge LoRA into int8 kernels (the PEFT files in the run folder carry the adapter)
-    with pytest.raises(CheckpointFormatError, match="quantized base.*does not merge"):
-        open_jax(run)
+    # its readers see the float model it trained: each int4 kernel unpacked (high nibble first) times its scale,
+    # plus (alpha / r) B @ A from the run's PEFT files, written out here in numpy
+    ck = open_jax(run)
+    assert ck.cfg.quantization_bit == 0 and not any(p.endswith("kernel_scale") for p in ck.store.paths())
+    from safetensors.numpy import load_file
+
+    peft_ab = load_file(str(run / "adapter_model.safetensors"))
+    (a_key,) = [k for k in peft_ab if k.endswith("layers.1.self_attention.query_key_value.lora_A.weight")]
+    lora_a, lora_b = peft_ab[a_key], peft_ab[a_key.replace("lora_A", "lora_B")]
+    packed = saved["layers_1/block/attn/q/kernel"]  # [D/2, N, H]: int4 pairs along the in dim D
+    scale = saved["layers_1/block/attn/q/kernel_scale"]  # [N, H]
+    assert packed.shape[1:] == scale.shape
+    raw = packed.reshape(packed.shape[0], -1).view(np.uint8)  # [D/2, out]
+    hi, lo = (raw >> 4).astype(np.int8), (raw & 0xF).astype(np.int8)
+    hi, lo = np.where(hi > 7, hi - 16, hi), np.where(lo > 7, lo - 16, lo)
+    q = np.stack([hi, lo], axis=1).reshape(2 * raw.shape[0], -1).astype(np.float32)  # element 2j: high nibble
+    D, n_q = q.shape[0], q.shape[1]
+    delta = (4 / 2) * (lora_b @ lora_a)[:n_q].T  # alpha / r = 4 / 2; q's rows lead the fused [Q|K|V] output
+    want = q * scale.reshape(-1)[None, :] + delta
+    got = np.asarray(ck.store.read("layers_1/block/attn/q/kernel")).reshape(D, -1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    lm = glm_jax.from_pretrained(run)
+    assert lm.config.quantization_bit == 0 and lm.params["layers_1"]["block"]["attn"]["q"]["kernel"].dtype != np.int8
+    # and to-torch writes that float model in the family's own float layout
+    out = tmp_path / "torch"
+    assert convert_main(["to-torch", str(run), str(out)]) == 0
+    assert json.loads((out / "config.json").read_text()).get("quantization_bit") in (0, None)
+    back = glm_jax.from_pretrained(out)
+    assert back.config.quantization_bit == 0
+    ids = np.random.default_rng(0).integers(3, lm.config.vocab_size, size=(1, 10))
+    np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(lm(ids)))
     assert (run / "adapter_model.safetensors").is_file()
     with pytest.raises(TrainConfigError, match="quantize=int8.*already stores int4"):
         Run(_build(*keys, "quantize=int8", f"output_dir={tmp_path / 'r2'}"))

@@ -11,7 +11,8 @@ A to-jax folder:
 A glm-train run directory: `<run>/checkpoints/<step>/` is an Orbax CheckpointManager step with items `params`
 (stacked under `layers` when the config has scan_layers) and `meta` ({"step", "config": GLMConfig.to_dict()}).
 A LoRA run's params also hold the adapter under `lora/` and its meta an "adapter" entry: its store reads the
-weights merged (glm_jax/adapters.py MergedStore), so every reader sees the trained model.
+weights merged (glm_jax/adapters.py MergedStore), so every reader sees the trained model; on a quantized base, the
+float model it trained (glm_jax/checkpoint/dequantized.py).
 
 `ParamStore` reads params back one tensor (or one layer of a stacked tensor) at a time; the writers are in
 glm-convert (convert/jax_io.py) and glm-train.
@@ -26,6 +27,7 @@ import re
 
 import numpy as np
 
+from glm_jax.checkpoint.dequantized import DequantizedStore, float_config
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
 
@@ -199,6 +201,8 @@ def open_jax(path) -> JaxCheckpoint:
     if isinstance(adapter, dict) and adapter.get("kind") == "lora":  # read merged (glm_jax/adapters.py)
         from glm_jax.adapters import MergedStore
 
+        if cfg.quantization_bit:  # LoRA trained on a quantized base: the float model it trained
+            store, cfg = DequantizedStore(store, cfg.quantization_bit), float_config(cfg)
         try:
             store = MergedStore(store, cfg, adapter, str(step))
         except (KeyError, TypeError, ValueError) as e:
