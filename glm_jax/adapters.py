@@ -323,7 +323,9 @@ def sites_of_meta(cfg, meta: dict, where="") -> list[Site]:
     return sites
 
 
-class _Done:
+class Done:
+    """A finished read: what a tensorstore future gives back, for values computed here."""
+
     def __init__(self, value):
         self.value = value
 
@@ -387,7 +389,7 @@ class MergedStore:
 
     def read_async(self, path):
         if path in self._by_name or path in self._by_path:
-            return _Done(self.read(path))
+            return Done(self.read(path))
         return self.base.read_async(path)
 
     def read_rows(self, path, start, stop) -> np.ndarray:

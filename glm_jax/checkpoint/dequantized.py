@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from glm_jax import quant
+from glm_jax.adapters import Done
 from glm_jax.families.quantized import SCALE, scale_path
 
 
@@ -23,14 +24,6 @@ def float_config(cfg):
     if hf and "quantization_bit" in hf:
         hf = {**hf, "quantization_bit": 0}
     return cfg.replace(quantization_bit=0, hf_config=hf)
-
-
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 class DequantizedStore:
@@ -77,7 +70,7 @@ class DequantizedStore:
         return path.startswith(("layers/", "dense_layers/"))
 
     def read_async(self, path):
-        return _Done(self.read(path)) if self._is_quantized(path) else self.base.read_async(path)
+        return Done(self.read(path)) if self._is_quantized(path) else self.base.read_async(path)
 
     def read_rows(self, path, start, stop) -> np.ndarray:
         if self._is_quantized(path):
