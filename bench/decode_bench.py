@@ -3,7 +3,8 @@
     .venv/bin/python bench/decode_bench.py [--new 64] [--prompt 32] [--threads 2]
 
 Also glm-jax with weight-only int8 / int4 layer linears (from_pretrained(quantize=), float32 compute), with the
-share of new ids equal to transformers' greedy ids.
+share of new ids equal to transformers' greedy ids: each through XLA's dequantize-then-dot path ("XLA") and through
+the CPU kernel (glm_jax/kernels/quant_cpu.py, "kernel"; GLM_JAX_QUANT_KERNEL switches it per row).
 
 Both run on this CPU in the same process: transformers GlmForCausalLM (eager PyTorch, KV cache), and glm-jax
 (one jitted prefill + lax.while_loop of decode steps over a preallocated KV cache). Compile time is excluded
@@ -11,6 +12,7 @@ for JAX (one warm-up call), as is PyTorch's first-call overhead.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -31,7 +33,10 @@ def main():
     import transformers
 
     torch.set_num_threads(a.threads)
+    import jax
+
     import glm_jax
+    from glm_jax.kernels import quant_cpu
 
     cfg = transformers.GlmConfig(
         vocab_size=8192,
@@ -55,6 +60,8 @@ def main():
         lm16 = glm_jax.from_pretrained(d, dtype="bfloat16")
         quantized = {q: glm_jax.from_pretrained(d, quantize=q) for q in ("int8", "int4")}  # weight-only, fp32 compute
     print(f"model: Glm, {nparams / 1e6:.1f}M params, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads")
+    ok = quant_cpu.available()
+    print(f"CPU quantized-matmul kernel: {'built' if ok else 'unavailable (' + quant_cpu._state['error'] + ')'}")
     floor, chain = weight_stream_floor(lm)
     print(
         f"floor: XLA's matrix-vector products over the fp32 weights a token needs take {floor * 1e3:.2f} ms "
@@ -93,7 +100,9 @@ def main():
         o16 = lm16.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
         b16 = B * a.new / (time.perf_counter() - t)
         print(f"{B:>5} {'(bf16 glm-jax)':>19} {b16:>14.1f} {b16 / hf:>5.2f}x {(o16 == ref).mean():>7.0%}")
-        for q, lmq in quantized.items():
+        for (q, lmq), kernel in itertools.product(quantized.items(), (False, True)):
+            os.environ["GLM_JAX_QUANT_KERNEL"] = "1" if kernel else "0"  # read when the step is traced
+            jax.clear_caches()
             lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])  # compile
             tq = []
             for _ in range(a.repeats):
@@ -102,10 +111,10 @@ def main():
                 tq.append(time.perf_counter() - t)
             bq = B * a.new / min(tq)
             agree = (np.asarray(oq)[:, a.prompt :] == ref[:, a.prompt :]).mean()
-            print(
-                f"{B:>5} {'(' + q + ' glm-jax)':>19} {bq:>14.1f} {bq / hf:>5.2f}x {agree:>7.0%}"
-                f"   {bq / jx:.2f}x glm-jax fp32"
-            )
+            name = f"({q} {'kernel' if kernel else 'XLA'})"
+            print(f"{B:>5} {name:>19} {bq:>14.1f} {bq / hf:>5.2f}x {agree:>7.0%}   {bq / jx:.2f}x glm-jax fp32")
+        os.environ.pop("GLM_JAX_QUANT_KERNEL")
+        jax.clear_caches()
     sys.stdout.flush()
 
 
