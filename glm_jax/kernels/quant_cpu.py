@@ -170,8 +170,9 @@ def kernel_2d(x2, q2, scale, bits: int, *, threads: int | None = None, isa: int 
         scale.astype(jnp.float32),
         bits=np.int32(bits),
         threads=np.int32(_threads() if threads is None else threads),
-        min_parallel_bytes=np.int64(MIN_PARALLEL_BYTES),
+        min_parallel_bytes=np.int64(int(os.environ.get("GLM_JAX_QUANT_KERNEL_MIN_PARALLEL_BYTES", MIN_PARALLEL_BYTES))),
         isa=np.int32(isa),
+        own_threads=np.int32(os.environ.get("GLM_JAX_QUANT_KERNEL_POOL", "own") == "own"),
     )
 
 

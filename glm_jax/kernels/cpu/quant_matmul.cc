@@ -16,6 +16,9 @@
 // the compiler vectorises for the baseline ISA.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -189,6 +192,19 @@ struct Shared {
   std::atomic<int64_t> next{0}, done{0};
 };
 
+constexpr int64_t kRangesPerThread = 2;
+constexpr int64_t kMaxHelpers = 15;
+
+// Back-off when the cores are oversubscribed: if the caller had to wait for a helper's range (the helper was
+// descheduled, e.g. other processes share the cores) longer than 5 us and than half its own share took, the
+// next kSoloCalls products (~35 decode steps of a 56-linear model) run on the calling thread alone, then
+// threads are tried again. On idle cores the wait is a fraction of a microsecond (the helper spins between
+// calls). Measured on 2 cores shared with other processes (load 4-6): with threads and no back-off a decode
+// step took longer than on one thread (2.0 vs 1.25 ms).
+constexpr int64_t kMaxWaitNs = 30000;
+constexpr int64_t kSoloCalls = 2048;
+std::atomic<int64_t> g_solo_calls{0};
+
 void Drain(Shared& s) {
   for (;;) {
     const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
@@ -199,9 +215,106 @@ void Drain(Shared& s) {
   }
 }
 
+// ---------------------------------------------------------------- persistent helper threads
+// A helper spins for a while after each job (decode calls the kernel every few microseconds), then sleeps on a
+// condition variable. The caller posts the job in a helper's slot, works on the ranges itself, then takes the
+// job back if the helper has not picked it up (no waiting for a thread that is asleep or not scheduled); it
+// waits only for a helper that took the job, until that helper lets go of it.
+struct Job {
+  Shared* sh;
+  std::atomic<bool> released{false};
+};
+
+class Helper {
+ public:
+  Helper() : thread_([this] { Loop(); }) { thread_.detach(); }  // lives as long as the process
+
+  bool Post(Job* job) {
+    Job* expected = nullptr;
+    if (!slot_.compare_exchange_strong(expected, job, std::memory_order_seq_cst)) return false;  // busy
+    if (sleeping_.load(std::memory_order_seq_cst)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_one();
+    }
+    return true;
+  }
+  // True if the job was taken back before the helper saw it; otherwise the helper has it (wait for `released`).
+  bool Revoke(Job* job) {
+    Job* expected = job;
+    return slot_.compare_exchange_strong(expected, nullptr, std::memory_order_seq_cst);
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      Job* job = nullptr;
+      for (int spins = 0; spins < kSpins && !(job = Take()); ++spins) {
+#ifdef GLM_X86_64
+        _mm_pause();
+#endif
+      }
+      if (!job) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.store(true, std::memory_order_seq_cst);
+        cv_.wait(lock, [&] { return (job = Take()) != nullptr; });
+        sleeping_.store(false, std::memory_order_seq_cst);
+      }
+      Drain(*job->sh);
+      job->released.store(true, std::memory_order_release);
+    }
+  }
+  Job* Take() {
+    Job* job = slot_.load(std::memory_order_seq_cst);
+    if (job && slot_.compare_exchange_strong(job, nullptr, std::memory_order_seq_cst)) return job;
+    return nullptr;
+  }
+
+  static constexpr int kSpins = 20000;  // ~0.1-0.5 ms of PAUSE before sleeping
+  std::atomic<Job*> slot_{nullptr};
+  std::atomic<bool> sleeping_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread thread_;
+};
+
+Helper* Helpers(int64_t i) {
+  static Helper* helpers[kMaxHelpers] = {};
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!helpers[i]) helpers[i] = new Helper();
+  return helpers[i];
+}
+
+void RunWithHelpers(Shared& sh, int64_t n_helpers) {
+  Job jobs[kMaxHelpers];
+  bool posted[kMaxHelpers] = {};
+  for (int64_t i = 0; i < n_helpers; ++i) {
+    jobs[i].sh = &sh;
+    posted[i] = Helpers(i)->Post(&jobs[i]);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  Drain(sh);
+  const auto t1 = std::chrono::steady_clock::now();
+  bool waited = false;
+  for (int64_t i = 0; i < n_helpers; ++i) {
+    if (!posted[i] || Helpers(i)->Revoke(&jobs[i])) continue;
+    while (!jobs[i].released.load(std::memory_order_acquire)) {
+      waited = true;
+#ifdef GLM_X86_64
+      _mm_pause();
+#endif
+    }
+  }
+  if (waited) {  // the helper paid off only if the caller waited for it much less than it worked itself
+    const auto t2 = std::chrono::steady_clock::now();
+    const auto wait = t2 - t1;
+    if (wait > std::chrono::microseconds(5) && wait * 2 > t1 - t0) g_solo_calls.store(kSoloCalls, std::memory_order_relaxed);
+  }
+}
+
 ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                            ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
-                           int32_t threads, int64_t min_parallel_bytes, int32_t isa) {
+                           int32_t threads, int64_t min_parallel_bytes, int32_t isa, int32_t own_threads) {
   const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || qd.size() != 2 || sd.size() != 1 || yd.size() != 2)
     return ffi::Error::InvalidArgument("glm_quant_matmul: expected x [M, K], q [K', N], scale [N], y [M, N]");
@@ -217,24 +330,40 @@ ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   int64_t n_threads = threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads());
   const int64_t bytes = qd[0] * N;
   if (bytes < min_parallel_bytes) n_threads = 1;
-  // One range a thread, each a multiple of 16 columns.
-  const int64_t chunks = std::min((N + 15) / 16, n_threads);
-  sh->chunks = chunks;
+  if (n_threads > 1 && threads <= 0 && g_solo_calls.load(std::memory_order_relaxed) > 0) {
+    g_solo_calls.fetch_sub(1, std::memory_order_relaxed);
+    n_threads = 1;
+  }
+  // Ranges of at least 64 columns (a multiple of 16), `per_thread` per thread: a thread that starts late or is
+  // descheduled (the cores may be shared) leaves its ranges to the others.
+  const int64_t per_thread = n_threads > 1 ? kRangesPerThread : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min((N + 63) / 64, n_threads * per_thread));
   sh->width = ((N + chunks - 1) / chunks + 15) / 16 * 16;
-  if (chunks <= 1) {
+  sh->chunks = (N + sh->width - 1) / sh->width;
+  if (sh->chunks <= 1) {
     sh->fn(sh->p, 0, N);
     return ffi::Error::Success();
   }
-  for (int64_t t = 1; t < chunks; ++t) pool.Schedule([sh] { Drain(*sh); });
+  if (own_threads) {
+    RunWithHelpers(*sh, std::min<int64_t>(kMaxHelpers, std::min(n_threads, sh->chunks) - 1));
+    return ffi::Error::Success();
+  }
+  for (int64_t t = 1; t < std::min(n_threads, sh->chunks); ++t) pool.Schedule([sh] { Drain(*sh); });
   Drain(*sh);
-  for (int spins = 0; sh->done.load(std::memory_order_acquire) < chunks; ++spins) {
-    if (spins < 4096) {
+  if (sh->done.load(std::memory_order_acquire) < sh->chunks) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int spins = 0; sh->done.load(std::memory_order_acquire) < sh->chunks; ++spins) {
+      if (spins < 4096) {
 #ifdef GLM_X86_64
-      _mm_pause();
+        _mm_pause();
 #endif
-    } else {
-      std::this_thread::yield();
+      } else {
+        std::this_thread::yield();
+      }
     }
+    const int64_t waited =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    if (waited > kMaxWaitNs && threads <= 0) g_solo_calls.store(kSoloCalls, std::memory_order_relaxed);
   }
   return ffi::Error::Success();
 }
@@ -251,4 +380,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GlmQuantMatmul, QuantMatmulImpl,
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("threads")
                                   .Attr<int64_t>("min_parallel_bytes")
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("own_threads"));
