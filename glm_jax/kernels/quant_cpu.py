@@ -4,8 +4,8 @@ called through JAX's FFI, for the small-M products of decoding.
 Why: XLA:CPU has no int8-weight product. For `x @ q.astype(f32)` it converts the whole int8 kernel to a float32
 temporary and multiplies that (measured on [1, 384] x [384, 1024]: fp32 dot 35-69 us, int8 -> f32 convert + dot
 190-230 us), and it runs a batch-1 matrix-vector product on one core. A decode step streams every weight once,
-so the quantized model decoded no faster than the float one. The kernel converts the weights in registers and
-splits the output columns across XLA's intra-op thread pool.
+so the quantized model decoded no faster than the float one. The kernel converts the weights in registers (no
+float copy in memory) and can split the output columns across threads (one thread by default: DEFAULT_THREADS).
 
 Where it runs: `quantized_matmul` (glm_jax/model/layers.py) calls `matmul` here, which returns None (the caller
 keeps XLA's path) unless the inputs are float32, the product has at most MAX_M rows (decode: M = batch), the
@@ -21,7 +21,9 @@ and renamed into place (concurrent builds are safe). `make venv` prebuilds it (`
 glm_jax.kernels.quant_cpu`). With no compiler, or a failed build, one warning says so and XLA's path is used.
 
 Switches (environment): GLM_JAX_QUANT_KERNEL=0 turns the kernel off (XLA's path everywhere);
-GLM_JAX_QUANT_KERNEL_THREADS=n caps the threads a product uses (0: XLA's intra-op pool size).
+GLM_JAX_QUANT_KERNEL_THREADS=n sets the threads a product uses (default 1, see DEFAULT_THREADS; 0: XLA's intra-op
+pool size), GLM_JAX_QUANT_KERNEL_POOL=xla runs the extra threads' work on XLA's intra-op pool instead of the
+kernel's own helper threads.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ TARGET = "glm_quant_matmul"
 # tokens; 16 ms vs 32 ms at 64), which converts every kernel to a float32 temporary before its product.
 MAX_M = 64
 MIN_PARALLEL_BYTES = 32 * 1024  # smaller weights are multiplied on the calling thread alone
+# Threads a product uses by default (env GLM_JAX_QUANT_KERNEL_THREADS; 0: as many as XLA's intra-op pool has).
+# One: on this project's 2-core host, shared with other processes (load 4-6), the kernel's helper threads made a
+# decode step slower, not faster (bench model, int8, ms/step: 1 thread 1.15-1.30; 2 threads 1.07-2.6 with the
+# spinning helpers and the back-off, 2.0-2.7 on XLA's intra-op pool; after torch's generate had run, whose
+# OpenMP threads spin: 1 thread 1.29-1.37, 2 threads 2.5-3.4). On idle cores, threads may pay: measure first.
+DEFAULT_THREADS = "1"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 _lock = threading.Lock()
@@ -151,7 +159,7 @@ def applies(x, q, n_in: int) -> bool:
 
 
 def _threads() -> int:
-    return int(os.environ.get("GLM_JAX_QUANT_KERNEL_THREADS", "0") or 0)
+    return int(os.environ.get("GLM_JAX_QUANT_KERNEL_THREADS", DEFAULT_THREADS) or 0)
 
 
 def kernel_2d(x2, q2, scale, bits: int, *, threads: int | None = None, isa: int = 0):

@@ -7,8 +7,9 @@
 //
 // Why: XLA:CPU has no int8-weight product; it converts the whole int8 kernel to a float temporary and then
 // multiplies, and runs a batch-1 matrix-vector product on one core. Decoding streams every weight once per token,
-// so this kernel converts the weights in registers (never a float copy in memory) and splits the output columns
-// across XLA's intra-op thread pool. Meant for small M (decode: M = batch); the Python side dispatches to it only
+// so this kernel converts the weights in registers (never a float copy in memory), and can split the output
+// columns across threads (persistent helper threads, or XLA's intra-op pool; the Python side passes how many,
+// one by default). Meant for small M (decode: M = batch; short prefills); the Python side dispatches to it only
 // there, on CPU.
 //
 // Portability: the AVX-512 tile is compiled with a target attribute and chosen at run time
