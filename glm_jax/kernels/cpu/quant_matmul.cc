@@ -78,6 +78,10 @@ void ColumnsGeneric(const Problem& p, int64_t c0, int64_t c1) {
   }
 }
 
+// Rows of q prefetched ahead. The tile reads each row of q in 128-byte pieces, a page-strided access the hardware
+// prefetchers follow poorly, and a decode step's weights are mostly not in cache. Measured on the bench model
+// (int8, one thread, ms per decode step): 8 rows ahead 1.31, 32 rows 0.93-1.01, 64 rows 0.90-1.00, 128 rows 1.24.
+constexpr int64_t kPrefetchRows = 64;
 // ---------------------------------------------------------------- AVX-512 path
 #ifdef GLM_X86_64
 #define GLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -99,8 +103,10 @@ GLM_AVX512 void TileAvx512(const float* x, int64_t K, const int8_t* q, int64_t N
   const int64_t rows = BITS == 8 ? K : K / 2;
   for (int64_t k = 0; k < rows; ++k) {
     const int8_t* row = q + k * N;
-    _mm_prefetch(reinterpret_cast<const char*>(row + 8 * N), _MM_HINT_T0);
-    if (NV > 4) _mm_prefetch(reinterpret_cast<const char*>(row + 8 * N + 64), _MM_HINT_T0);
+    if (k + kPrefetchRows < rows) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * N), _MM_HINT_T0);
+      if (NV > 4) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * N + 64), _MM_HINT_T0);
+    }
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const __m512i iv = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk[v], row + 16 * v));
