@@ -3,7 +3,9 @@
     .venv/bin/python bench/decode_bench.py [--new 64] [--prompt 32] [--threads 2]
 
 Also glm-jax with weight-only int8 / int4 layer linears (from_pretrained(quantize=), float32 compute), with the
-share of new ids equal to transformers' greedy ids.
+share of new ids equal to transformers' greedy ids: through the CPU kernel (glm_jax/kernels/quant_cpu.py, "kernel",
+the default; timed interleaved with the fp32 rows, so the ratios compare the same moments of a shared host) and
+through XLA's dequantize-then-dot path ("XLA", GLM_JAX_QUANT_KERNEL=0, timed after them).
 
 Both run on this CPU in the same process: transformers GlmForCausalLM (eager PyTorch, KV cache), and glm-jax
 (one jitted prefill + lax.while_loop of decode steps over a preallocated KV cache). Compile time is excluded
@@ -31,7 +33,10 @@ def main():
     import transformers
 
     torch.set_num_threads(a.threads)
+    import jax
+
     import glm_jax
+    from glm_jax.kernels import quant_cpu
 
     cfg = transformers.GlmConfig(
         vocab_size=8192,
@@ -55,6 +60,8 @@ def main():
         lm16 = glm_jax.from_pretrained(d, dtype="bfloat16")
         quantized = {q: glm_jax.from_pretrained(d, quantize=q) for q in ("int8", "int4")}  # weight-only, fp32 compute
     print(f"model: Glm, {nparams / 1e6:.1f}M params, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads")
+    ok = quant_cpu.available()
+    print(f"CPU quantized-matmul kernel: {'built' if ok else 'unavailable (' + quant_cpu._state['error'] + ')'}")
     floor, chain = weight_stream_floor(lm)
     print(
         f"floor: XLA's matrix-vector products over the fp32 weights a token needs take {floor * 1e3:.2f} ms "
@@ -69,8 +76,10 @@ def main():
     for B in (1, 8):
         ids = rng.integers(2, 8000, size=(B, a.prompt))
         lm.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])  # compile
-        t_hf, t_jx = [], []
-        for _ in range(a.repeats):
+        for lmq in quantized.values():  # with the CPU kernel (the default)
+            lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
+        t_hf, t_jx, t_q, o_q = [], [], {q: [] for q in quantized}, {}
+        for _ in range(a.repeats):  # interleaved, so that a change in the host's load hits every row alike
             t = time.perf_counter()
             with torch.no_grad():
                 ref = model.generate(
@@ -86,6 +95,10 @@ def main():
             t = time.perf_counter()
             out = lm.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
             t_jx.append(time.perf_counter() - t)
+            for q, lmq in quantized.items():
+                t = time.perf_counter()
+                o_q[q] = lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
+                t_q[q].append(time.perf_counter() - t)
         hf, jx = B * a.new / min(t_hf), B * a.new / min(t_jx)
         print(f"{B:>5} {hf:>19.1f} {jx:>14.1f} {jx / hf:>5.2f}x {str(bool((out == ref).all())):>8}")
         lm16.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
@@ -93,6 +106,17 @@ def main():
         o16 = lm16.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
         b16 = B * a.new / (time.perf_counter() - t)
         print(f"{B:>5} {'(bf16 glm-jax)':>19} {b16:>14.1f} {b16 / hf:>5.2f}x {(o16 == ref).mean():>7.0%}")
+
+        def row(name, tq, oq, B=B, ref=ref, hf=hf, jx=jx):
+            bq = B * a.new / min(tq)
+            agree = (np.asarray(oq)[:, a.prompt :] == ref[:, a.prompt :]).mean()
+            print(f"{B:>5} {name:>19} {bq:>14.1f} {bq / hf:>5.2f}x {agree:>7.0%}   {bq / jx:.2f}x glm-jax fp32")
+
+        for q in quantized:
+            row(f"({q} kernel)", t_q[q], o_q[q])
+        # XLA's dequantize-then-dot path, timed after the rows above (the switch is read when a step is traced)
+        os.environ["GLM_JAX_QUANT_KERNEL"] = "0"
+        jax.clear_caches()
         for q, lmq in quantized.items():
             lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])  # compile
             tq = []
@@ -100,12 +124,9 @@ def main():
                 t = time.perf_counter()
                 oq = lmq.generate(ids, max_new_tokens=a.new, eos_token_id=[-1])
                 tq.append(time.perf_counter() - t)
-            bq = B * a.new / min(tq)
-            agree = (np.asarray(oq)[:, a.prompt :] == ref[:, a.prompt :]).mean()
-            print(
-                f"{B:>5} {'(' + q + ' glm-jax)':>19} {bq:>14.1f} {bq / hf:>5.2f}x {agree:>7.0%}"
-                f"   {bq / jx:.2f}x glm-jax fp32"
-            )
+            row(f"({q} XLA)", tq, oq)
+        os.environ.pop("GLM_JAX_QUANT_KERNEL")
+        jax.clear_caches()
     sys.stdout.flush()
 
 

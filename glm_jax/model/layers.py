@@ -156,8 +156,20 @@ def quantized_matmul(x, q, scale, n_in: int, in_last: int):
     """x [..., in...] · (q · scale) with q an int8 kernel [in..., out...] (int4: the last in-dim packed, half of
     `in_last`) and scale [out...]: the int8 values enter the product in x's dtype inside the jitted computation
     (bf16 on TPU: an MXU operand fused into the dot, no float32 copy of the weights), the per-output scale
-    multiplies the product's float32 output."""
-    if q.shape[n_in - 1] * 2 == in_last:
+    multiplies the product's float32 output.
+
+    On CPU, for the few-row products of decoding, a C++ kernel does the same product without the float copy of
+    the weights (glm_jax/kernels/quant_cpu.py); XLA's path below stays the reference, the other platforms' path
+    and the gradient."""
+    from glm_jax.kernels import quant_cpu
+
+    bits = 4 if q.shape[n_in - 1] * 2 == in_last else 8
+    y = quant_cpu.matmul(x, q, scale, n_in, bits, functools.partial(_xla_quantized_matmul, n_in=n_in, bits=bits))
+    return _xla_quantized_matmul(x, q, scale, n_in, bits) if y is None else y
+
+
+def _xla_quantized_matmul(x, q, scale, n_in: int, bits: int):
+    if bits == 4:
         q = unpack_int4(q, n_in - 1)
     y = matmul(x, q.astype(x.dtype), n_in)
     return (y.astype(jnp.float32) * scale.astype(jnp.float32)).astype(y.dtype)
