@@ -13,7 +13,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-test.txt
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
-	$(VENV)/bin/python -m glm_jax.kernels.quant_cpu  # prebuild the CPU int8/int4 matmul kernel (its cache dir)
+	$(VENV)/bin/python -m glm_jax.quant.cpu_kernel  # prebuild the CPU int8/int4 matmul kernel (its cache dir)
 	touch $(STAMP)
 
 train: $(STAMP)

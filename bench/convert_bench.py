@@ -81,10 +81,10 @@ def _hf_shapes(cfg) -> dict:
 
     from glm_jax.checkpoint.orbax import flatten as _flatten
     from glm_jax.families import keymap
-    from glm_jax.model.transformer import param_shapes, unstack_layers
+    from glm_jax.model.transformer import param_shapes
 
     flat = {}
-    _flatten(unstack_layers(param_shapes(cfg)), "", flat)
+    _flatten(param_shapes(cfg.replace(scan_layers=False)), "", flat)
     out = {}
     for r in keymap(cfg):
         outs = r.save(cfg, [np.empty(flat[p].shape, np.dtype([])) for p in r.jax])

@@ -3,7 +3,7 @@
     .venv/bin/python bench/decode_bench.py [--new 64] [--prompt 32] [--threads 2]
 
 Also glm-jax with weight-only int8 / int4 layer linears (from_pretrained(quantize=), float32 compute), with the
-share of new ids equal to transformers' greedy ids: through the CPU kernel (glm_jax/kernels/quant_cpu.py, "kernel",
+share of new ids equal to transformers' greedy ids: through the CPU kernel (glm_jax/quant/cpu_kernel.py, "kernel",
 the default; timed interleaved with the fp32 rows, so the ratios compare the same moments of a shared host) and
 through XLA's dequantize-then-dot path ("XLA", GLM_JAX_QUANT_KERNEL=0, timed after them).
 
@@ -36,7 +36,7 @@ def main():
     import jax
 
     import glm_jax
-    from glm_jax.kernels import quant_cpu
+    from glm_jax.quant import cpu_kernel as quant_cpu
 
     cfg = transformers.GlmConfig(
         vocab_size=8192,

@@ -25,6 +25,7 @@ from convert import guard, torch_io
 from convert.importer import DTYPES, SHAPE_ONLY
 from convert.torch_io import Entry
 from glm_jax import families
+from glm_jax.checkpoint import layout
 from glm_jax.checkpoint.orbax import open_jax
 from glm_jax.config import GLMConfig
 from glm_jax.errors import ConfigError
@@ -334,15 +335,8 @@ def check_store(ck):
     """The stored config against the stored params, before anything is planned per layer: the layer count (the
     `layers_{i}` leaves, or the leading axis of stacked `layers/` ones) and the embedding's (vocab, hidden)."""
     cfg, paths = ck.cfg, ck.store.paths()
-    stacked = [p for p in paths if p.startswith("layers/")]
-    if stacked:
-        n = tuple(ck.store.leaves[stacked[0]].shape)[0] + ck.store.dense_layers()
-        held, ok = f"{n} stacked layers", n == cfg.num_layers
-    else:
-        idx = {int(m.group(1)) for m in (re.match(r"layers_(\d+)/", p) for p in paths) if m}
-        held = f"layers {min(idx)}..{max(idx)} ({len(idx)} distinct)" if idx else "no layers"
-        ok = len(idx) == cfg.num_layers and (not idx or max(idx) == cfg.num_layers - 1)
-    if not ok:
+    n, held = layout.num_layers(paths, ck.store.stacks)
+    if n != cfg.num_layers:
         raise ConfigError(f"{ck.description}: its config says num_layers={cfg.num_layers}, its params hold {held}")
     if "embed/embedding" in paths:
         got, want = tuple(ck.store.shape("embed/embedding")), (cfg.vocab_size, cfg.hidden_size)

@@ -2,7 +2,7 @@
 
 Sources: HF folders of every family (safetensors or .bin, single or sharded), Megatron `mp_rank_XX` folders
 (config from a config.json beside them or `--config`), and a P-Tuning v2 prefix checkpoint on top of a base.
-The family's key-map rows (glm_jax/families/) turn each HF tensor into params; `glm_jax.checkpoint.iter_params` checks
+The family's key-map rows (glm_jax/families/) turn each HF tensor into params; `checkpoint.hf.iter_params` checks
 missing, extra and mis-shaped keys. Source files are memory-mapped; the pages already used are handed back
 to the kernel as the conversion goes, so resident memory stays near the tensors in flight.
 """
@@ -26,8 +26,8 @@ from glm_jax.checkpoint.megatron import MergedReader, pick_files
 from glm_jax.checkpoint.orbax import flatten, unflatten
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
-from glm_jax.families.quantized import quantized_shapes, source_key
 from glm_jax.families.rows import PREFIX
+from glm_jax.quant.rows import quantized_shapes, source_key
 
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 SHAPE_ONLY = np.dtype([])  # zero bytes per element: runs a row's transform for its shapes only, touching no data
@@ -205,7 +205,7 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
     """A params tree of jax_io.Lazy leaves (per-layer layout) that read and transform the source on demand."""
     import jax.numpy as jnp
 
-    from glm_jax.model.transformer import param_shapes, unstack_layers
+    from glm_jax.model.transformer import param_shapes
 
     cfg = s.cfg.replace(scan_layers=False)
     rows = families.keymap(cfg)
@@ -217,7 +217,7 @@ def lazy_params(s: Source, dtype=None, mesh=None, release=lambda: None) -> tuple
     )
     stream = _RowStream(iter_params(cfg, s.readers, s.where, config_file=s.config_file), cast, release)
     shapes, chunks = {}, {}
-    flatten(quantized_shapes(unstack_layers(param_shapes(cfg)), cfg, rows), "", shapes)
+    flatten(quantized_shapes(param_shapes(cfg), cfg, rows), "", shapes)
     if mesh:
         chunks = mesh_chunks(cfg, shapes, mesh)
     names = {k: k for k in s.readers}

@@ -24,8 +24,8 @@ from glm_jax import families
 from glm_jax.checkpoint.files import find_weight_files, tensor_shape
 from glm_jax.checkpoint.hf import check_config_against_checkpoint, config_from_folder, open_weights
 from glm_jax.errors import ConfigError
-from glm_jax.families.quantized import is_layer_linear
-from glm_jax.quant import check_bits, quantize_rows
+from glm_jax.quant.formats import check_bits, quantize_rows
+from glm_jax.quant.rows import is_layer_linear
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
 

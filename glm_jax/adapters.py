@@ -28,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 
 import numpy as np
 
 from glm_jax import families
+from glm_jax.checkpoint import layout
+from glm_jax.checkpoint.store import ParamStore, StoreView
 from glm_jax.families.rows import expand
+from glm_jax.quant.formats import dequantize, scale_path
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -131,51 +133,34 @@ def _get(tree: dict, path: str):
     return tree
 
 
-def locate(params, path: str):
-    """(path in `params`, layer index or None): `layers_{i}/...` of a scan_layers tree is index i of the
-    `layers/...` stack (Glm4Moe's leading dense layers: of `dense_layers/...`)."""
-    head = path.split("/", 1)[0]
-    m = re.match(r"layers_(\d+)/(.*)", path)
-    if head in params or m is None or "layers" not in params:
-        return path, None
-    i, rest = int(m.group(1)), m.group(2)
-    k = 0
-    if "dense_layers" in params:
-        k = int(next(iter(_leaves(params["dense_layers"]))).shape[0])
-    return (f"dense_layers/{rest}", i) if i < k else (f"layers/{rest}", i - k)
-
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from _leaves(v) if isinstance(v, dict) else (v,)
-
-
 def _deltas(params, lora, sites, scale, xp):
     """{path in params: [(layer index or None, delta of that kernel's shape)]}."""
     out: dict = {}
+    held = layout.stored_stacks(params)
     for s in sites:
         ab = lora[s.module]
         delta = (xp.asarray(ab["B"], xp.float32) @ xp.asarray(ab["A"], xp.float32)).reshape(-1) * scale
         for path, g in zip(s.paths, s.gathers):
-            name, idx = locate(params, path)
+            name, idx = layout.locate(path, held)
             out.setdefault(name, []).append((idx, delta[g]))
     return out
 
 
 def apply_lora(params, lora, sites, scale: float, quantized_dtype="float32"):
     """params with every adapted kernel replaced by kernel + scale · (B @ A) in float32 (traceable: jit, grad).
-    Per-layer (`layers_{i}`) and stacked scan_layers (`layers/`, `dense_layers/`) trees alike; the base tree is
-    not modified. A weight-only quantized kernel (int8 / packed int4 beside its `kernel_scale`,
-    glm_jax/quant.py) becomes its dequantized q · scale + delta, computed in `quantized_dtype` (the compute
-    dtype, in which the quantized matmul feeds the product anyway: no float32 copy of the stacked kernels, nor
-    of their gradients), and loses its scale."""
+    Per-layer and stacked scan_layers trees alike (glm_jax/checkpoint/layout.py); the base tree is not modified.
+    A weight-only quantized kernel (int8 / packed int4 beside its `kernel_scale`, glm_jax/quant/) becomes its
+    dequantized q · scale + delta, computed in `quantized_dtype` (the compute dtype, in which the quantized matmul
+    feeds the product anyway: no float32 copy of the stacked kernels, nor of their gradients), and loses its
+    scale."""
     import jax.numpy as jnp
 
     for name, items in _deltas(params, lora, sites, scale, jnp).items():
-        w, dt, scale_name = _get(params, name), jnp.float32, name[: -len("kernel")] + SCALE
+        w, dt, scale_name = _get(params, name), jnp.float32, scale_path(name)
         if name.endswith("/kernel") and _has(params, scale_name):  # no float32 copy of the stacked kernels
             dt = jnp.dtype(quantized_dtype)
-            w = _dequantized(w, _get(params, scale_name), items[0][1].shape, dt)
+            lead = w.ndim - items[0][1].ndim  # a stack's layer axis
+            w = dequantize(w, _get(params, scale_name), _bits(w, items[0][1].shape, lead), lead=lead, dtype=dt)
             params = _drop(params, scale_name)
             items = [(i, x.astype(dt)) for i, x in items]
         w = w.astype(dt)
@@ -187,9 +172,6 @@ def apply_lora(params, lora, sites, scale: float, quantized_dtype="float32"):
             w = w + d[np.argsort(idx)] if sorted(idx) == list(range(w.shape[0])) else w.at[np.array(idx)].add(d)
         params = _set(params, name, w)
     return params
-
-
-SCALE = "kernel_scale"  # a weight-only quantized kernel's per-output-channel scale (glm_jax.families.quantized)
 
 
 def _has(tree: dict, path: str) -> bool:
@@ -207,19 +189,9 @@ def _drop(tree: dict, path: str) -> dict:
     return {**tree, head: _drop(tree[head], rest)}
 
 
-def _dequantized(q, scale, kernel_shape, dtype):
-    """q · scale in `dtype` of a quantized kernel [lead..., in..., out...] (int4: its last in-dim packed) whose
-    per-layer float shape is `kernel_shape`; scale [lead..., out...]."""
-    import jax.numpy as jnp
-
-    from glm_jax.model.layers import unpack_int4
-
-    n_in = q.ndim - scale.ndim
-    lead = q.ndim - len(kernel_shape)
-    if q.shape[lead + n_in - 1] != kernel_shape[n_in - 1]:  # two int4 values a byte
-        q = unpack_int4(q, lead + n_in - 1)
-    s = jnp.expand_dims(scale.astype(dtype), tuple(range(lead, lead + n_in)))
-    return q.astype(dtype) * s
+def _bits(q, kernel_shape, lead: int) -> int:
+    """4 when a quantized kernel is narrower than its float shape (two int4 values a byte), else 8."""
+    return 8 if tuple(q.shape[lead:]) == tuple(kernel_shape) else 4
 
 
 def merge_lora(params, lora, sites, scale: float, sign: float = 1.0):
@@ -323,23 +295,14 @@ def sites_of_meta(cfg, meta: dict, where="") -> list[Site]:
     return sites
 
 
-class Done:
-    """A finished read: what a tensorstore future gives back, for values computed here."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
-class MergedStore:
+class MergedStore(StoreView):
     """A glm-train LoRA run's ParamStore read as merged weights: every adapted kernel comes back as
     W + (alpha / r) · B @ A in its stored dtype (per-layer `layers_{i}/...` or whole stacked leaves alike), and
     the adapter's own leaves are hidden. `lora` (module → {"A", "B"}) and `sites` give the adapter itself."""
 
-    def __init__(self, store, cfg, meta: dict, where=""):
-        self.base, self.meta = store, meta
+    def __init__(self, store: ParamStore, cfg, meta: dict, where=""):
+        super().__init__(store)
+        self.meta = meta
         self.sites = sites_of_meta(cfg, meta, where)
         self.scale = meta["alpha"] / meta["rank"]
         self.lora = {
@@ -350,8 +313,8 @@ class MergedStore:
         self._by_name, self._by_path, self._delta = {}, {}, {}
         for s in self.sites:
             for p, g in zip(s.paths, s.gathers):
-                name, idx = store._locate(p)
-                if name[: -len("kernel")] + SCALE in store.leaves:
+                name, idx = store.locate(p)
+                if scale_path(name) in store.leaves:
                     raise ValueError(
                         f"{where}: LoRA on a quantized base (int{cfg.quantization_bit} {name}) does not merge into "
                         "its int8 kernels; load the float base with the run's PEFT adapter files "
@@ -360,21 +323,17 @@ class MergedStore:
                 self._by_name.setdefault(name, []).append((idx, s, g))
                 self._by_path[p] = (s, g)
 
-    def __getattr__(self, name):
-        return getattr(self.base, name)
-
-    def paths(self):
-        return list(self.leaves)
-
     def _d(self, s):
         if s.module not in self._delta:
             ab = self.lora[s.module]
             self._delta[s.module] = (ab["B"].astype(np.float32) @ ab["A"].astype(np.float32)).reshape(-1) * self.scale
         return self._delta[s.module]
 
-    def read(self, path) -> np.ndarray:
-        a = np.asarray(self.base.read(path))
-        if path in self._by_name:
+    def changes(self, path) -> bool:
+        return path in self._by_name or path in self._by_path
+
+    def transform(self, path, a):
+        if path in self._by_name:  # a stored leaf: every layer's delta that lands in it
             w = a.astype(np.float32)
             for idx, s, g in self._by_name[path]:
                 if idx is None:
@@ -382,17 +341,5 @@ class MergedStore:
                 else:
                     w[idx] += self._d(s)[g]
             return w.astype(a.dtype)
-        if path in self._by_path:
-            s, g = self._by_path[path]
-            return (a.astype(np.float32) + self._d(s)[g]).astype(a.dtype)
-        return a
-
-    def read_async(self, path):
-        if path in self._by_name or path in self._by_path:
-            return Done(self.read(path))
-        return self.base.read_async(path)
-
-    def read_rows(self, path, start, stop) -> np.ndarray:
-        if path in self._by_name or path in self._by_path:
-            return self.read(path)[start:stop]
-        return self.base.read_rows(path, start, stop)
+        s, g = self._by_path[path]  # one layer of a stacked leaf
+        return (a.astype(np.float32) + self._d(s)[g]).astype(a.dtype)

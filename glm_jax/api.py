@@ -8,15 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.checkpoint import config_from_folder, load_jax, load_params
-from glm_jax.checkpoint.orbax import is_jax_checkpoint
+from glm_jax.checkpoint import layout
+from glm_jax.checkpoint.hf import config_from_folder, load_params
+from glm_jax.checkpoint.orbax import is_jax_checkpoint, load_jax
 from glm_jax.config import GLMConfig
 from glm_jax.generate import generate as _generate
 from glm_jax.inputs import check_call
 from glm_jax.model.layers import dtype_of
 from glm_jax.model.moe import BUFFER_NAMES
-from glm_jax.model.transformer import GLMModel, stack_layers
-from glm_jax.quantize_load import quantize_loaded
+from glm_jax.model.transformer import GLMModel
+from glm_jax.quant.load import quantize_loaded
 
 
 class GLM:
@@ -90,7 +91,7 @@ def from_pretrained(path, dtype: str = "float32", quantize: str | None = None, *
     written by `glm-convert to-jax`; or a glm-train output_dir, whose latest complete step is read).
     `dtype` sets both compute and param dtype; overrides set other fields. Quantized checkpoints
     (config.json's quantization_bit) stay int8 / int4 in memory; quantize="int8" | "int4" quantizes the layer
-    linears of a float checkpoint at load (glm_jax/quantize_load.py)."""
+    linears of a float checkpoint at load (glm_jax/quant/load.py)."""
     p = pathlib.Path(path)
     param_dtype = overrides.pop("param_dtype", dtype)
     if is_jax_checkpoint(p):
@@ -101,6 +102,6 @@ def from_pretrained(path, dtype: str = "float32", quantize: str | None = None, *
         params = load_params(cfg, p)
     if quantize is not None:
         cfg, params = quantize_loaded(cfg, params, quantize)
-    if cfg.scan_layers and "layers" not in params:
-        params = stack_layers(params, cfg.num_layers)
+    if cfg.scan_layers and not layout.stored_stacks(params):
+        params = layout.stack(params, cfg)
     return GLM(cfg, cast_params(params, cfg))

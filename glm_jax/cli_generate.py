@@ -101,17 +101,18 @@ def check_args(a) -> None:
 
 def check_model_folder(path: pathlib.Path) -> None:
     """Cheap checks (config.json, weight files) before the tokenizer and the weights are read."""
-    from glm_jax import checkpoint
+    from glm_jax.checkpoint.files import find_weight_files
+    from glm_jax.checkpoint.hf import config_from_folder
+    from glm_jax.checkpoint.orbax import is_jax_checkpoint
 
     if not path.is_dir():
         raise UsageError(f"{path}: model folder not found")
     if (path / "glm_jax.json").is_file():
         return
-    checkpoint.config_from_folder(path)
-    from glm_jax.checkpoint.orbax import is_jax_checkpoint
+    config_from_folder(path)
 
     if not is_jax_checkpoint(path):  # a glm-train run keeps its weights under checkpoints/
-        checkpoint.find_weight_files(path)
+        find_weight_files(path)
 
 
 class Session:

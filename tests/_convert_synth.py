@@ -107,7 +107,7 @@ def build_checkpoint(src: pathlib.Path, layers=4, hidden=1024, vocab=16384, ffn=
     from glm_jax import GLMConfig
     from glm_jax.checkpoint.orbax import flatten
     from glm_jax.families import keymap, presets
-    from glm_jax.model.transformer import param_shapes, unstack_layers
+    from glm_jax.model.transformer import param_shapes
 
     hf = {
         **presets()["chatglm2_6b"],
@@ -124,7 +124,7 @@ def build_checkpoint(src: pathlib.Path, layers=4, hidden=1024, vocab=16384, ffn=
     }
     cfg = GLMConfig.from_hf(hf)
     flat = {}
-    flatten(unstack_layers(param_shapes(cfg)), "", flat)
+    flatten(param_shapes(cfg.replace(scan_layers=False)), "", flat)
     rng = np.random.default_rng(0)
     arrays = {}
     for r in keymap(cfg):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from convert import direct, jax_io
-from glm_jax.checkpoint.orbax import ParamStore
+from glm_jax.checkpoint.orbax import OrbaxStore
 
 
 def _o_direct_works(folder) -> bool:
@@ -101,7 +101,7 @@ def test_chunk_files_equal_tensorstores(tmp_path, monkeypatch):
     assert sorted(raw_files) == sorted(ts_files) and any(k.endswith(".0.0") for k in ts_files)
     for k in ts_files:
         assert raw_files[k] == ts_files[k], k
-    store = ParamStore(tmp_path / "raw")
+    store = OrbaxStore(tmp_path / "raw")
     for k, v in _tree().items():
         v = v.fetch() if isinstance(v, jax_io.Lazy) else np.asarray(v)
         got = store.read(k)

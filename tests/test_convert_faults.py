@@ -176,7 +176,7 @@ def test_config_sizes_checked_against_tensors_first(tmp_path, capfd, key, value,
 
 def test_from_pretrained_checks_too(tmp_path):
     import glm_jax
-    from glm_jax.checkpoint import CheckpointFormatError
+    from glm_jax.errors import CheckpointFormatError
 
     src = _with_config(tmp_path, lambda c: c.update(num_layers=10**9))
     with pytest.raises(CheckpointFormatError, match="num_layers=1000000000"):
@@ -326,7 +326,7 @@ def test_stale_old_folder_is_restored_when_dst_is_missing(tmp_path, capfd):
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     """(source, reference to-jax folder, its params, wall seconds of one conversion)."""
-    from glm_jax.checkpoint import load_jax
+    from glm_jax.checkpoint.orbax import load_jax
 
     tmp = tmp_path_factory.mktemp("big")
     src = tmp / "src"
@@ -376,7 +376,7 @@ def _signal_at(src, dst, sig, delay=None, during_write=False):
 
 
 def _assert_complete_or_absent(dst, ref_params):
-    from glm_jax.checkpoint import load_jax
+    from glm_jax.checkpoint.orbax import load_jax
 
     if dst.exists():
         assert same_params(load_jax(dst)[1], ref_params)

@@ -158,13 +158,13 @@ def _train_run(tmp_path, name, scan):
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from glm_jax.checkpoint import config_from_folder, load_params
-    from glm_jax.model.transformer import stack_layers
+    from glm_jax.checkpoint import layout
+    from glm_jax.checkpoint.hf import config_from_folder, load_params
 
     cfg = config_from_folder(FIX / name / "model").replace(scan_layers=scan)
     params = load_params(cfg, FIX / name / "model")
     if scan:
-        params = stack_layers(params, cfg.num_layers)
+        params = layout.stack(params, cfg)
     params = jax.tree.map(jnp.asarray, params)
     run = tmp_path / "run"
     mgr = ocp.CheckpointManager((run / "checkpoints").absolute(), item_names=("params", "meta"))
@@ -191,7 +191,7 @@ def test_glm_train_run_exports_the_reference_layout(name, scan, tmp_path):
 
 def test_load_jax_reads_a_glm_train_run(tmp_path):
     from glm_jax.api import GLM, cast_params
-    from glm_jax.checkpoint import load_jax
+    from glm_jax.checkpoint.orbax import load_jax
 
     name = "glm-4-9b-chat-remote"
     cfg, params = load_jax(_train_run(tmp_path, name, True))  # the latest complete step (7), stacked layers
@@ -215,7 +215,7 @@ def test_from_pretrained_reads_a_glm_train_run(tmp_path):
 def test_mesh_chunks_params_as_shards(tmp_path):
     import orbax.checkpoint as ocp
 
-    from glm_jax.checkpoint import load_jax
+    from glm_jax.checkpoint.orbax import load_jax
 
     src = FIX / "chatglm2-6b/model"
     plain, meshed = _to_jax(src, tmp_path / "plain"), _to_jax(src, tmp_path / "mesh", "--mesh", "1,2,2")
@@ -235,7 +235,7 @@ def test_dtype_and_resharding(tmp_path):
     name = "chatglm3-6b-32k"
     src = FIX / name / "model"
     j16 = _to_jax(src, tmp_path / "bf16", "--dtype", "bfloat16")
-    from glm_jax.checkpoint import load_jax
+    from glm_jax.checkpoint.orbax import load_jax
 
     _, p = load_jax(j16)
     ref = torch.load(src / "pytorch_model.bin", weights_only=True)

@@ -120,7 +120,7 @@ def test_jax_copy_gives_golden_logits(name, jax_copies):
 def test_both_fixture_folders_give_identical_params(name, jax_copies):
     import jax
 
-    from glm_jax.checkpoint import load_jax
+    from glm_jax.checkpoint.orbax import load_jax
 
     c1, p1 = load_jax(jax_copies[name, "model"])
     c2, p2 = load_jax(jax_copies[name, "model_sharded_safetensors"])

@@ -159,7 +159,7 @@ def _main(args, stdin=""):
 def test_memory_check_against_the_available_memory(chatglm_dir, monkeypatch):
     """With the machine's available memory pinned: --prompt exits 2 naming both sizes; --chat refuses the one
     turn that does not fit with a warning and goes on with its history."""
-    from glm_jax.checkpoint import config_from_folder
+    from glm_jax.checkpoint.hf import config_from_folder
     from glm_jax.config import GLMConfig
 
     cfg: GLMConfig = config_from_folder(chatglm_dir)

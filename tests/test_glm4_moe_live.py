@@ -145,7 +145,7 @@ def test_train_step_loss_and_gradients_match_torch_autograd(tmp_path):
     """Under scan_layers (a dense stack and a MoE stack) with full remat: the train step's configuration."""
     import glm_jax
     from glm_jax import families
-    from glm_jax.model.transformer import unstack_layers
+    from glm_jax.checkpoint import layout
 
     case = (3, 8, 2, 2, 1, 1, 1, True, True, 2, 0.5, 4, 2, 2.5)
     model, path = _build(case, tmp_path)
@@ -172,7 +172,7 @@ def test_train_step_loss_and_gradients_match_torch_autograd(tmp_path):
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(lm.params)
     assert abs(float(loss) - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    grads = unstack_layers(jax.device_get(grads))
+    grads = layout.unstack(jax.device_get(grads))
     cfg = lm.config
     seen = set()
     for r in families.keymap(cfg):

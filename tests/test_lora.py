@@ -109,7 +109,7 @@ def test_chatglm2_layout_keys_match_peft(tmp_path, targets):
     import peft
     from safetensors.numpy import load_file
 
-    from glm_jax.checkpoint import open_weights
+    from glm_jax.checkpoint.hf import open_weights
 
     folder = FIX / "chatglm2-6b" / "model"
     lm = glm_jax.from_pretrained(folder)

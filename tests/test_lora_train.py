@@ -15,7 +15,7 @@ from test_train_util import CACHE, metrics
 import glm_jax
 from convert.cli import main as convert_main
 from glm_jax import adapters
-from glm_jax.checkpoint.orbax import ParamStore, open_jax
+from glm_jax.checkpoint.orbax import OrbaxStore, open_jax
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "train" / "data" / "sft"
 IDS = np.array([[1002, 1004, 1007, 198, 413, 442, 1008, 198, 39, 72, 565, 17, 300, 5]])
@@ -59,7 +59,7 @@ def _raw_params(run) -> dict:
     """Every leaf the run's latest step stores, as saved (the adapter's own leaves under lora/)."""
     ck = open_jax(run)
     store = ck.store.base if isinstance(ck.store, adapters.MergedStore) else ck.store
-    assert isinstance(store, ParamStore)
+    assert isinstance(store, OrbaxStore)
     return {p: np.asarray(store.read(p)) for p in store.paths()}
 
 

@@ -233,7 +233,7 @@ def test_bias_update_and_load_metrics_follow_transformers_routing(tiny, referenc
     loads from transformers' top-k choices; the metrics report the reference losses and max/mean loads; the MTP
     layer's embedding and head copies are the updated main ones."""
     import glm_jax
-    from glm_jax.model.transformer import unstack_layers
+    from glm_jax.checkpoint import layout
     from train import optimizer
     from train import step as step_lib
 
@@ -245,8 +245,8 @@ def test_bias_update_and_load_metrics_follow_transformers_routing(tiny, referenc
     tx = optimizer.make_optimizer(tc, lm.params, frozen)
     step = jax.jit(step_lib.make_train_step(lm.module, tx, tc, optimizer.make_schedule(tc, 0), frozen))
     state, m = step(step_lib.init_state(lm.params, tx), _batch(ids, labels))
-    before = _by_hf_key(cfg, unstack_layers(lm.params))
-    after = _by_hf_key(cfg, unstack_layers(jax.device_get(state["params"])))
+    before = _by_hf_key(cfg, layout.unstack(lm.params))
+    after = _by_hf_key(cfg, layout.unstack(jax.device_get(state["params"])))
 
     L = cfg.num_layers
     for layer, load in zip([1, L], reference["loads"]):

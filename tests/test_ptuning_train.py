@@ -14,7 +14,7 @@ from test_train_util import CACHE, metrics
 
 import glm_jax
 from convert.cli import main as convert_main
-from glm_jax.checkpoint import open_weights
+from glm_jax.checkpoint.hf import open_weights
 from glm_jax.checkpoint.orbax import open_jax
 
 FIX = pathlib.Path(__file__).parent / "fixtures"

@@ -1,4 +1,4 @@
-"""The CPU weight-only int8 / int4 matmul kernel (glm_jax/kernels/quant_cpu.py, an FFI custom call).
+"""The CPU weight-only int8 / int4 matmul kernel (glm_jax/quant/cpu_kernel.py, an FFI custom call).
 
 Expected side: XLA's dequantize-then-dot path (glm_jax.model.layers._xla_quantized_matmul, the path every other
 platform and every gradient takes), and for int4 an unpacking written here from the spec's nibble order. Tolerance:
@@ -15,8 +15,8 @@ import pytest
 from _fixture_models import FIX, io, reference_inputs
 
 import glm_jax
-from glm_jax.kernels import quant_cpu
 from glm_jax.model.layers import _xla_quantized_matmul, quantized_matmul
+from glm_jax.quant import cpu_kernel as quant_cpu
 
 needs_kernel = pytest.mark.skipif(not quant_cpu.available(), reason="the CPU kernel did not build here")
 

@@ -27,8 +27,8 @@ def parse_args(argv):
 
 
 def _bad_input_types():
-    from glm_jax.checkpoint import CheckpointFormatError
     from glm_jax.config import ConfigError
+    from glm_jax.errors import CheckpointFormatError
     from train.config import TrainConfigError
 
     return (TrainConfigError, ConfigError, CheckpointFormatError)

@@ -24,9 +24,9 @@ def model_config(tc: TrainConfig):
             if (p / "glm_jax.json").is_file():  # written by `glm-convert to-jax`
                 cfg = GLMConfig.from_dict(json.loads((p / "glm_jax.json").read_text())["config"])
             else:
-                from glm_jax import checkpoint
+                from glm_jax.checkpoint.hf import config_from_folder
 
-                cfg = checkpoint.config_from_folder(p)
+                cfg = config_from_folder(p)
             return _base_config(tc, cfg.replace(**over, **compute)), name
         return _base_config(tc, GLMConfig.preset(name).replace(**over, **compute)), None
     except (ConfigError, TypeError, KeyError, ValueError) as e:
@@ -40,7 +40,7 @@ def _base_config(tc, cfg):
 
 def load_pretrained(path, cfg, overrides, load_kwargs=None):
     import glm_jax
-    from glm_jax.checkpoint import CheckpointFormatError
+    from glm_jax.errors import CheckpointFormatError
 
     try:
         lm = glm_jax.from_pretrained(

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from glm_jax.checkpoint import layout
 from train.config import TrainConfigError
 
 BIAS = ("router", "score_bias")  # a MoE module's score-bias param, below the module's path
@@ -44,8 +45,6 @@ class Rules:
         """The rules of a run, or None (not a MoE model, or objective=cloze)."""
         if not cfg.num_experts or getattr(tc, "objective", "") == "cloze":
             return None
-        from glm_jax.model.transformer import num_dense_layers
-
         moe = getattr(tc, "moe", None)
         w = float(getattr(tc, "mtp_loss_weight", 0.0))
         return cls(
@@ -53,7 +52,7 @@ class Rules:
             aux_weight=float(getattr(moe, "aux_loss_weight", 0.0)),
             bias_rate=float(getattr(moe, "bias_update_rate", 0.0)),
             num_mtp=cfg.num_mtp_layers if w > 0 else 0,
-            dense_offset=num_dense_layers(cfg) if cfg.scan_layers else 0,
+            dense_offset=layout.stacks(cfg)[-1].start if cfg.scan_layers else 0,
         )
 
 

@@ -78,7 +78,7 @@ def replicated(mesh):
 
 
 def param_shardings(cfg, params_shapes, mesh):
-    from train.quant_base import param_axes  # the model's axes (+ a quantized base's scales)
+    from glm_jax.quant.load import param_axes  # the model's axes (+ a quantized base's scales)
 
     return tree_shardings(param_axes(cfg, params_shapes), params_shapes, mesh)
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from glm_jax import hostmem
+from glm_jax.quant import load as quant_load
 from glm_jax.sharding import axis_rules
 from train import adapters as train_adapters
 from train import data as data_lib
@@ -30,7 +31,7 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
 
     moe_rules.check_model(tc, cfg)  # mtp_loss_weight / moe.* need MTP layers / experts
     adapter = train_adapters.plan(tc, cfg)  # LoRA / P-Tuning: only the adapter trains
-    model_shapes = quant_base.model_shapes(cfg)  # a quantized base (quantize=): int8 / int4 kernels + scales
+    model_shapes = quant_load.model_shapes(cfg)  # a quantized base (quantize=): int8 / int4 kernels + scales
     pshapes = adapter.shapes(model_shapes) if adapter else model_shapes
     frozen = optimizer.frozen_mask(pshapes, tc.freeze)
     if tc.freeze and not any(jax.tree.leaves(frozen)):

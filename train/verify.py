@@ -155,7 +155,7 @@ def one_line(problems: list) -> str | None:
 def check_loads(step_dir) -> str | None:
     """None when the meta, the model config and every array of params and opt_state read back (params finite,
     of the config's shapes); otherwise what failed, in one line."""
-    from glm_jax.checkpoint.orbax import ParamStore, quiet_absl
+    from glm_jax.checkpoint.orbax import OrbaxStore, quiet_absl
     from glm_jax.config import GLMConfig
 
     step_dir = pathlib.Path(step_dir)
@@ -171,7 +171,7 @@ def check_loads(step_dir) -> str | None:
         path = None
         try:
             with quiet_absl():
-                store = ParamStore(step_dir / item)
+                store = OrbaxStore(step_dir / item)
                 for path in store.paths():
                     a = store.read(path)
                     if item == "params":

@@ -21,7 +21,7 @@ from glm_jax.checkpoint.files import SafetensorsFile, TorchFile, find_weight_fil
 from glm_jax.checkpoint.megatron import open_megatron
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
-from glm_jax.families.quantized import quantized_shapes
+from glm_jax.quant.rows import quantized_shapes
 
 
 def config_from_folder(path) -> GLMConfig:
@@ -151,7 +151,7 @@ def iter_params(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (param path, array) one row at a time; checks the config's sizes against the headers, then missing,
     extra and mis-shaped keys, first."""
-    from glm_jax.model.transformer import param_shapes, unstack_layers
+    from glm_jax.model.transformer import param_shapes
 
     check_config_against_checkpoint(cfg, readers, source, config_file, layout)
     fam = families.get(layout or cfg.family)
@@ -174,7 +174,7 @@ def iter_params(
         raise CheckpointFormatError(
             f"{source}: {len(extra)} unexpected key(s) for a {cfg.family} model with this config.json, e.g. {extra[:3]}"
         )
-    shapes = quantized_shapes(unstack_layers(param_shapes(cfg.replace(scan_layers=False))), cfg, rows)
+    shapes = quantized_shapes(param_shapes(cfg.replace(scan_layers=False)), cfg, rows)
     for r in rows:
         arrays = []
         for k in r.hf:

@@ -12,9 +12,9 @@ A glm-train run directory: `<run>/checkpoints/<step>/` is an Orbax CheckpointMan
 (stacked under `layers` when the config has scan_layers) and `meta` ({"step", "config": GLMConfig.to_dict()}).
 A LoRA run's params also hold the adapter under `lora/` and its meta an "adapter" entry: its store reads the
 weights merged (glm_jax/adapters.py MergedStore), so every reader sees the trained model; on a quantized base, the
-float model it trained (glm_jax/checkpoint/dequantized.py).
+float model it trained (glm_jax/quant/store.py).
 
-`ParamStore` reads params back one tensor (or one layer of a stacked tensor) at a time; the writers are in
+`OrbaxStore` reads params back one tensor (or one layer of a stacked tensor) at a time; the writers are in
 glm-convert (convert/jax_io.py) and glm-train.
 """
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import re
 
 import numpy as np
 
-from glm_jax.checkpoint.dequantized import DequantizedStore, float_config
+from glm_jax.checkpoint import layout
+from glm_jax.checkpoint.store import ParamStore
 from glm_jax.config import GLMConfig
 from glm_jax.errors import CheckpointFormatError, ConfigError
+from glm_jax.quant.store import DequantizedStore, float_config
 
 JSON_NAME = "glm_jax.json"
 FORMAT = "glm-jax"
@@ -48,11 +49,9 @@ def quiet_absl():
         alog.set_verbosity(old)
 
 
-class ParamStore:
-    """Reads one params leaf at a time from an Orbax PyTree checkpoint directory (tensorstore, no full restore).
-
-    `read("layers_3/block/attn/q/kernel")` also works on a stacked (scan_layers) checkpoint, where it reads
-    index 3 of `layers/block/attn/q/kernel` only."""
+class OrbaxStore:
+    """A ParamStore (glm_jax/checkpoint/store.py) over an Orbax PyTree checkpoint directory: one leaf, or one
+    layer of a stacked leaf, at a time through tensorstore, with no full restore."""
 
     def __init__(self, directory):
         import orbax.checkpoint as ocp
@@ -67,49 +66,39 @@ class ParamStore:
         self.use_zarr3 = bool(md.use_zarr3)
         self.leaves = {}
         flatten(md.tree, "", self.leaves)
+        self.stacks = layout.stored_stacks(self.leaves)
         self._open = {}
 
     def paths(self):
         return list(self.leaves)
 
     def shape(self, path):
-        name, idx = self._locate(path)
+        name, idx = self.locate(path)
         s = tuple(self.leaves[name].shape)
         return s if idx is None else s[1:]
 
     def dtype(self, path) -> np.dtype:
-        return np.dtype(self.leaves[self._locate(path)[0]].dtype)
+        return np.dtype(self.leaves[self.locate(path)[0]].dtype)
 
-    def dense_layers(self) -> int:
-        """Layers in the dense_layers/ stack (0 without one)."""
-        first = next((v for p, v in self.leaves.items() if p.startswith("dense_layers/")), None)
-        return 0 if first is None else int(tuple(first.shape)[0])
-
-    def _locate(self, path):
-        if path in self.leaves:
-            return path, None
-        m = re.match(r"layers_(\d+)/(.*)", path)
-        if m:  # scan_layers stacks: Glm4Moe's leading dense layers in dense_layers/, the rest in layers/
-            i, rest, k = int(m.group(1)), m.group(2), self.dense_layers()
-            if i < k and f"dense_layers/{rest}" in self.leaves:
-                return f"dense_layers/{rest}", i
-            if i >= k and f"layers/{rest}" in self.leaves:
-                return f"layers/{rest}", i - k
-        raise CheckpointFormatError(f"{self.dir}: params checkpoint has no tensor {path!r}")
+    def locate(self, path):
+        name, idx = layout.locate(path, self.stacks)
+        if name not in self.leaves:
+            raise CheckpointFormatError(f"{self.dir}: params checkpoint has no tensor {path!r}")
+        return name, idx
 
     def read(self, path) -> np.ndarray:
         return self.read_async(path).result()
 
     def read_rows(self, path, start, stop) -> np.ndarray:
         """Rows [start, stop) of the first axis only."""
-        name, idx = self._locate(path)
+        name, idx = self.locate(path)
         t = self._store(name)
         t = t if idx is None else t[idx]
         return np.asarray(t[start : min(stop, t.shape[0])].read().result())
 
     def read_async(self, path):
         """A tensorstore future of the array (so the next read can overlap with other work)."""
-        name, idx = self._locate(path)
+        name, idx = self.locate(path)
         t = self._store(name)
         return (t if idx is None else t[idx]).read()
 
@@ -189,14 +178,14 @@ def open_jax(path) -> JaxCheckpoint:
             cfg = GLMConfig.from_dict(meta["config"])
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, ConfigError) as e:
             raise ConfigError(f"{p / JSON_NAME}: not a valid glm-jax description ({e})") from None
-        return JaxCheckpoint(cfg, meta.get("source"), ParamStore(p / "params"), p, str(p))
+        return JaxCheckpoint(cfg, meta.get("source"), OrbaxStore(p / "params"), p, str(p))
     step = _step_dir(p)
     meta = _read_meta(step)
     try:
         cfg = GLMConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ConfigError) as e:
         raise ConfigError(f"{step / 'meta'}: needs {{'config': GLMConfig.to_dict()}} ({e!r})") from None
-    store = ParamStore(step / "params")
+    store = OrbaxStore(step / "params")
     adapter = meta.get("adapter")
     if isinstance(adapter, dict) and adapter.get("kind") == "lora":  # read merged (glm_jax/adapters.py)
         from glm_jax.adapters import MergedStore
@@ -258,8 +247,6 @@ def load_jax(path) -> tuple[GLMConfig, dict]:
     ck = open_jax(path)
     reads = {p: ck.store.read_async(p) for p in ck.store.paths()}
     params = unflatten({p: np.asarray(f.result()) for p, f in reads.items()})
-    if not ck.cfg.scan_layers and "layers" in params:
-        from glm_jax.model.transformer import unstack_layers
-
-        params = unstack_layers(params)
+    if not ck.cfg.scan_layers:
+        params = layout.unstack(params)
     return ck.cfg, params

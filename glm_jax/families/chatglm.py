@@ -12,8 +12,8 @@ import math
 
 from glm_jax.errors import ConfigError
 from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote
-from glm_jax.families.quantized import bits_from_hf, bits_to_hf
 from glm_jax.families.rows import PREFIX_ROWS, D, Row, V, linear, megatron_layer_rows, qkv_per_head, untied
+from glm_jax.quant.rows import bits_from_hf, bits_to_hf
 
 AUTO_MAP = {
     "AutoConfig": "configuration_chatglm.ChatGLMConfig",

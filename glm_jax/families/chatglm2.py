@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote, number
 from glm_jax.families.chatglm import AUTO_MAP as _V1_AUTO_MAP
-from glm_jax.families.quantized import bits_from_hf, bits_to_hf
 from glm_jax.families.rows import (
     NH,
     PREFIX_ROWS,
@@ -27,6 +26,7 @@ from glm_jax.families.rows import (
     split_halves,
     untied,
 )
+from glm_jax.quant.rows import bits_from_hf, bits_to_hf
 
 AUTO_MAP = {**_V1_AUTO_MAP, "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
 

@@ -176,11 +176,11 @@ MTP = [
 
 
 def _dense_layers(cfg):
-    return range(min(cfg.first_k_dense_replace, cfg.num_layers) if cfg.num_experts else cfg.num_layers)
+    return [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
 
 
 def _moe_layers(cfg):
-    return range(_dense_layers(cfg).stop, cfg.num_layers) if cfg.num_experts else range(0)
+    return [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
 
 
 def _mtp_layers(cfg):
@@ -189,10 +189,6 @@ def _mtp_layers(cfg):
 
 def _rows(jax_prefix, names, layers):
     return [dataclasses.replace(r, layers=layers) for r in layer_rows("model.layers.{l}.", jax_prefix, names)]
-
-
-def _all_layers(cfg):
-    return range(cfg.num_layers + cfg.num_mtp_layers)
 
 
 def _main_attention(cfg):

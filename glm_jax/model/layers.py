@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from glm_jax.quant import cpu_kernel
+from glm_jax.quant.formats import unpack_int4
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -125,7 +128,7 @@ class Dense(nn.Module):
     def __call__(self, x):
         dt = dtype_of(self.dtype)
         n_in = len(self.in_shape)
-        if self.has_variable("params", "kernel_scale"):  # weight-only quantized (glm_jax/quant.py)
+        if self.has_variable("params", "kernel_scale"):  # weight-only quantized (glm_jax/quant/)
             q, scale = self.get_variable("params", "kernel"), self.get_variable("params", "kernel_scale")
             y = quantized_matmul(x.astype(dt), q, scale, n_in, self.in_shape[-1])
         else:
@@ -144,27 +147,17 @@ class Dense(nn.Module):
         return y.astype(dt)
 
 
-def unpack_int4(p, axis: int):
-    """int8 bytes -> int8 values along `axis` (doubled): high nibble first, both nibbles sign-extended."""
-    hi = jnp.right_shift(p, jnp.int8(4))
-    lo = jnp.right_shift(jnp.left_shift(p, jnp.int8(4)), jnp.int8(4))
-    both = jnp.stack([hi, lo], axis=axis + 1)
-    return both.reshape(p.shape[:axis] + (2 * p.shape[axis],) + p.shape[axis + 1 :])
-
-
 def quantized_matmul(x, q, scale, n_in: int, in_last: int):
     """x [..., in...] · (q · scale) with q an int8 kernel [in..., out...] (int4: the last in-dim packed, half of
     `in_last`) and scale [out...]: the int8 values enter the product in x's dtype inside the jitted computation
     (bf16 on TPU: an MXU operand fused into the dot, no float32 copy of the weights), the per-output scale
-    multiplies the product's float32 output.
+    multiplies the product's float32 output (the formats: glm_jax/quant/formats.py).
 
     On CPU, for the few-row products of decoding, a C++ kernel does the same product without the float copy of
-    the weights (glm_jax/kernels/quant_cpu.py); XLA's path below stays the reference, the other platforms' path
+    the weights (glm_jax/quant/cpu_kernel.py); XLA's path below stays the reference, the other platforms' path
     and the gradient."""
-    from glm_jax.kernels import quant_cpu
-
     bits = 4 if q.shape[n_in - 1] * 2 == in_last else 8
-    y = quant_cpu.matmul(x, q, scale, n_in, bits, functools.partial(_xla_quantized_matmul, n_in=n_in, bits=bits))
+    y = cpu_kernel.matmul(x, q, scale, n_in, bits, functools.partial(_xla_quantized_matmul, n_in=n_in, bits=bits))
     return _xla_quantized_matmul(x, q, scale, n_in, bits) if y is None else y
 
 

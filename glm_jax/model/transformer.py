@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
+from glm_jax.checkpoint import layout
 from glm_jax.model.attention import use_flash
 from glm_jax.model.block import ACT, Block
 from glm_jax.model.context import context_shards, from_balanced, to_balanced
@@ -90,24 +90,20 @@ class GLMModel(nn.Module):
                 )
         if c.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(c)
-        if c.scan_layers:
-            k = num_dense_layers(c)  # dense and MoE layers differ in their params: one stack each
-
-            def stack(n, moe, name):
-                return nn.scan(
+        if c.scan_layers:  # one nn.scan stack per run of layers with the same params (checkpoint/layout.py)
+            self.stacks = [
+                nn.scan(
                     LayerBody,
                     variable_axes={"params": 0, "intermediates": 0},  # sown values stack per layer
                     split_rngs={"params": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=n,
+                    length=s.length,
                     metadata_params={nn.PARTITION_NAME: "layers"},
-                )(c, moe, name=name)
-
-            self.layers = stack(c.num_layers - k, c.is_moe_layer(c.num_layers - 1), "layers")
-            if k:
-                self.dense_layers = stack(k, False, "dense_layers")
+                )(c, c.is_moe_layer(s.start), name=s.name)
+                for s in layout.stacks(c)
+            ]
         else:
-            self.layers = [LayerBody(c, c.is_moe_layer(i), name=f"layers_{i}") for i in range(c.num_layers)]
+            self.layers = [LayerBody(c, c.is_moe_layer(i), name=layout.layer_path(i)) for i in range(c.num_layers)]
         self.mtp_layers = [MTPLayer(c, name=f"mtp_{i}") for i in range(c.num_mtp_layers)]
         if c.final_norm:
             self.final_norm = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype)
@@ -205,12 +201,11 @@ class GLMModel(nn.Module):
         return logits
 
     def _scan(self, x, xs, position_ids, mask, cache_index):
-        k = num_dense_layers(self.cfg)
-        if not k:
-            return self.layers(x, xs, position_ids, mask, cache_index)
-        x, ys0 = self.dense_layers(x, jax.tree.map(lambda a: a[:k], xs), position_ids, mask, cache_index)
-        x, ys1 = self.layers(x, jax.tree.map(lambda a: a[k:], xs), position_ids, mask, cache_index)
-        return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys0, ys1)
+        ys = []
+        for stack, s in zip(self.stacks, layout.stacks(self.cfg)):
+            x, y = stack(x, jax.tree.map(lambda a, s=s: a[s.start : s.stop], xs), position_ids, mask, cache_index)
+            ys.append(y)
+        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
 
     def mtp(
         self,
@@ -240,12 +235,6 @@ class GLMModel(nn.Module):
             mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
         embed = self.embed if shared else None
         return mtp_logits(self.mtp_layers, final_BTD, input_ids, jnp.asarray(position_ids), mask, embed, return_hidden)
-
-
-def num_dense_layers(cfg) -> int:
-    """Leading dense-MLP layers kept in their own stack under scan_layers (0: one stack holds every layer)."""
-    k = min(cfg.first_k_dense_replace, cfg.num_layers)
-    return k if cfg.num_experts and 0 < k < cfg.num_layers else 0
 
 
 class Embed(nn.Module):
@@ -312,39 +301,6 @@ def init_params(cfg: GLMConfig, rng):
     return nn.meta.unbox(_init_model(cfg).init(rng, _init_args(cfg))["params"])
 
 
-def stack_layers(params, num_layers):
-    """{'layers_0': t, 'layers_1': t, ...} → {'layers': t stacked on a leading axis} (the nn.scan layout). Leading
-    layers whose params differ from the last layer's (Glm4Moe's dense layers) are stacked as 'dense_layers'."""
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    last = jax.tree.structure(params[f"layers_{num_layers - 1}"])
-    k = next(i for i in range(num_layers) if jax.tree.structure(params[f"layers_{i}"]) == last)
-    if k:
-        out["dense_layers"] = jax.tree.map(_stack, *[params[f"layers_{i}"] for i in range(k)])
-    out["layers"] = jax.tree.map(_stack, *[params[f"layers_{i}"] for i in range(k, num_layers)])
-    return out
-
-
-def _stack(*leaves):
-    """Stack per-layer leaves: numpy arrays stay on the host, jax arrays stay jax arrays."""
-    if isinstance(leaves[0], jax.Array) or not hasattr(leaves[0], "__array__"):
-        return jnp.stack(leaves)
-    return np.stack(leaves)
-
-
 def _index(tree, i: int):
     """Entry i of every leaf's leading (layer) axis."""
     return jax.tree.map(lambda a: a[i], tree)
-
-
-def unstack_layers(params):
-    """Inverse of stack_layers."""
-    if "layers" not in params:
-        return params
-    out = {k: v for k, v in params.items() if k not in ("layers", "dense_layers")}
-    stacks = [params[s] for s in ("dense_layers", "layers") if s in params]
-    i = 0
-    for s in stacks:
-        for j in range(jax.tree.leaves(s)[0].shape[0]):
-            out[f"layers_{i}"] = _index(s, j)
-            i += 1
-    return out

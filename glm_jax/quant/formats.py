@@ -1,21 +1,16 @@
-"""Weight-only quantization: ChatGLM's int8 / int4 storage rule and the in-memory quantized kernels.
+"""The formats: ChatGLM's int8 / int4 storage rule, packing and unpacking int4, and dequantizing q · scale.
 
-Storage (specs/CHATGLM_ARCH.md §8, the reference's `model.half().quantize(bits)`): a linear's [out, in] weight
-is cast to float16; per output row, scale = max|w| / (2^(bits-1) - 1) in float16; q = round(w / scale) with the
-division in float16 and round half to even, stored as int8, for 4 bits packed two per byte along `in`, element
-2j in the high nibble (byte j = (q[2j] << 4) | (q[2j+1] & 0xF)). Dequantized: w = q · scale.
+Storage (the reference's `model.half().quantize(bits)`): a linear's [out, in] weight is cast to float16; per
+output row, scale = max|w| / (2^(bits-1) - 1) in float16; q = round(w / scale) with the division in float16 and
+round half to even, stored as int8, for 4 bits packed two per byte along `in`, element 2j in the high nibble
+(byte j = (q[2j] << 4) | (q[2j+1] & 0xF)). Dequantized: w = q · scale.
 
 In memory, a quantized Dense holds `kernel` as int8 in our [in..., out...] layout (for 4 bits the last in-dim
-halved: the same bytes as the checkpoint, transposed) and `kernel_scale` [out...]; the model dequantizes inside
-the jitted matmul (glm_jax/model/layers.py). Quantization at load (`from_pretrained(..., quantize=)`) uses the
-same layout with float32 per-output-channel scales (max|w| / qmax over the in dims) and the same rounding.
+halved: the same bytes as the checkpoint, transposed) beside `kernel_scale` [out...]. Quantization at load uses
+the same layout with float32 per-output-channel scales (max|w| / qmax over the in dims) and the same rounding.
 
-Why not qwix / aqtp: qwix's PTQ quantizes float weights itself by its own rules, at trace time, into its own
-QArray params, on dot_generals whose operand is a param. It cannot take ChatGLM's stored int8 / packed int4
-values and float16 scales as they are, and our Dense reshapes the kernel before its dot_general. What we take
-from qwix is its weight-only int8 matmul: the int8 weight converted to the compute dtype inside the jitted
-product (on TPU a bf16 or int8 MXU operand fused into the dot, never a float32 copy of the weights in HBM) and
-the per-channel scale applied to the product's output.
+`unpack_int4` and `dequantize` take numpy or jax arrays alike (the same shifts and products in both), so the
+host-side readers and the jitted model share one definition.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ import numpy as np
 
 BITS = (4, 8)
 NAMES = {"int8": 8, "int4": 4}
+SCALE = "kernel_scale"  # a quantized kernel's per-output-channel scale, beside it in the params
 
 
 def qmax(bits: int) -> int:
@@ -47,13 +43,37 @@ def pack_int4(q: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(packed, -1, axis))
 
 
-def unpack_int4(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Inverse of pack_int4: each byte -> (high nibble, low nibble), both sign-extended, along `axis`."""
-    p = np.moveaxis(np.asarray(p, np.int8), axis, -1)
-    hi = p >> 4
-    lo = (p << 4).astype(np.int8) >> 4
-    out = np.stack([hi, lo], axis=-1).reshape(p.shape[:-1] + (2 * p.shape[-1],))
-    return np.ascontiguousarray(np.moveaxis(out, -1, axis))
+def unpack_int4(p, axis: int = -1):
+    """Inverse of pack_int4: each byte -> (high nibble, low nibble), both sign-extended, along `axis` (doubled).
+    numpy in, numpy out; jax in, jax out."""
+    xp = _namespace(p)
+    p = p if xp is not np else np.asarray(p, np.int8)
+    axis = axis % p.ndim
+    hi = xp.right_shift(p, xp.int8(4))
+    lo = xp.right_shift(xp.left_shift(p, xp.int8(4)), xp.int8(4))
+    both = xp.stack([hi, lo], axis=axis + 1)
+    return both.reshape(p.shape[:axis] + (2 * p.shape[axis],) + p.shape[axis + 1 :])
+
+
+def dequantize(q, scale, bits: int, *, lead: int = 0, dtype=np.float32):
+    """q · scale of a quantized kernel [lead..., in..., out...] (4 bits: its last in-dim packed) with scale
+    [lead..., out...], in `dtype`: the float kernel it stands for. `lead` counts leading axes that both share (a
+    scan_layers stack's layer axis). numpy or jax arrays alike."""
+    xp = _namespace(q)
+    n_in = q.ndim - scale.ndim
+    if bits == 4:
+        q = unpack_int4(q, lead + n_in - 1)
+    s = xp.expand_dims(xp.asarray(scale).astype(dtype), tuple(range(lead, lead + n_in)))
+    return q.astype(dtype) * s
+
+
+def _namespace(a):
+    """numpy for host arrays, jax.numpy for jax arrays and tracers."""
+    if isinstance(a, np.ndarray | np.generic):
+        return np
+    import jax.numpy as jnp
+
+    return jnp
 
 
 # ------------------------------------------------------------------ ChatGLM's storage rule
@@ -72,12 +92,6 @@ def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return (pack_int4(q) if bits == 4 else q), scale
 
 
-def dequantize_rows(weight: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    """float32 [out, in] = q · scale of a stored (weight, weight_scale) pair."""
-    q = unpack_int4(weight) if bits == 4 else np.asarray(weight)
-    return q.astype(np.float32) * np.asarray(scale).astype(np.float32)[:, None]
-
-
 # ------------------------------------------------------------------ our [in..., out...] kernels
 def quantize_kernel(k: np.ndarray, n_in: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Weight-only quantization at load: kernel [in..., out...] -> (int8 kernel, float32 scale [out...]); scale =
@@ -90,12 +104,6 @@ def quantize_kernel(k: np.ndarray, n_in: int, bits: int) -> tuple[np.ndarray, np
     return (pack_int4(q, n_in - 1) if bits == 4 else q), scale.astype(np.float32)
 
 
-def dequantize_kernel(q: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    """float32 kernel [in..., out...] = q · scale of an in-memory quantized kernel (4 bits: unpacked first)."""
-    q = unpack_int4(q, kernel_n_in(np.shape(q), np.shape(scale)) - 1) if bits == 4 else np.asarray(q)
-    return q.astype(np.float32) * np.asarray(scale, np.float32)
-
-
-def kernel_n_in(kernel_shape, scale_shape) -> int:
-    """Number of leading in-dims of a kernel whose trailing dims are the scale's (its out dims)."""
-    return len(kernel_shape) - len(scale_shape)
+def scale_path(kernel_path: str) -> str:
+    """The path of a quantized kernel's scale (`.../kernel` -> `.../kernel_scale`)."""
+    return kernel_path[: -len("kernel")] + SCALE

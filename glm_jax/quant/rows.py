@@ -18,10 +18,11 @@ import dataclasses
 
 import numpy as np
 
-from glm_jax import quant
+from glm_jax.checkpoint import layout
 from glm_jax.families.rows import Row
+from glm_jax.quant import formats as quant
+from glm_jax.quant.formats import SCALE, scale_path
 
-SCALE = "kernel_scale"
 _INDEX_CACHE: dict = {}
 
 
@@ -52,12 +53,8 @@ def is_layer_linear(r: Row) -> bool:
     return (
         len(r.hf) == 1
         and r.hf[0].endswith(".weight")
-        and all(p.endswith("/kernel") and p.startswith("layers_") for p in r.jax)
+        and all(p.endswith("/kernel") and layout.parse_layer_path(p) for p in r.jax)
     )
-
-
-def scale_path(kernel_path: str) -> str:
-    return kernel_path[: -len("kernel")] + SCALE
 
 
 def _in_dims(shape, n_in_features: int) -> int:
@@ -212,7 +209,7 @@ def _leaf(tree, path):
 
 def quantize_params(params: dict, cfg, rows: list, bits: int) -> dict:
     """Per-layer float params -> the same tree with every layer linear's kernel int8 (4 bits: packed) beside a
-    float32 per-output-channel `kernel_scale` (glm_jax.quant.quantize_kernel). Other leaves are untouched."""
+    float32 per-output-channel `kernel_scale` (glm_jax.quant.formats.quantize_kernel). Other leaves are untouched."""
     quant.check_bits(bits)
     out = _copy_dicts(params)
     for r in rows:

@@ -1,4 +1,4 @@
-"""The weight-only int8 / int4 matrix product on XLA:CPU: a C++ kernel (glm_jax/kernels/cpu/quant_matmul.cc)
+"""The weight-only int8 / int4 matrix product on XLA:CPU: a C++ kernel (glm_jax/quant/cpu/quant_matmul.cc)
 called through JAX's FFI, for the small-M products of decoding.
 
 Why: XLA:CPU has no int8-weight product. For `x @ q.astype(f32)` it converts the whole int8 kernel to a float32
@@ -18,7 +18,7 @@ Build: nothing happens at import. The first call compiles the source with the sy
 g++ / c++) into $GLM_JAX_CACHE (default $XDG_CACHE_HOME/glm_jax, else ~/.cache/glm_jax), in a file named by a
 hash of the source, the compiler flags, the machine and the jax / jaxlib versions, written to a temporary name
 and renamed into place (concurrent builds are safe). `make venv` prebuilds it (`python -m
-glm_jax.kernels.quant_cpu`). With no compiler, or a failed build, one warning says so and XLA's path is used.
+glm_jax.quant.cpu_kernel`). With no compiler, or a failed build, one warning says so and XLA's path is used.
 
 Switches (environment): GLM_JAX_QUANT_KERNEL=0 turns the kernel off (XLA's path everywhere);
 GLM_JAX_QUANT_KERNEL_THREADS=n sets the threads a product uses (default 1, see DEFAULT_THREADS; 0: XLA's intra-op

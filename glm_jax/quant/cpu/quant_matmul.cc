@@ -1,4 +1,4 @@
-// Weight-only int8 / int4 matrix product for XLA:CPU, called through JAX's FFI (glm_jax/kernels/quant_cpu.py).
+// Weight-only int8 / int4 matrix product for XLA:CPU, called through JAX's FFI (glm_jax/quant/cpu_kernel.py).
 //
 //   y[M, N] = (x[M, K] @ q[K, N]) * scale[N]      x float32, q int8, scale float32, y float32
 //
