@@ -24,10 +24,6 @@ ROOT = _root()
 README = ROOT / "README.md"
 MAX_LINES = 300
 
-# Paths the README describes for the layout being built in the same round of work (issue 26): allowed while they
-# are missing. Once one exists, `test_pending_paths_are_still_pending` fails: remove it from here.
-PENDING = {"glm_jax/checkpoint/layout.py", "glm_jax/quant/"}
-
 TOP = ("glm_jax", "train", "convert", "bench", "tests")
 _URL = re.compile(r"https?://\S+")
 _PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(TOP) + r")/[\w./-]*)")
@@ -100,7 +96,7 @@ def mentioned_paths(text) -> set[str]:
 
 
 def path_problems(text):
-    missing = [p for p in sorted(mentioned_paths(text)) if p not in PENDING and not (ROOT / p).exists()]
+    missing = [p for p in sorted(mentioned_paths(text)) if not (ROOT / p).exists()]
     return [f"{p}: not in the repo" for p in missing]
 
 
@@ -220,10 +216,6 @@ CHECKS = [
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_readme(check):
     assert check(README.read_text()) == []
-
-
-def test_pending_paths_are_still_pending():
-    assert [p for p in sorted(PENDING) if (ROOT / p).exists()] == [], "exists now: remove it from PENDING"
 
 
 LAB_NOTEBOOK = (
