@@ -37,7 +37,6 @@ Attention = Literal["xla", "flash", "auto"]
 QuantBits = Literal[0, 4, 8]  # weight-only quantization of the layer linears (glm_jax/quant.py)
 
 # mask_rule values written by earlier versions (glm_jax.json files, glm-train checkpoints)
-_LEGACY_MASK_RULES = {"chatglm": "prefix_until_sop", "glm": "sep_at_sop"}
 _POSITIVE_INTS = (
     "vocab_size",
     "hidden_size",
@@ -160,12 +159,6 @@ class GLMConfig:
         """Width of one P-Tuning prefix vector: keys and values of every layer."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
-    def num_params(self) -> int:
-        """Parameter count of the model this config describes (from the params' shapes; allocates nothing)."""
-        from glm_jax.model.transformer import param_count
-
-        return param_count(self)
-
     def to_dict(self) -> dict:
         """Every field, JSON-serialisable (the original config.json included under hf_config)."""
         d = dataclasses.asdict(self)
@@ -179,7 +172,6 @@ class GLMConfig:
         if unknown:
             raise ConfigError(f"unknown GLMConfig field(s): {sorted(unknown)}")
         d = {**d, "eos_token_id": tuple(d.get("eos_token_id") or ())}
-        d["mask_rule"] = _LEGACY_MASK_RULES.get(d.get("mask_rule"), d.get("mask_rule", "causal"))
         return GLMConfig(**d)
 
     # ------------------------------------------------------------------ presets and config.json

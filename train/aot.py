@@ -23,6 +23,7 @@ import time
 
 import jax
 
+from glm_jax.model.transformer import param_count
 from glm_jax.platform import describe_tpu_without_one
 from train import planner
 from train.config import TrainConfigError
@@ -308,7 +309,7 @@ def compile_report(tc) -> dict:
         "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
         "model": tc.model,
-        "num_params": cfg.num_params(),
+        "num_params": param_count(cfg),
         "batch_size": tc.batch_size,
         "seq_len": tc.seq_len,
         "grad_accum": tc.grad_accum,

@@ -134,8 +134,8 @@ class Checkpointer:
         failures = []
         for step, d in reversed(verify.step_dirs(self.directory)):
             problem = None
-            if self.main:  # a step from before manifests: its arrays are read back before Orbax restores them
-                problem = verify.check_loads(d) if verify.is_legacy(d) else verify.check_files(d)
+            if self.main:
+                problem = verify.check_files(d)
             problem = gather_json(problem)[0]
             meta = None
             if problem is None:

@@ -18,6 +18,8 @@ import re
 import jax
 import numpy as np
 
+from glm_jax.model.transformer import param_count
+
 GIB = 1024**3
 _UNIT = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}  # XLA's "G" is GiB (128.00G = 2**37 B)
 _NUM = r"([\d.]+)\s*([KMGT]?)i?B?"
@@ -118,16 +120,22 @@ def memory_parts(cfg, s: Setting, state_bytes: float) -> dict:
     heads = math.ceil(cfg.num_heads / tp)
     one_layer = tok * a * (6 * D + qkv + 3 * F / tp)  # norms, residuals, q/k/v, attention out, MLP in/out
     kept = {"none": L * one_layer, "dots": L * tok * a * (2 * D + qkv + 2 * F / tp), "full": L * tok * a * D}
-    layers = kept[s.remat] + (one_layer if s.remat != "none" else 0.0)  # + the layer recomputed in the backward
+    activations = kept[s.remat] + (one_layer if s.remat != "none" else 0.0)  # + the layer recomputed in the backward
     score = s.rows * heads * t * s.seq_len * (4 + a)  # scores in float32 and probabilities, one layer
     scores = 0.0 if s.flash else score * (L if s.remat == "none" else 2)
     chunk = min(s.loss_chunk, tok) if s.loss_chunk > 0 else tok
     logits = 3 * 4 * chunk * cfg.vocab_size / tp  # float32 logits, softmax, their gradient
-    grads = 4 * cfg.num_params() / (s.fsdp * s.tensor)
-    return {"arguments": state_bytes, "gradients": grads, "scores": scores, "logits": logits, "layers": layers}
+    grads = 4 * param_count(cfg) / (s.fsdp * s.tensor)
+    return {
+        "arguments": state_bytes,
+        "gradients": grads,
+        "scores": scores,
+        "logits": logits,
+        "activations": activations,
+    }
 
 
-_ACT = ("scores", "logits", "layers")
+_ACT = ("scores", "logits", "activations")
 
 
 class Estimator:

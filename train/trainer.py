@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from glm_jax import hostmem
+from glm_jax.model.transformer import param_count
 from glm_jax.quant import load as quant_load
 from glm_jax.sharding import axis_rules
 from train import adapters as train_adapters
@@ -263,7 +264,7 @@ def train(tc: TrainConfig) -> dict:
     elif run.start_step:
         rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
     rep.say(
-        f"model {tc.model}: {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
+        f"model {tc.model}: {param_count(run.cfg) / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
         f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
         f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
         + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else "")

@@ -92,15 +92,6 @@ def read_meta(step_dir) -> tuple[dict | None, str | None]:
     return meta, None
 
 
-def is_legacy(step_dir) -> bool:
-    """A step written before manifests existed: no manifest, and a readable meta without the marker."""
-    step_dir = pathlib.Path(step_dir)
-    if (step_dir / MANIFEST).exists():
-        return False
-    meta, _ = read_meta(step_dir)
-    return meta is not None and "manifest" not in meta
-
-
 def check_files(step_dir) -> str | None:
     """None when every file of the step matches its manifest; otherwise what failed, in one line."""
     step_dir = pathlib.Path(step_dir)
@@ -225,8 +216,6 @@ def move_aside(step_dir) -> pathlib.Path:
 
 def verify_step(step_dir) -> tuple[str | None, str]:
     """(what failed or None, a note for an ok step) for `glm-train verify`."""
-    if is_legacy(step_dir):
-        return check_loads(step_dir), "no manifest (an older run): loads, sizes and hashes not checked"
     problem = check_files(step_dir) or check_loads(step_dir)
     files = step_files(step_dir)
     size = sum((pathlib.Path(step_dir) / r).stat().st_size for r in files)

@@ -183,16 +183,3 @@ def score_examples(
             for j, i in enumerate(idx):
                 out[i] = scores[j, : len(examples[i][1])]
     return out  # type: ignore[return-value]
-
-
-def score_text(lm, tok, text: str, candidates: Sequence[str], blank: str = "[MASK]", **kw) -> np.ndarray:
-    """Scores of text candidates for the one `blank` in `text`: [prefix tokens] left [MASK] right, each candidate
-    encoded on its own (write a leading space where the candidate follows one). tok: glm_jax.load_tokenizer(...)
-    of the checkpoint (its prefix_ids start Part A, e.g. the original GLM's [CLS])."""
-    if text.count(blank) != 1:
-        raise ValueError(f"text must contain the blank {blank!r} exactly once")
-    left_text, right_text = text.split(blank)
-    left = list(tok.prefix_ids) + tok.encode(left_text, add_special_tokens=False)
-    right = tok.encode(right_text, add_special_tokens=False) if right_text else []
-    cands = [tok.encode(c, add_special_tokens=False) for c in candidates]
-    return score_examples(lm, [(left, cands, right)], tok=tok, **kw)[0]

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from glm_jax.eval import scoring
 from glm_jax.eval.tokenizer import EvalTokenizer
+from glm_jax.model.transformer import param_count
 
 _IGNORED = ("device", "max_batch_size", "trust_remote_code", "parallelize")
 
@@ -277,7 +278,7 @@ class GLMLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         c = self.lm.config
-        return {"model_family": c.family, "model_num_parameters": c.num_params(), "model_dtype": c.dtype}
+        return {"model_family": c.family, "model_num_parameters": param_count(c), "model_dtype": c.dtype}
 
 
 class _StopStrings:

@@ -18,7 +18,7 @@ from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, logical_axes,
 from glm_jax.model.masks import default_allowed, default_positions, mask_spec
 from glm_jax.model.mtp import MTPLayer, mtp_logits
 
-if TYPE_CHECKING:  # annotations only: glm_jax.config imports this module for num_params
+if TYPE_CHECKING:
     from glm_jax.config import GLMConfig
 
 REMAT_POLICIES = {
