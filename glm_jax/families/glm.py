@@ -66,7 +66,7 @@ def from_hf(d: dict) -> dict:
         ffn_size=4 * h,
         norm="layernorm",
         norm_eps=1e-5,
-        position="learned_2d",
+        position_encoding="learned",
         rope_dim=0,
         max_position_embeddings=d.get("max_sequence_length", 512),
         block_position_encoding=d.get("block_position_encoding", True),
@@ -76,6 +76,7 @@ def from_hf(d: dict) -> dict:
         mlp_bias=True,
         tie_word_embeddings=True,
         mask_rule="sep_at_sop",
+        position_rule="per_span_2d",
         **_tokens(d),
     )
 

@@ -54,7 +54,7 @@ def first_dense(d: dict) -> int:
 def from_hf(d: dict) -> dict:
     kw = glm_hf.from_hf(d)
     kw.update(
-        position="rope_neox",  # Glm4Moe rotates the first rope_dim dims in halves (Llama style), not in pairs
+        position_encoding="rope_half",  # Glm4Moe rotates the first rope_dim dims in halves (Llama style), not in pairs
         qkv_bias=bool(d.get("attention_bias", False)),
         norm_eps=d.get("rms_norm_eps", 1e-5),
         qk_norm=bool(d.get("use_qk_norm", False)),

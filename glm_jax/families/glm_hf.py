@@ -43,7 +43,7 @@ def from_hf(d: dict, sandwich: bool = False) -> dict:
         norm="rmsnorm",
         norm_eps=d.get("rms_norm_eps", 1.5625e-07),
         sandwich_norm=sandwich,
-        position="rope_interleaved",
+        position_encoding="rope_interleaved",
         rope_dim=int(hd * factor),
         rope_base=theta,
         max_position_embeddings=d.get("max_position_embeddings", 131072),
@@ -53,6 +53,7 @@ def from_hf(d: dict, sandwich: bool = False) -> dict:
         mlp_bias=False,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         mask_rule="causal",
+        position_rule="sequential",
         pad_token_id=d.get("pad_token_id"),
         eos_token_id=eos_ids(d),
     )
