@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from glm_jax.errors import ConfigError
-from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote
+from glm_jax.families.base import Family, TokenizerFormat, eos_ids, eos_out, is_chatglm_remote
 from glm_jax.families.quantized import bits_from_hf, bits_to_hf
 from glm_jax.families.rows import PREFIX_ROWS, D, Row, V, linear, megatron_layer_rows, qkv_per_head, untied
 
@@ -164,6 +164,20 @@ PRESETS = {
     ),
 }
 
+
+def _tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
+
+    opts = {
+        "num_image_tokens": tokenizer_config.get("num_image_tokens", 20000),  # 20000: the class default
+        "remove_space": bool(tokenizer_config.get("remove_space", False)),
+        "do_lower_case": bool(tokenizer_config.get("do_lower_case", False)),
+    }
+    return ChatGLMTokenizer(vocab_file, **{**opts, **kwargs})
+
+
+TOKENIZER = TokenizerFormat("chatglm", files=("ice_text.model",), build=_tokenizer)
+
 FAMILY = Family(
     id="chatglm",
     recognise=recognise,
@@ -176,5 +190,5 @@ FAMILY = Family(
     tied_aliases={"lm_head.weight": "transformer.word_embeddings.weight"},
     buffer_suffixes=("rotary_emb.inv_freq",),
     supports_ptuning=True,
-    chat_formats=("chatglm",),
+    tokenizers=(TOKENIZER,),
 )

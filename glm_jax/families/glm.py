@@ -9,7 +9,7 @@ bidirectional). Its config.json shares model_type "glm" with transformers' Glm, 
 
 from __future__ import annotations
 
-from glm_jax.families.base import Family, auto_map_names, eos_ids
+from glm_jax.families.base import Family, TokenizerFormat, auto_map_names, eos_ids
 from glm_jax.families.rows import Row, megatron_layer_rows, qkv_blocks
 
 _AUTO = {
@@ -162,6 +162,16 @@ PRESETS = {
     ),
 }
 
+
+def _gpt2_tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.gpt2 import GPT2BPETokenizer
+
+    return GPT2BPETokenizer.from_folder(folder, **kwargs)
+
+
+# the English GLM checkpoints' GPT-2 BPE (no chat template)
+TOKENIZER = TokenizerFormat("gpt2", files=("vocab.json", "merges.txt"), build=_gpt2_tokenizer, chat=False)
+
 FAMILY = Family(
     id="glm",
     recognise=recognise,
@@ -172,4 +182,5 @@ FAMILY = Family(
     presets=PRESETS,
     optional_key_prefix="glm.",  # the Megatron state dict ('module' of mp_rank_XX) drops the "glm." prefix
     reads_megatron=True,
+    tokenizers=(TOKENIZER,),
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from glm_jax.errors import ConfigError
 from glm_jax.families.base import Family, eos_ids, eos_out
+from glm_jax.families.chatglm2 import GLM4_TOKENIZER
 from glm_jax.families.rows import HF_ATTENTION, D, F, Row, V, gate_up, layer_rows, linear, untied
 
 
@@ -126,5 +127,5 @@ FAMILY = Family(
     base_hf=base_hf,
     rows=ROWS,
     dtype_key="dtype",
-    chat_formats=("glm4",),
+    tokenizers=(GLM4_TOKENIZER,),  # the GLM-4 chat format, as its remote-code checkpoints ship it
 )
