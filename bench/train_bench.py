@@ -64,7 +64,7 @@ def jax_runner(cfg, B, T):
     mesh = parallel.build_mesh(tc.mesh)
     lay = state_layout(tc, cfg, mesh)
     rng = np.random.default_rng(0)
-    two_d = cfg.position in ("learned_2d", "rope_2d")
+    two_d = cfg.positions_2d
     batch = {
         "tokens": rng.integers(0, 8000, (B, T)).astype(np.int32),
         "targets": rng.integers(0, 8000, (B, T)).astype(np.int32),

@@ -1,5 +1,5 @@
 """`glm-convert quantize SRC DST --bits 8|4`: a float ChatGLM-6B / ChatGLM2-6B-family checkpoint -> what the
-reference's `model.half().quantize(bits)` holds, saved (specs/CHATGLM_ARCH.md §8; glm_jax/quant.py).
+reference's `model.half().quantize(bits)` holds, saved (specs/CHATGLM_ARCH.md §8; glm_jax/quant/formats.py).
 
 Every per-layer linear of the family's key map (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) becomes
 `<name>.weight` int8 ([out, in], for 4 bits [out, in/2] packed, high nibble first) followed by

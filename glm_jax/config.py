@@ -21,9 +21,26 @@ from glm_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "GLMConfig"]
 
-FamilyId = Literal["glm", "chatglm", "chatglm2", "glm-hf", "glm4", "glm4-moe"]
+FamilyId = Literal[families.IDS]  # the registry is the one list of family ids
 Norm = Literal["rmsnorm", "layernorm"]
-Position = Literal["learned_2d", "rope_2d", "rope_half", "rope_interleaved", "rope_neox"]
+# How positions enter the model:
+#   learned           learned tables added to the embeddings (the original GLM; two tables, see
+#                     block_position_encoding)
+#   rope_interleaved  the first rope_dim dims of each head rotate as interleaved pairs (x0, x1), (x2, x3), ...
+#   rope_half         the first rope_dim dims rotate in halves (x_i, x_{i + rope_dim/2}), GPT-NeoX style
+#   rope_2d           rotate-half on two blocks of rope_dim dims, one per row of the 2-D position ids
+PositionEncoding = Literal["learned", "rope_interleaved", "rope_half", "rope_2d"]
+# Default position ids when the caller gives none:
+#   sequential   [B, T]: the real tokens counted from 0
+#   at_mask_1d   [B, T]: sequential, but when the context holds a [MASK] (and no [gMASK]) all of Part B sits at
+#                the mask's position (ChatGLM-6B's 1-D mode)
+#   at_mask_2d   [B, 2, T]: Part A counts up; Part B sits at the first [gMASK] (else [MASK], else the last context
+#                token) and its block positions count 1, 2, ... (ChatGLM-6B)
+#   per_span_2d  [B, 2, T]: Part A counts up; the i-th <sop> segment of Part B sits at the i-th mask and its block
+#                positions count 1, 2, ... within the segment (GLM)
+PositionRule = Literal["sequential", "at_mask_1d", "at_mask_2d", "per_span_2d"]
+_TWO_D_RULES = ("at_mask_2d", "per_span_2d")
+_TWO_D_ENCODINGS = ("learned", "rope_2d")
 Mlp = Literal["swiglu", "gelu_erf", "gelu_tanh"]
 # Default mask when the caller gives none:
 #   causal            causal (+ padding)
@@ -34,9 +51,8 @@ MaskRule = Literal["causal", "prefix_until_sop", "sep_at_sop"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
 Attention = Literal["xla", "flash", "auto"]
-QuantBits = Literal[0, 4, 8]  # weight-only quantization of the layer linears (glm_jax/quant.py)
+QuantBits = Literal[0, 4, 8]  # weight-only quantization of the layer linears (glm_jax/quant/)
 
-# mask_rule values written by earlier versions (glm_jax.json files, glm-train checkpoints)
 _POSITIVE_INTS = (
     "vocab_size",
     "hidden_size",
@@ -81,8 +97,8 @@ class GLMConfig:
     sandwich_norm: bool = False  # Glm4: extra norms after attention and after the MLP
     final_norm: bool = True
     # positions
-    position: Position = "rope_interleaved"
-    rope_dim: int = 8  # rotated dims per head (per half for rope_2d)
+    position_encoding: PositionEncoding = "rope_interleaved"
+    rope_dim: int = 8  # rotated dims per head (per block for rope_2d)
     rope_base: float = 10000.0
     rope_position_scale: float = 1.0  # positions are divided by this (chatglm2-6b-32k interpolation)
     rope_fp16_freqs: bool = False  # ChatGLM-6B rounds its frequencies to float16
@@ -109,6 +125,7 @@ class GLMConfig:
     num_mtp_layers: int = 0  # multi-token-prediction layers stored after the last layer (num_nextn_predict_layers)
     # default masks and positions when the caller gives none
     mask_rule: MaskRule = "causal"
+    position_rule: PositionRule = "sequential"
     bos_token_id: int | None = None  # <sop>: ends the bidirectional context (ChatGLM-6B, GLM)
     mask_token_id: int | None = None
     gmask_token_id: int | None = None
@@ -148,11 +165,11 @@ class GLMConfig:
     @property
     def positions_2d(self) -> bool:
         """Position ids are [B, 2, T] (position and block position): the original GLM and ChatGLM-6B."""
-        return self.position in ("learned_2d", "rope_2d")
+        return self.position_rule in _TWO_D_RULES
 
     @property
     def rotary(self) -> bool:
-        return self.position != "learned_2d"
+        return self.position_encoding != "learned"
 
     @property
     def prefix_width(self) -> int:
@@ -221,10 +238,13 @@ def _validate(c: GLMConfig) -> None:
             raise ConfigError(f"{name} must be {'>= 1' if name in _POSITIVE_INTS else '>= 0'}, got {v}")
     if c.num_heads % c.num_kv_heads:
         raise ConfigError(f"num_heads {c.num_heads} is not a multiple of num_kv_heads {c.num_kv_heads}")
-    if c.position != "learned_2d" and (
-        c.rope_dim % 2 or c.rope_dim * (2 if c.position == "rope_2d" else 1) > c.head_dim
-    ):
-        raise ConfigError(f"rope_dim {c.rope_dim} must be even and fit head_dim {c.head_dim} ({c.position})")
+    if c.positions_2d != (c.position_encoding in _TWO_D_ENCODINGS):
+        raise ConfigError(
+            f"position_rule {c.position_rule!r} gives {'2-D' if c.positions_2d else '1-D'} position ids, but "
+            f"position_encoding {c.position_encoding!r} reads {'1-D' if c.positions_2d else '2-D'} ones"
+        )
+    if c.rotary and (c.rope_dim % 2 or c.rope_dim * (2 if c.position_encoding == "rope_2d" else 1) > c.head_dim):
+        raise ConfigError(f"rope_dim {c.rope_dim} must be even and fit head_dim {c.head_dim} ({c.position_encoding})")
     if c.num_experts:
         if not 1 <= c.num_experts_per_tok <= c.num_experts or c.moe_intermediate_size < 1:
             raise ConfigError(

@@ -125,7 +125,7 @@ def _check_positions(cfg, pos, shape, dtype, B: int, T: int) -> None:
     _need_int("position_ids", dtype)
     two_d = cfg.positions_2d
     want = (B, 2, T) if two_d else (B, T)
-    one_table = cfg.position == "learned_2d" and not cfg.block_position_encoding  # [B, T] works as well
+    one_table = cfg.position_encoding == "learned" and not cfg.block_position_encoding  # [B, T] works as well
     if shape != want and not (one_table and shape == (B, T)):
         kind = "2-D positions [batch, 2, length]" if two_d else "positions [batch, length]"
         raise InputError(f"position_ids: this model ({cfg.family}) takes {kind}, shape {want}; got {shape}")

@@ -12,9 +12,11 @@ import pathlib
 
 import pytest
 
+from glm_jax import families
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("glm_jax", "train", "convert")
-FAMILY_IDS = {"glm", "chatglm", "chatglm2", "glm-hf", "glm4", "glm4-moe"}
+FAMILY_IDS = set(families.IDS)
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -224,6 +226,83 @@ def test_only_the_layout_module_names_the_stack_folders():
         if m != LAYOUT_HOME:
             found += stack_folder_uses(f.read_text(), str(f.relative_to(ROOT)))
     assert not found, f"ask {LAYOUT_HOME} instead:\n" + "\n".join(found)
+
+
+# ---------------------------------------------------------------- a family is one module
+def _collections_of_family_ids(source: str, filename: str) -> list[str]:
+    """Tuple, list, set and dict-key literals (a Literal[...] included) that spell two or more family ids."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+            elts = node.keys if isinstance(node, ast.Dict) else node.elts
+            ids = {e.value for e in elts if isinstance(e, ast.Constant)} & FAMILY_IDS
+            if len(ids) >= 2:
+                found.append(f"{filename}:{node.lineno}: {sorted(ids)}")
+    return found
+
+
+def test_family_ids_are_listed_once_in_the_registry():
+    import typing
+
+    from glm_jax import GLMConfig, config
+
+    assert typing.get_args(config.FamilyId) == families.IDS == tuple(m.FAMILY.id for m in families._MODULES)
+    for fid in families.IDS:
+        assert GLMConfig(family=fid).family == fid
+    with pytest.raises(config.ConfigError, match="family='glm5' is not one of"):
+        GLMConfig(family="glm5")
+    found = []
+    for m, f in MODULES.items():
+        if not m.startswith("glm_jax.families"):
+            found += _collections_of_family_ids(f.read_text(), str(f.relative_to(ROOT)))
+    assert not found, "list the family ids only in glm_jax/families/ (the registry):\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "src,hit",
+    [
+        ('FamilyId = Literal["glm", "chatglm", "glm4"]', True),
+        ('ok = {"glm-hf": 1, "glm4-moe": 2}', True),
+        ('SYSTEM = ("chatglm3", "glm4", "glm4_5")', False),  # one id among chat-format names
+    ],
+)
+def test_family_id_collection_finder(src, hit):
+    assert bool(_collections_of_family_ids(src, "<src>")) == hit
+
+
+def test_the_tokenizer_table_is_built_from_the_family_modules():
+    from glm_jax.tokenizers import CHAT_FORMATS, loader
+
+    declared = {t.name: t for m in families._MODULES for t in m.FAMILY.tokenizers}
+    assert loader._FORMATS == declared == families.tokenizer_formats()
+    assert set(CHAT_FORMATS) == {n for m in families._MODULES for n in m.FAMILY.chat_formats}
+    for t in declared.values():  # what reads a format is the family module's business
+        assert t.build.__module__.startswith("glm_jax.families."), (t.name, t.build.__module__)
+    # and the loader names no format: no if-ladder over chat_format values
+    tree = ast.parse(MODULES["glm_jax.tokenizers.loader"].read_text())
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not named & set(declared), sorted(named & set(declared))
+
+
+def test_position_fields_are_read_without_string_tuples():
+    """position_encoding (how positions enter) and position_rule (the default ids) are two typed fields; the model
+    code compares each with one value or looks it up in a table, never tests membership in a tuple of names."""
+    import typing
+
+    from glm_jax import config
+    from glm_jax.model import masks
+
+    assert set(masks._POSITION_RULES) == set(typing.get_args(config.PositionRule))
+    found = []
+    for f in MODULES.values():
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+                text = ast.unparse(node)
+                if ("position_encoding" in text or "position_rule" in text) and any(
+                    _literals(c) for c in node.comparators
+                ):
+                    found.append(f"{f.relative_to(ROOT)}:{node.lineno}: {text}")
+    assert not found, "\n".join(found)
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_config_json_round_trip_and_mlp_layer_types():
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.moe_intermediate_size) == (8, 2, 1, 32)
     assert (cfg.n_group, cfg.topk_group, cfg.first_k_dense_replace, cfg.routed_scaling_factor) == (2, 1, 1, 2.5)
     assert cfg.qk_norm and cfg.norm_topk_prob and cfg.qkv_bias and cfg.rope_dim == 16 and cfg.rope_base == 1e6
-    assert cfg.position == "rope_neox" and cfg.num_mtp_layers == 1
+    assert cfg.position_encoding == "rope_half" and cfg.position_rule == "sequential" and cfg.num_mtp_layers == 1
     assert cfg.to_hf() == d
     assert GLMConfig.from_hf(cfg.replace(hf_config=None).to_hf()) == cfg
     # transformers 5.x may write the dense/MoE pattern as mlp_layer_types

@@ -67,7 +67,7 @@ class Run:
         from train.run_folder import with_tokenizer_ids
 
         self.cfg = with_tokenizer_ids(self.cfg, tc)
-        if self.cfg.position == "learned_2d" and tc.seq_len > self.cfg.max_position_embeddings:
+        if self.cfg.position_encoding == "learned" and tc.seq_len > self.cfg.max_position_embeddings:
             raise TrainConfigError(
                 f"seq_len {tc.seq_len} exceeds the model's {self.cfg.max_position_embeddings} learned positions"
             )

@@ -99,7 +99,7 @@ def check_config_against_checkpoint(cfg, readers: dict, source: str = "", config
         largest = max(largest, n)
     widths = {"ffn_size": cfg.ffn_size, "num_heads*head_dim": cfg.num_heads * cfg.head_dim}
     widths["num_kv_heads*head_dim"] = cfg.num_kv_heads * cfg.head_dim
-    if cfg.position == "learned_2d":
+    if cfg.position_encoding == "learned":
         widths["max_position_embeddings"] = cfg.max_position_embeddings
     if cfg.pre_seq_len:
         widths.update(pre_seq_len=cfg.pre_seq_len, prefix_hidden_size=cfg.prefix_hidden_size)

@@ -1,8 +1,9 @@
 """The registry of checkpoint families: one module each, listed once, here.
 
-Each module (glm, chatglm, chatglm2, glm_hf, glm4) defines `FAMILY`, a `glm_jax.families.base.Family` that says
-how its config.json is recognised, read and written, its presets, key map, buffers and tied aliases. Adding a
-family means adding one module and one entry to `_MODULES`. Recognition asks the families in this order; the
+Each module defines `FAMILY`, a `glm_jax.families.base.Family` that says how its config.json is recognised, read
+and written, its presets, key map, buffers, tied aliases and tokenizer formats. Adding a family means adding one
+module and one entry to `_MODULES`: `GLMConfig.family`'s allowed values (`IDS`) and `load_tokenizer`'s formats
+are read from here. Recognition asks the families in this order; the
 first that says yes wins (the original GLM and transformers' Glm share model_type "glm", and ChatGLM2 must be
 asked before ChatGLM-6B, whose remote-code names it shares).
 """
@@ -35,6 +36,17 @@ def detect(d: dict) -> Family:
         f"unrecognised config: model_type={d.get('model_type')!r}, "
         f"architectures={d.get('architectures')!r}; supported families: {', '.join(IDS)}"
     )
+
+
+def tokenizer_formats() -> dict:
+    """Every family's tokenizer formats, chat_format name -> TokenizerFormat, in registry order (families that
+    ship the same format share one record)."""
+    out = {}
+    for m in _MODULES:
+        for t in m.FAMILY.tokenizers:
+            if out.setdefault(t.name, t) is not t:
+                raise ConfigError(f"tokenizer format {t.name!r} is declared twice, differently ({m.FAMILY.id})")
+    return out
 
 
 def presets() -> dict:

@@ -26,6 +26,43 @@ def no_buffers(cfg, dtype: str) -> list:
     return []
 
 
+def any_file(path: str) -> bool:
+    return True
+
+
+def named_file(path: str, tokenizer_config: dict) -> int:
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerFormat:
+    """How one of a family's released tokenizer folders is recognised and read (glm_jax.load_tokenizer's table).
+
+    name                                the chat_format value (and the tokenizer's .chat_format)
+    files                               the files it reads from a folder; the first is the one build() takes
+    build(file, folder, tokenizer_config, **kwargs) -> GLMTokenizer
+    fits(file) -> bool                  the file is of the kind this format reads; else refused even when the
+                                        caller names the format
+    score(file, tokenizer_config) -> int   when inferring the format: 0 not this format, 1 its files are there,
+                                        2 the file's content or tokenizer_config.json says it is this format.
+                                        The single highest score wins; a tie asks the caller to choose
+    kind                                what fits() looks for, for the error when it says no
+    what                                the files, for the error when a folder has none (default: files joined)
+    unfit                               why score() said 0 for a file the caller named, for the error
+    chat                                it has a chat template (GPT-2's BPE of the original GLM has none)
+    """
+
+    name: str
+    files: tuple
+    build: Callable
+    fits: Callable[[str], bool] = any_file
+    score: Callable[[str, dict], int] = named_file
+    kind: str = ""
+    what: str = ""
+    unfit: str = ""
+    chat: bool = True
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One checkpoint family: how its config.json is recognised, read and written, its key map and presets.
@@ -45,7 +82,9 @@ class Family:
     reads_megatron                        Megatron mp_rank checkpoints hold this family
     supports_ptuning                      P-Tuning v2 prefix checkpoints exist for this family
     dtype_key                             the config.json key that names the weights' dtype
-    chat_formats                          the chat formats of its released tokenizers (glm_jax.load_tokenizer)
+    tokenizers                            its released tokenizers' formats (TokenizerFormat), which
+                                          glm_jax.load_tokenizer reads; chat_formats: the names of those
+                                          with a chat template
     fit_to_checkpoint(cfg, keys) -> cfg   adjusts a config to the keys a checkpoint folder holds, or None
     """
 
@@ -63,7 +102,7 @@ class Family:
     reads_megatron: bool = False
     supports_ptuning: bool = False
     dtype_key: str = "torch_dtype"
-    chat_formats: tuple = ()
+    tokenizers: tuple = ()
     fit_to_checkpoint: Callable | None = None
 
     def write_hf(self, cfg) -> dict:
@@ -76,6 +115,10 @@ class Family:
             if k in out or (v not in (None, False) and not (k in CLASS_DEFAULTS and CLASS_DEFAULTS[k] == v)):
                 out[k] = v
         return out
+
+    @property
+    def chat_formats(self) -> tuple:
+        return tuple(t.name for t in self.tokenizers if t.chat)
 
     def is_tied_alias(self, cfg, key: str) -> bool:
         return bool(cfg.tie_word_embeddings) and key in self.tied_aliases

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from glm_jax.errors import ConfigError
-from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote
+from glm_jax.families.base import Family, TokenizerFormat, eos_ids, eos_out, is_chatglm_remote
 from glm_jax.families.rows import PREFIX_ROWS, D, Row, V, linear, megatron_layer_rows, qkv_per_head, untied
 from glm_jax.quant.rows import bits_from_hf, bits_to_hf
 
@@ -49,7 +49,7 @@ def from_hf(d: dict) -> dict:
         norm_eps=d.get("layernorm_epsilon", 1e-5),
         residual_from_norm=True,
         residual_alpha=math.sqrt(2 * 28),
-        position="rope_2d" if two_d else "rope_half",
+        position_encoding="rope_2d" if two_d else "rope_half",
         rope_dim=(h // n) // 2 if two_d else h // n,
         rope_fp16_freqs=True,
         max_position_embeddings=d.get("max_sequence_length", 2048),
@@ -60,6 +60,7 @@ def from_hf(d: dict) -> dict:
         mlp_bias=True,
         tie_word_embeddings=d.get("tie_word_embeddings", True),
         mask_rule="prefix_until_sop",
+        position_rule="at_mask_2d" if two_d else "at_mask_1d",
         bos_token_id=d.get("bos_token_id"),
         mask_token_id=d.get("mask_token_id"),
         gmask_token_id=d.get("gmask_token_id"),
@@ -82,7 +83,7 @@ def to_hf(c) -> dict:
         "inner_hidden_size": c.ffn_size,
         "layernorm_epsilon": c.norm_eps,
         "max_sequence_length": c.max_position_embeddings,
-        "position_encoding_2d": c.position == "rope_2d",
+        "position_encoding_2d": c.position_encoding == "rope_2d",
         "pre_seq_len": c.pre_seq_len or None,
         "prefix_projection": c.prefix_projection,
         "quantization_bit": bits_to_hf(c),
@@ -163,6 +164,20 @@ PRESETS = {
     ),
 }
 
+
+def _tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
+
+    opts = {
+        "num_image_tokens": tokenizer_config.get("num_image_tokens", 20000),  # 20000: the class default
+        "remove_space": bool(tokenizer_config.get("remove_space", False)),
+        "do_lower_case": bool(tokenizer_config.get("do_lower_case", False)),
+    }
+    return ChatGLMTokenizer(vocab_file, **{**opts, **kwargs})
+
+
+TOKENIZER = TokenizerFormat("chatglm", files=("ice_text.model",), build=_tokenizer)
+
 FAMILY = Family(
     id="chatglm",
     recognise=recognise,
@@ -175,5 +190,5 @@ FAMILY = Family(
     tied_aliases={"lm_head.weight": "transformer.word_embeddings.weight"},
     buffer_suffixes=("rotary_emb.inv_freq",),
     supports_ptuning=True,
-    chat_formats=("chatglm",),
+    tokenizers=(TOKENIZER,),
 )

@@ -9,7 +9,7 @@ causal. chatglm2-6b-32k divides positions by rope_ratio instead (recognised by i
 
 from __future__ import annotations
 
-from glm_jax.families.base import Family, eos_ids, eos_out, is_chatglm_remote, number
+from glm_jax.families.base import Family, TokenizerFormat, eos_ids, eos_out, is_chatglm_remote, number
 from glm_jax.families.chatglm import AUTO_MAP as _V1_AUTO_MAP
 from glm_jax.families.rows import (
     NH,
@@ -57,7 +57,7 @@ def from_hf(d: dict) -> dict:
         norm_eps=d.get("layernorm_epsilon", 1e-5),
         residual_from_norm=bool(d.get("apply_residual_connection_post_layernorm", False)),
         final_norm=d.get("post_layer_norm", True),
-        position="rope_interleaved",
+        position_encoding="rope_interleaved",
         rope_dim=kv // 2,
         rope_base=10000.0 if interpolate else 10000.0 * ratio,
         rope_position_scale=ratio if interpolate else 1.0,
@@ -69,6 +69,7 @@ def from_hf(d: dict) -> dict:
         mlp_bias=bias,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         mask_rule="causal",
+        position_rule="sequential",
         pad_token_id=d.get("pad_token_id"),
         eos_token_id=eos_ids(d),
         pre_seq_len=d.get("pre_seq_len") or 0,
@@ -273,6 +274,79 @@ PRESETS = {
     ),
 }
 
+
+# ------------------------------------------------------------------ tokenizers
+# ChatGLM2 and ChatGLM3 ship the same kind of sentencepiece tokenizer.model (only tokenizer_config.json's name
+# tells them apart); GLM-4's remote-code tokenizer.model holds tiktoken ranks.
+def _is_tiktoken(path: str) -> bool:
+    from glm_jax.tokenizers.glm4 import is_tiktoken_file
+
+    return is_tiktoken_file(path)
+
+
+def _is_sentencepiece(path: str) -> bool:
+    return not _is_tiktoken(path)
+
+
+def _named(chat_format: str, path: str, tokenizer_config: dict) -> int:
+    if _is_tiktoken(path):
+        return 0
+    name = " ".join(str(tokenizer_config.get(k, "")) for k in ("name_or_path", "_name_or_path")).lower()
+    return 2 if chat_format in name else 1
+
+
+def _chatglm2_score(path: str, tokenizer_config: dict) -> int:
+    return _named("chatglm2", path, tokenizer_config)
+
+
+def _chatglm3_score(path: str, tokenizer_config: dict) -> int:
+    return _named("chatglm3", path, tokenizer_config)
+
+
+def _glm4_score(path: str, tokenizer_config: dict) -> int:
+    return 2 if _is_tiktoken(path) else 0
+
+
+def _chatglm2_tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.chatglm2 import ChatGLM2Tokenizer
+
+    return ChatGLM2Tokenizer(vocab_file, **kwargs)
+
+
+def _chatglm3_tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.chatglm2 import ChatGLM3Tokenizer
+
+    opts = {"encode_special_tokens": bool(tokenizer_config.get("encode_special_tokens", False))}
+    return ChatGLM3Tokenizer(vocab_file, **{**opts, **kwargs})
+
+
+def _glm4_special_ids(tokenizer_config: dict) -> dict[str, int] | None:
+    added = tokenizer_config.get("added_tokens_decoder")
+    if not isinstance(added, dict) or not added:
+        return None
+    try:
+        return {str(v["content"]): int(k) for k, v in added.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"tokenizer_config.json: malformed added_tokens_decoder ({e})") from e
+
+
+def _glm4_tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.glm4 import GLM4Tokenizer
+
+    return GLM4Tokenizer(vocab_file, **{"special_tokens": _glm4_special_ids(tokenizer_config), **kwargs})
+
+
+_SENTENCEPIECE = "a sentencepiece model, not tiktoken ranks"
+CHATGLM2_TOKENIZER = TokenizerFormat(
+    "chatglm2", ("tokenizer.model",), _chatglm2_tokenizer, _is_sentencepiece, _chatglm2_score, _SENTENCEPIECE
+)
+CHATGLM3_TOKENIZER = TokenizerFormat(
+    "chatglm3", ("tokenizer.model",), _chatglm3_tokenizer, _is_sentencepiece, _chatglm3_score, _SENTENCEPIECE
+)
+GLM4_TOKENIZER = TokenizerFormat(
+    "glm4", ("tokenizer.model",), _glm4_tokenizer, _is_tiktoken, _glm4_score, "tiktoken ranks ('base64-token rank')"
+)
+
 FAMILY = Family(
     id="chatglm2",
     recognise=recognise,
@@ -284,5 +358,5 @@ FAMILY = Family(
     buffers=buffers,
     buffer_suffixes=("rotary_pos_emb.inv_freq",),
     supports_ptuning=True,
-    chat_formats=("chatglm2", "chatglm3", "glm4"),
+    tokenizers=(CHATGLM2_TOKENIZER, CHATGLM3_TOKENIZER, GLM4_TOKENIZER),
 )

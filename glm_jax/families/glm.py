@@ -9,7 +9,7 @@ bidirectional). Its config.json shares model_type "glm" with transformers' Glm, 
 
 from __future__ import annotations
 
-from glm_jax.families.base import Family, auto_map_names, eos_ids
+from glm_jax.families.base import Family, TokenizerFormat, auto_map_names, eos_ids
 from glm_jax.families.rows import Row, megatron_layer_rows, qkv_blocks
 
 _AUTO = {
@@ -66,7 +66,7 @@ def from_hf(d: dict) -> dict:
         ffn_size=4 * h,
         norm="layernorm",
         norm_eps=1e-5,
-        position="learned_2d",
+        position_encoding="learned",
         rope_dim=0,
         max_position_embeddings=d.get("max_sequence_length", 512),
         block_position_encoding=d.get("block_position_encoding", True),
@@ -76,6 +76,7 @@ def from_hf(d: dict) -> dict:
         mlp_bias=True,
         tie_word_embeddings=True,
         mask_rule="sep_at_sop",
+        position_rule="per_span_2d",
         **_tokens(d),
     )
 
@@ -161,6 +162,16 @@ PRESETS = {
     ),
 }
 
+
+def _gpt2_tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.gpt2 import GPT2BPETokenizer
+
+    return GPT2BPETokenizer.from_folder(folder, **kwargs)
+
+
+# the English GLM checkpoints' GPT-2 BPE (no chat template)
+TOKENIZER = TokenizerFormat("gpt2", files=("vocab.json", "merges.txt"), build=_gpt2_tokenizer, chat=False)
+
 FAMILY = Family(
     id="glm",
     recognise=recognise,
@@ -171,4 +182,5 @@ FAMILY = Family(
     presets=PRESETS,
     optional_key_prefix="glm.",  # the Megatron state dict ('module' of mp_rank_XX) drops the "glm." prefix
     reads_megatron=True,
+    tokenizers=(TOKENIZER,),
 )

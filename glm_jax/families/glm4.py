@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from glm_jax.families import glm_hf
 from glm_jax.families.base import Family
+from glm_jax.families.chatglm2 import GLM4_TOKENIZER
 
 
 def recognise(d: dict) -> bool:
@@ -56,5 +57,5 @@ FAMILY = Family(
     rows=glm_hf.ROWS,
     presets=PRESETS,
     dtype_key="dtype",
-    chat_formats=("glm4",),
+    tokenizers=(GLM4_TOKENIZER,),  # the GLM-4 chat format, as its remote-code checkpoints ship it
 )

@@ -19,7 +19,7 @@ import numpy as np
 
 from glm_jax.errors import ConfigError
 from glm_jax.families import glm_hf
-from glm_jax.families.base import Family, eos_out, need_int, number
+from glm_jax.families.base import Family, TokenizerFormat, eos_out, need_int, number
 from glm_jax.families.rows import HF_ATTENTION, D, F, Row, V, layer_rows, linear, untied
 
 _MOE_KEYS = {  # config.json key -> (GLMConfig field, Glm4MoeConfig's default)
@@ -54,7 +54,7 @@ def first_dense(d: dict) -> int:
 def from_hf(d: dict) -> dict:
     kw = glm_hf.from_hf(d)
     kw.update(
-        position="rope_neox",  # Glm4Moe rotates the first rope_dim dims in halves (Llama style), not in pairs
+        position_encoding="rope_half",  # Glm4Moe rotates the first rope_dim dims in halves (Llama style), not in pairs
         qkv_bias=bool(d.get("attention_bias", False)),
         norm_eps=d.get("rms_norm_eps", 1e-5),
         qk_norm=bool(d.get("use_qk_norm", False)),
@@ -252,6 +252,34 @@ PRESETS = {  # the config.json of zai-org/GLM-4.5, GLM-4.5-Air and GLM-4.6 (GLM-
     "glm4_6": _released(5120, 92, 12288, 1536, 160, 3, True, 2.5, 202752),
 }
 
+
+def _tokenizer_score(path: str, tokenizer_config: dict) -> int:
+    """GLM-4.5's tokenizer.json lists its tool-call tokens (<arg_key>) among its added tokens; other
+    tokenizer.json files (GLM-4-0414's...) have no glm-jax chat format."""
+    from glm_jax.tokenizers.glm45 import is_glm45_tokenizer_json
+
+    return 2 if is_glm45_tokenizer_json(path) else 0
+
+
+def _tokenizer(vocab_file: str, folder: str, tokenizer_config: dict, **kwargs):
+    from glm_jax.tokenizers.glm45 import GLM45Tokenizer, template_variant_of
+
+    opts = {
+        "clean_up_tokenization_spaces": bool(tokenizer_config.get("clean_up_tokenization_spaces", False)),
+        "template_variant": template_variant_of(folder, tokenizer_config),
+    }
+    return GLM45Tokenizer(vocab_file, **{**opts, **kwargs})
+
+
+TOKENIZER = TokenizerFormat(
+    "glm4_5",
+    files=("tokenizer.json",),
+    build=_tokenizer,
+    score=_tokenizer_score,
+    what="a GLM-4.5 tokenizer.json",
+    unfit="not a GLM-4.5 tokenizer.json (no <arg_key> added token)",
+)
+
 FAMILY = Family(
     id="glm4-moe",
     recognise=recognise,
@@ -261,6 +289,6 @@ FAMILY = Family(
     rows=ROWS,
     presets=PRESETS,
     dtype_key="dtype",
-    chat_formats=("glm4_5",),
+    tokenizers=(TOKENIZER,),
     fit_to_checkpoint=fit_to_checkpoint,
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from glm_jax.errors import ConfigError
 from glm_jax.families.base import Family, eos_ids, eos_out
+from glm_jax.families.chatglm2 import GLM4_TOKENIZER
 from glm_jax.families.rows import HF_ATTENTION, D, F, Row, V, gate_up, layer_rows, linear, untied
 
 
@@ -43,7 +44,7 @@ def from_hf(d: dict, sandwich: bool = False) -> dict:
         norm="rmsnorm",
         norm_eps=d.get("rms_norm_eps", 1.5625e-07),
         sandwich_norm=sandwich,
-        position="rope_interleaved",
+        position_encoding="rope_interleaved",
         rope_dim=int(hd * factor),
         rope_base=theta,
         max_position_embeddings=d.get("max_position_embeddings", 131072),
@@ -53,6 +54,7 @@ def from_hf(d: dict, sandwich: bool = False) -> dict:
         mlp_bias=False,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         mask_rule="causal",
+        position_rule="sequential",
         pad_token_id=d.get("pad_token_id"),
         eos_token_id=eos_ids(d),
     )
@@ -125,5 +127,5 @@ FAMILY = Family(
     base_hf=base_hf,
     rows=ROWS,
     dtype_key="dtype",
-    chat_formats=("glm4",),
+    tokenizers=(GLM4_TOKENIZER,),  # the GLM-4 chat format, as its remote-code checkpoints ship it
 )

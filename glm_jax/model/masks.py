@@ -1,4 +1,5 @@
-"""Default attention masks and position ids, built by each family's own rule (GLMConfig.mask_rule).
+"""Default attention masks and position ids, built by each family's own rules (GLMConfig.mask_rule and
+position_rule).
 
 Everything here is jit-able jnp code on [B, T] token ids. `allowed_BTS` is True where a query may attend a key.
 """
@@ -86,41 +87,52 @@ def default_allowed(cfg, input_ids, attention_mask=None, prefix_len=None, segmen
 
 
 def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
-    """Position ids [B, T] (1-D families) or [B, 2, T] (glm, chatglm 2-D)."""
+    """Position ids by the config's `position_rule`: [B, T], or [B, 2, T] (position and block position) for the
+    2-D rules. With a [B, T] padding mask the real tokens count from 0 and padding sits at 0."""
     B, T = input_ids.shape
-    t = jnp.arange(T, dtype=jnp.int32)[None, :]
     pad = attention_mask is not None and attention_mask.ndim == 2
     real = attention_mask.astype(bool) if pad else jnp.ones((B, T), bool)
+    return _POSITION_RULES[cfg.position_rule](cfg, input_ids, real, prefix_len)
+
+
+def _sequential(cfg, input_ids, real, prefix_len):
+    return jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def _at_mask(cfg, input_ids, real, prefix_len):
+    """ChatGLM-6B: Part A counts up; Part B sits at the mask ([gMASK] first). 2-D: block positions count Part B;
+    1-D: only a [MASK] context (no [gMASK]) pins Part B to the mask, else Part B counts on."""
+    B, T = input_ids.shape
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
     first_real = _first_index(real, 0)[:, None]
-    if cfg.position in ("rope_interleaved", "rope_neox"):
-        if not pad:
-            return jnp.broadcast_to(t, (B, T))
-        return jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
     ctx = context_length(cfg, input_ids, prefix_len)[:, None]
-    if cfg.position in ("rope_2d", "rope_half"):
-        has_g = (
-            jnp.any(input_ids == cfg.gmask_token_id, axis=1)
-            if cfg.gmask_token_id is not None
-            else jnp.zeros((B,), bool)
-        )
-        gpos = _first_index(input_ids == cfg.gmask_token_id, 0) if cfg.gmask_token_id is not None else 0
-        mpos = (
-            _first_index(input_ids == cfg.mask_token_id, ctx[:, 0] - 1)
-            if cfg.mask_token_id is not None
-            else ctx[:, 0] - 1
-        )
-        mask_pos = jnp.where(has_g, gpos, mpos)[:, None] - first_real
-        if cfg.position == "rope_half":  # 1-D mode: only [MASK] rows (not [gMASK]) pin Part B to the mask
-            pos = jnp.where((t >= ctx) & ~has_g[:, None], mask_pos, t - first_real)
-            return jnp.where(real, pos, 0).astype(jnp.int32)
-        pos = jnp.where(t < ctx, t - first_real, mask_pos)
-        block = jnp.where(t < ctx, 0, t - ctx + 1)
-        return jnp.stack([jnp.where(real, pos, 0), jnp.where(real, block, 0)], axis=1).astype(jnp.int32)
-    # glm learned 2-D: Part A counts up; the i-th <sop> segment of Part B takes the position of the i-th mask.
+    has_g = (
+        jnp.any(input_ids == cfg.gmask_token_id, axis=1) if cfg.gmask_token_id is not None else jnp.zeros((B,), bool)
+    )
+    gpos = _first_index(input_ids == cfg.gmask_token_id, 0) if cfg.gmask_token_id is not None else 0
+    mpos = (
+        _first_index(input_ids == cfg.mask_token_id, ctx[:, 0] - 1) if cfg.mask_token_id is not None else ctx[:, 0] - 1
+    )
+    mask_pos = jnp.where(has_g, gpos, mpos)[:, None] - first_real
+    if not cfg.positions_2d:
+        pos = jnp.where((t >= ctx) & ~has_g[:, None], mask_pos, t - first_real)
+        return jnp.where(real, pos, 0).astype(jnp.int32)
+    pos = jnp.where(t < ctx, t - first_real, mask_pos)
+    block = jnp.where(t < ctx, 0, t - ctx + 1)
+    return jnp.stack([jnp.where(real, pos, 0), jnp.where(real, block, 0)], axis=1).astype(jnp.int32)
+
+
+def _per_span(cfg, input_ids, real, prefix_len):
+    """GLM's learned 2-D positions: Part A counts up; the i-th <sop> segment of Part B takes the position of the
+    i-th mask, and its block positions count within the segment."""
+    B, T = input_ids.shape
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    first_real = _first_index(real, 0)[:, None]
     mask_ids = _glm_mask_ids(cfg)
     base = jnp.where(real, t - first_real, 0)
     if cfg.bos_token_id is None or not mask_ids:
         return jnp.stack([base, jnp.zeros_like(base)], axis=1).astype(jnp.int32)
+    ctx = context_length(cfg, input_ids, prefix_len)[:, None]
     in_b = t >= ctx
     is_sop = (input_ids == cfg.bos_token_id) & in_b
     seg = jnp.cumsum(is_sop, axis=1)  # 1.. within Part B
@@ -132,6 +144,10 @@ def default_positions(cfg, input_ids, attention_mask=None, prefix_len=None):
     pos = jnp.where(in_b & (seg > 0), seg_mask, base)
     block = jnp.where(in_b & (seg > 0), t - start + 1, 0)
     return jnp.stack([jnp.where(real, pos, 0), jnp.where(real, block, 0)], axis=1).astype(jnp.int32)
+
+
+# one function per GLMConfig.position_rule value
+_POSITION_RULES = {"sequential": _sequential, "at_mask_1d": _at_mask, "at_mask_2d": _at_mask, "per_span_2d": _per_span}
 
 
 def _cummax(x_BT):

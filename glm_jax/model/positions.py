@@ -1,13 +1,15 @@
-"""Rotary position embeddings of the GLM families.
+"""Rotary position embeddings of the GLM families, by `GLMConfig.position_encoding`.
 
 * rope_interleaved (ChatGLM2/3, GLM-4, Glm, Glm4): the first `rope_dim` dims of each head rotate as
   interleaved pairs (2i, 2i+1) by angle p·base^(-2i/rope_dim); the rest passes through.
-* rope_2d (ChatGLM-6B): the head splits into two halves of `rope_dim` dims; the first rotates with the position
-  id, the second with the block position id, each "rotate-half" style (j paired with j + rope_dim/2), with
-  frequencies rounded to float16.
-* rope_half (ChatGLM-6B 1-D mode): rotate-half over `rope_dim` dims with the position id.
-* rope_neox (Glm4Moe): the same rotate-half over the first `rope_dim` dims (partial rotary), with the 1-D
-  positions of rope_interleaved (real tokens counted from 0).
+* rope_half (ChatGLM-6B 1-D mode, Glm4Moe): rotate-half over the first `rope_dim` dims (j paired with
+  j + rope_dim/2) with the position id; the rest passes through.
+* rope_2d (ChatGLM-6B): the head splits into two blocks of `rope_dim` dims; the first rotates with the position
+  id, the second with the block position id, each rotate-half style.
+* learned: no rotation (the original GLM adds learned position tables to the embeddings instead).
+
+ChatGLM-6B rounds the frequencies to float16 (`rope_fp16_freqs`). Which position ids the rotation sees when the
+caller gives none is the separate `position_rule` (glm_jax/model/masks.py).
 """
 
 from __future__ import annotations
@@ -52,15 +54,15 @@ def _rotate_half(x, ang):
 
 def apply_rope(x_BTNH, position_ids, cfg):
     """Rotate q or k. position_ids: [B, T], or [B, 2, T] for rope_2d."""
-    if cfg.position == "learned_2d":
+    if cfg.position_encoding == "learned":
         return x_BTNH
     dt = x_BTNH.dtype
     r = cfg.rope_dim
-    if cfg.position == "rope_2d":
+    if cfg.position_encoding == "rope_2d":
         a = _rotate_half(x_BTNH[..., :r], _angles(position_ids[:, 0], cfg))
         b = _rotate_half(x_BTNH[..., r : 2 * r], _angles(position_ids[:, 1], cfg))
         out = jnp.concatenate([a, b, x_BTNH[..., 2 * r :].astype(jnp.float32)], axis=-1)
-    elif cfg.position in ("rope_half", "rope_neox"):
+    elif cfg.position_encoding == "rope_half":
         rot = _rotate_half(x_BTNH[..., :r], _angles(position_ids, cfg))
         out = jnp.concatenate([rot, x_BTNH[..., r:].astype(jnp.float32)], axis=-1)
     else:

@@ -81,7 +81,7 @@ class GLMModel(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), c.param_dtype)
-        if c.position == "learned_2d":
+        if c.position_encoding == "learned":
             rows = c.max_position_embeddings + (1 if c.block_position_encoding else 0)
             self.pos_embed = Embed(rows, c.hidden_size, ("positions", "embed"), c.param_dtype)
             if c.block_position_encoding:
@@ -151,7 +151,7 @@ class GLMModel(nn.Module):
             mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
 
         x = self.embed(ids)
-        if c.position == "learned_2d":
+        if c.position_encoding == "learned":
             pos = positions if positions.ndim == 3 else positions[:, None]
             x = x + self.pos_embed(pos[:, 0])
             if c.block_position_encoding:

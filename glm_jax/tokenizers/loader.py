@@ -1,74 +1,71 @@
-"""load_tokenizer: pick the family from the files in a folder and build its tokenizer."""
+"""load_tokenizer: pick the tokenizer format from the files in a folder (the families' table) and build it."""
 
 from __future__ import annotations
 
 import os
 
+from glm_jax import families
+from glm_jax.families.base import TokenizerFormat
 from glm_jax.tokenizers.base import GLMTokenizer, read_tokenizer_config
 
-CHAT_FORMATS = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm4_5")
-_FILES = {
-    "chatglm": "ice_text.model",
-    "chatglm2": "tokenizer.model",
-    "chatglm3": "tokenizer.model",
-    "glm4": "tokenizer.model",
-    "glm4_5": "tokenizer.json",
-}
+# Each family declares its tokenizers' formats (glm_jax/families/, `Family.tokenizers`): which files they read,
+# how those are recognised and which class reads them. This module only reads that table.
+_FORMATS = families.tokenizer_formats()
+CHAT_FORMATS = tuple(sorted(name for name, t in _FORMATS.items() if t.chat))
 
 
-def _infer_format(folder: str, cfg: dict, model_file: str | None) -> str:
-    name = os.path.basename(model_file or "")
-    if name in ("vocab.json", "merges.txt"):
-        return "gpt2"
-    if name == "ice_text.model" or (not model_file and os.path.isfile(os.path.join(folder, "ice_text.model"))):
-        return "chatglm"
-    if name == "tokenizer.json":
-        return _infer_tokenizer_json(model_file, explicit=True)
-    model = model_file or os.path.join(folder, "tokenizer.model")
-    if os.path.isfile(model):
-        from glm_jax.tokenizers.glm4 import is_tiktoken_file
-
-        if is_tiktoken_file(model):
-            return "glm4"
-        name = " ".join(str(cfg.get(k, "")) for k in ("name_or_path", "_name_or_path")).lower()
-        found = [f for f in ("chatglm3", "chatglm2") if f in name]
-        if len(found) == 1:
-            return found[0]
-        raise ValueError(
-            f"{model}: a sentencepiece tokenizer.model is used by both ChatGLM2 and ChatGLM3 and "
-            f"tokenizer_config.json does not say which; pass chat_format='chatglm2' or 'chatglm3'"
+def _infer_format(folder: str, cfg: dict, model_file: str | None) -> tuple[TokenizerFormat, str]:
+    """The format of a folder's (or of a named file's) tokenizer, and the file it reads: the single best score."""
+    formats = list(_FORMATS.values())
+    if model_file:
+        name = os.path.basename(model_file)
+        candidates = [(t, model_file) for t in formats if name in t.files]
+        if not candidates:
+            known = ", ".join(dict.fromkeys(f for t in formats for f in t.files))
+            raise ValueError(f"{model_file}: no tokenizer format reads a file of this name ({known}); pass chat_format")
+    else:
+        candidates = [
+            (t, os.path.join(folder, t.files[0]))
+            for t in formats
+            if all(os.path.isfile(os.path.join(folder, f)) for f in t.files)
+        ]
+    scored = [(t.score(path, cfg), t, path) for t, path in candidates]
+    best = max((s for s, _, _ in scored), default=0)
+    if not best and model_file:
+        why = "; ".join(dict.fromkeys(t.unfit for t, _ in candidates if t.unfit)) or "not recognised"
+        raise ValueError(f"{model_file}: {why}; no chat format fits it")
+    if not best:
+        expected = list(dict.fromkeys(t.what or " + ".join(t.files) for t in formats))
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer file found (expected {', '.join(expected[:-1])}, or {expected[-1]})"
         )
-    hf_json = os.path.join(folder, "tokenizer.json")
-    if not model_file and os.path.isfile(hf_json) and _infer_tokenizer_json(hf_json, explicit=False):
-        return "glm4_5"
-    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
-        return "gpt2"
-    raise FileNotFoundError(
-        f"{folder}: no tokenizer file found (expected ice_text.model, tokenizer.model, vocab.json + merges.txt, "
-        "or a GLM-4.5 tokenizer.json)"
-    )
+    top = [(t, path) for s, t, path in scored if s == best]
+    if len(top) > 1:
+        files = " and ".join(dict.fromkeys(os.path.basename(p) for _, p in top))
+        raise ValueError(
+            f"{model_file or folder}: {files} fits the chat formats {', '.join(t.name for t, _ in top)} alike and "
+            f"tokenizer_config.json does not say which; pass chat_format=" + " or ".join(repr(t.name) for t, _ in top)
+        )
+    return top[0]
 
 
-def _infer_tokenizer_json(path: str, explicit: bool) -> str | None:
-    """ "glm4_5" for GLM-4.5's tokenizer.json (tool-call tokens among its added tokens). Other tokenizer.json
-    files (GLM-4-0414's...) have no glm-jax chat format: None, or an error when the file was named."""
-    from glm_jax.tokenizers.glm45 import is_glm45_tokenizer_json
-
-    if is_glm45_tokenizer_json(path):
-        return "glm4_5"
-    if explicit:
-        raise ValueError(f"{path}: not a GLM-4.5 tokenizer.json (no <arg_key> added token); no chat format fits it")
-    return None
-
-
-def _glm4_special_ids(cfg: dict) -> dict[str, int] | None:
-    added = cfg.get("added_tokens_decoder")
-    if not isinstance(added, dict) or not added:
-        return None
-    try:
-        return {str(v["content"]): int(k) for k, v in added.items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"tokenizer_config.json: malformed added_tokens_decoder ({e})") from e
+def _named_format(folder: str, model_file: str | None, chat_format: str) -> tuple[TokenizerFormat, str]:
+    """The format the caller named, and the file it reads, checked against the files there."""
+    if chat_format not in _FORMATS:
+        raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {tuple(sorted(_FORMATS))} or None")
+    t = _FORMATS[chat_format]
+    paths = [model_file] if model_file else [os.path.join(folder, f) for f in t.files]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing; chat_format={chat_format!r} needs {' + '.join(t.files)}")
+    name = os.path.basename(paths[0])
+    if name not in t.files and any(name in other.files for other in _FORMATS.values()):
+        raise ValueError(
+            f"{paths[0]}: the file {name} does not fit chat_format={chat_format!r}, which reads {t.files[0]}"
+        )
+    if not t.fits(paths[0]):
+        raise ValueError(f"{paths[0]}: chat_format={chat_format!r} reads {t.kind}; this file does not fit it")
+    return t, paths[0]
 
 
 def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTokenizer:
@@ -95,48 +92,7 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     ):  # glm-train's bundled tokenizer, saved into a run folder
         return glm_sp.GLMSentencePieceTokenizer(model_file or os.path.join(folder, glm_sp.MODEL_FILE), **kwargs)
     if chat_format is None:
-        chat_format = _infer_format(folder, cfg, model_file)
-    elif chat_format not in CHAT_FORMATS + ("gpt2",):
-        raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {CHAT_FORMATS} or None")
-    if chat_format == "gpt2":
-        from glm_jax.tokenizers.gpt2 import GPT2BPETokenizer
-
-        return GPT2BPETokenizer.from_folder(folder, **kwargs)
-    vocab_file = model_file or os.path.join(folder, _FILES[chat_format])
-    if not os.path.isfile(vocab_file):
-        raise FileNotFoundError(f"{vocab_file}: missing; chat_format={chat_format!r} needs {_FILES[chat_format]}")
-    if chat_format == "glm4_5" or os.path.basename(vocab_file) == "tokenizer.json":
-        if chat_format != "glm4_5":
-            raise ValueError(f"{vocab_file}: a tokenizer.json does not fit chat_format={chat_format!r}")
-        from glm_jax.tokenizers.glm45 import GLM45Tokenizer, template_variant_of
-
-        opts = {
-            "clean_up_tokenization_spaces": bool(cfg.get("clean_up_tokenization_spaces", False)),
-            "template_variant": template_variant_of(folder, cfg),
-        }
-        return GLM45Tokenizer(vocab_file, **{**opts, **kwargs})
-    if chat_format == "chatglm":
-        from glm_jax.tokenizers.chatglm import ChatGLMTokenizer
-
-        opts = {
-            "num_image_tokens": cfg.get("num_image_tokens", 20000),  # 20000: the class default
-            "remove_space": bool(cfg.get("remove_space", False)),
-            "do_lower_case": bool(cfg.get("do_lower_case", False)),
-        }
-        return ChatGLMTokenizer(vocab_file, **{**opts, **kwargs})
-    from glm_jax.tokenizers.glm4 import is_tiktoken_file
-
-    tiktoken_file = is_tiktoken_file(vocab_file)
-    if tiktoken_file != (chat_format == "glm4"):
-        kind = "a tiktoken rank file" if tiktoken_file else "not a tiktoken rank file"
-        raise ValueError(f"{vocab_file}: is {kind}, which does not fit chat_format={chat_format!r}")
-    if chat_format == "glm4":
-        from glm_jax.tokenizers.glm4 import GLM4Tokenizer
-
-        return GLM4Tokenizer(vocab_file, **{"special_tokens": _glm4_special_ids(cfg), **kwargs})
-    from glm_jax.tokenizers.chatglm2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
-
-    if chat_format == "chatglm2":
-        return ChatGLM2Tokenizer(vocab_file, **kwargs)
-    opts = {"encode_special_tokens": bool(cfg.get("encode_special_tokens", False))}
-    return ChatGLM3Tokenizer(vocab_file, **{**opts, **kwargs})
+        fmt, vocab_file = _infer_format(folder, cfg, model_file)
+    else:
+        fmt, vocab_file = _named_format(folder, model_file, chat_format)
+    return fmt.build(vocab_file, folder, cfg, **kwargs)
