@@ -52,7 +52,7 @@ def prefill(module, params, ids_BT, mask_BT, pos, allowed_BTT, cache_len: int):
     B, T = ids_BT.shape
     cache = init_cache(module.cfg, B, cache_len)
     allowed = jnp.zeros((B, T, cache_len), bool).at[:, :, :T].set(allowed_BTT)
-    logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache=cache, cache_index=0)
+    logits, cache = module.apply({"params": params}, ids_BT, allowed, pos, cache, 0, method="decode")
     key_valid = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT.astype(bool))
     return logits, cache, key_valid
 
@@ -64,9 +64,7 @@ def feed_token(module, params, cache, key_valid, tok_B, pos_last, idx):
     key_valid = key_valid.at[:, idx].set(True)
     p = _next_position(pos_last)
     allowed = (key_valid & (jnp.arange(S)[None] <= idx))[:, None, :]
-    logits, cache = module.apply(
-        {"params": params}, tok_B[:, None], allowed, p[..., None], cache=cache, cache_index=idx
-    )
+    logits, cache = module.apply({"params": params}, tok_B[:, None], allowed, p[..., None], cache, idx, method="decode")
     return logits[:, -1], cache, key_valid, p
 
 

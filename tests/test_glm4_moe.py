@@ -54,12 +54,12 @@ def test_hidden_states_match_reference(lm):
         d["input_ids"],
         attention_mask=d["attention_mask"],
         position_ids=_arange(d["input_ids"]),
-        return_hidden=True,
+        method="with_hidden",
     )
     ref = d["hidden_states"]
     for i in range(3):
-        assert np.abs(np.asarray(hid["layer_inputs"][i]) - ref[i])[real].max() <= 1e-4, i
-    assert np.abs(np.asarray(hid["final"]) - ref[3])[real].max() <= 1e-4
+        assert np.abs(np.asarray(hid.layer_inputs[i]) - ref[i])[real].max() <= 1e-4, i
+    assert np.abs(np.asarray(hid.final) - ref[3])[real].max() <= 1e-4
 
 
 def test_mtp_layer_and_router_bias_are_loaded_as_stored(lm):

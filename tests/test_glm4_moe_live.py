@@ -247,7 +247,7 @@ def test_mtp_layer_matches_transformers_mtp_layer(tmp_path):
 
     lm = glm_jax.from_pretrained(path)
     assert lm.config.num_mtp_layers == 1 and "mtp_0" in lm.params
-    _, hid = lm.module.apply({"params": lm.params}, ids, return_hidden=True)
-    mtp = np.asarray(lm.module.apply({"params": lm.params}, hid["final"], ids, method="mtp"))
+    _, hid = lm.module.apply({"params": lm.params}, ids, method="with_hidden")
+    mtp = np.asarray(lm.module.apply({"params": lm.params}, hid.final, ids, method="mtp"))
     assert mtp.shape == (1, B, T, 200 + 4)
     assert np.abs(mtp[0] - ref).max() <= 1e-4

@@ -21,17 +21,17 @@ def test_hidden_states_match_reference(name):
     d = io(name)
     kw, real = reference_inputs(name, d)
     lm = load(name)
-    _, hid = lm.module.apply({"params": lm.params}, d["input_ids"], return_hidden=True, **kw)
+    _, hid = lm.module.apply({"params": lm.params}, d["input_ids"], method="with_hidden", **kw)
     ref = d["hidden_states"]
     L = lm.config.num_layers
     tol = TOL.get(name, 1e-4)
     for i in range(L):  # entry i < L is the input of layer i in every family
-        assert max_diff(hid["layer_inputs"][i], ref[i], real) <= tol, i
+        assert max_diff(hid.layer_inputs[i], ref[i], real) <= tol, i
     # the last entry: after the final norm for ChatGLM-6B and Glm/Glm4, before it for ChatGLM2/3 and GLM-4 remote
-    last = hid["final"] if name in ("chatglm-6b", "transformers-glm", "transformers-glm4") else hid["last"]
+    last = hid.final if name in ("chatglm-6b", "transformers-glm", "transformers-glm4") else hid.last
     assert max_diff(last, ref[L], real) <= tol
     if "last_hidden_state" in d:
-        assert max_diff(hid["final"], d["last_hidden_state"], real) <= tol
+        assert max_diff(hid.final, d["last_hidden_state"], real) <= tol
 
 
 @pytest.mark.parametrize("name,sub", [c for c in CASES if c[0] != "glm-original"])
@@ -170,13 +170,13 @@ def test_glm_original_incremental_decoding(per_layer):
     cache = init_cache(cfg, 1, S, per_layer=per_layer)
     a = np.zeros((1, n, S), bool)
     a[0, :, :n] = allowed[:n, :n]
-    logits, cache = lm.module.apply({"params": lm.params}, ids[:, :n], a, pos[..., :n], cache=cache, cache_index=0)
+    logits, cache = lm.module.apply({"params": lm.params}, ids[:, :n], a, pos[..., :n], cache, 0, method="decode")
     steps = [np.asarray(logits[0, -1])]
     for t in range(n, n + 3):
         a = np.zeros((1, 1, S), bool)
         a[0, 0, : t + 1] = True
         logits, cache = lm.module.apply(
-            {"params": lm.params}, ids[:, t : t + 1], a, pos[..., t : t + 1], cache=cache, cache_index=t
+            {"params": lm.params}, ids[:, t : t + 1], a, pos[..., t : t + 1], cache, t, method="decode"
         )
         steps.append(np.asarray(logits[0, -1]))
     assert np.abs(np.stack(steps) - d["incr_step_logits"]).max() <= 1e-4

@@ -196,10 +196,10 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
     ids, pos, prefix_len, seg = model_inputs(cfg, batch)
     mutable = ["intermediates"] if rules is not None else False
     res = module.apply(
-        {"params": params}, ids, None, pos, prefix_len, segment_ids=seg, return_hidden=True, mutable=mutable
+        {"params": params}, ids, None, pos, prefix_len, segment_ids=seg, method="with_hidden", mutable=mutable
     )
     (_, hidden), inter = res if rules is not None else (res, {})
-    h_BTD = hidden["final"]
+    h_BTD = hidden.final
     w = params["embed"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     out = _head(cfg, h_BTD, w, batch["targets"].astype(jnp.int32), mask_BT, z_loss, chunk, select)

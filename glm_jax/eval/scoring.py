@@ -161,8 +161,8 @@ def _project(module, x):
 def token_logprobs(module, params, ids, mask, pos, prefix_len, sel, targets):
     """Log-probability of `targets` [B, K] at positions `sel` [B, K] of the rows, and whether it is the argmax:
     ([B, K], [B, K]). The logits of the other positions are never computed (XLA drops them)."""
-    _, hidden = module.apply({"params": params}, ids, mask, pos, prefix_len, return_hidden=True)
-    h = jnp.take_along_axis(hidden["final"], sel[..., None], axis=1)
+    _, hidden = module.apply({"params": params}, ids, mask, pos, prefix_len, method="with_hidden")
+    h = jnp.take_along_axis(hidden.final, sel[..., None], axis=1)
     logits = module.apply({"params": params}, h, method=_project).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.maximum(targets, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,100 +112,34 @@ class GLMModel(nn.Module):
                 (c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), False, dtype=c.dtype, param_dtype=c.param_dtype
             )
 
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        position_ids=None,
-        prefix_len=None,
-        *,
-        segment_ids=None,
-        cache=None,
-        cache_index=None,
-        return_hidden=False,
-    ):
-        """Logits [B, T, V] in float32. With `cache` (from `init_cache`: {"k","v"} stacked [L, B·K, S, H], or
-        without scan_layers per-layer tuples of L [B·K, S, H] arrays, which XLA updates in place instead of
-        slicing and re-stacking) the caller passes a dense attention_mask [B, T, S] and position_ids, and gets
-        (logits, new_cache) in the same form."""
-        c = self.cfg
-        dt = dtype_of(c.dtype)
-        input_ids = jnp.asarray(input_ids)
-        if attention_mask is not None:
-            attention_mask = jnp.asarray(attention_mask)
-        if position_ids is None:
-            position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
-        position_ids = jnp.asarray(position_ids)
-        dense_given = attention_mask is not None and attention_mask.ndim >= 3
-        ids, positions, C = input_ids, position_ids, 1
-        if use_flash(c) and cache is None and not c.pre_seq_len and not dense_given:
-            mask = mask_spec(c, input_ids, attention_mask, prefix_len, segment_ids)  # the Pallas kernel's form
-            C = context_shards(input_ids.shape[1])
-            if C > 1:  # context parallelism: tokens in load-balanced order until the last layer (model/context.py)
-                bal = functools.partial(to_balanced, C=C, axis=-1)
-                ids, positions = bal(input_ids), bal(position_ids)
-                mask = mask._replace(
-                    **{f: bal(a) for f, a in mask._asdict().items() if f != "prefix_len" and a is not None}
-                )
-        else:
-            mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *, segment_ids=None):
+        """Logits [B, T, V] in float32 (DESIGN §3.1: masks and positions left as None follow the family's rule)."""
+        return self.with_hidden(input_ids, attention_mask, position_ids, prefix_len, segment_ids=segment_ids)[0]
 
-        x = self.embed(ids)
-        if c.position_encoding == "learned":
-            pos = positions if positions.ndim == 3 else positions[:, None]
-            x = x + self.pos_embed(pos[:, 0])
-            if c.block_position_encoding:
-                x = x + self.block_pos_embed(pos[:, 1])
-        x = constrain(x.astype(dt), ACT)
-
-        xs = {}
-        if c.pre_seq_len:
-            kv = self.prefix_encoder()  # [L, 2, P, K, H]
-            B = input_ids.shape[0]
-            kv = jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (B,) + kv.shape[2:])
-            xs["prefix"] = (kv[:, 0], kv[:, 1])
-        per_layer = cache is not None and isinstance(cache["k"], (tuple, list))
-        if cache is not None:
-            if per_layer and c.scan_layers:
-                raise ValueError("scan_layers models take a stacked [L, B·K, S, H] cache (init_cache gives one)")
-            xs["cache"] = (cache["k"], cache["v"])
-
-        if c.scan_layers:
-            x, ys = self._scan(x, xs, positions, mask, cache_index)
-        else:
-            outs = []
-            for i, layer in enumerate(self.layers):
-                xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else _index(v, i) for k, v in xs.items()}
-                x, y = layer(x, xi, positions, mask, cache_index)
-                outs.append(y)
-            cache_out = [y.pop("cache") for y in outs] if per_layer else None
-            ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-            if per_layer:
-                ys["cache"] = tuple(zip(*cache_out))
-        x = from_balanced(x, C)  # natural order again (a no-op without context parallelism)
-        last = x
-        if c.final_norm:
-            x = self.final_norm(x)
-        if c.tie_word_embeddings:
-            logits = matmul(x, self.embed.embedding.astype(dt), transpose_w=True)
-        else:
-            logits = self.lm_head(x)
-        logits = constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+    def with_hidden(self, input_ids, attention_mask=None, position_ids=None, prefix_len=None, *, segment_ids=None):
+        """(logits [B, T, V] float32, Hidden): the forward with its hidden states, for losses that run their own
+        output projection (train/loss.py), the MTP layers and the hidden-state parity tests."""
+        inp = self._inputs(input_ids, attention_mask, position_ids, prefix_len, segment_ids, cache=None)
+        x, ys = self._layers(inp.x, inp.xs, inp.positions, inp.mask, None)
+        x = from_balanced(x, inp.shards)  # natural order again (a no-op without context parallelism)
+        logits, final = self._head(x)
         if self.mtp_layers and self.is_initializing():  # create the MTP layers' params
-            mtp_logits(self.mtp_layers, x, input_ids, position_ids, mask)
-        if cache is not None:
-            k, v = ys["cache"]
-            return logits, {"k": k, "v": v}
-        if return_hidden:
-            return logits, {"layer_inputs": from_balanced(ys["hidden"], C, axis=2), "last": last, "final": x}
-        return logits
+            mtp_logits(self.mtp_layers, final, jnp.asarray(input_ids), inp.natural_positions, inp.mask)
+        return logits, Hidden(from_balanced(ys["hidden"], inp.shards, axis=2), x, final)
 
-    def _scan(self, x, xs, position_ids, mask, cache_index):
-        ys = []
-        for stack, s in zip(self.stacks, layout.stacks(self.cfg)):
-            x, y = stack(x, jax.tree.map(lambda a, s=s: a[s.start : s.stop], xs), position_ids, mask, cache_index)
-            ys.append(y)
-        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
+    def decode(self, input_ids, allowed_BTS, position_ids, cache, cache_index):
+        """(logits [B, T, V] float32, new cache): T tokens written into `cache` (from `init_cache`: {"k","v"}
+        stacked [L, B·K, S, H], or without scan_layers per-layer tuples of L [B·K, S, H] arrays, which XLA
+        updates in place instead of slicing and re-stacking) at columns cache_index.., attending where
+        `allowed_BTS` [B, T, S] says. The cache comes back in the form it was given."""
+        per_layer = isinstance(cache["k"], (tuple, list))
+        if per_layer and self.cfg.scan_layers:
+            raise ValueError("scan_layers models take a stacked [L, B·K, S, H] cache (init_cache gives one)")
+        inp = self._inputs(input_ids, allowed_BTS, position_ids, None, None, cache=(cache["k"], cache["v"]))
+        x, ys = self._layers(inp.x, inp.xs, inp.positions, inp.mask, cache_index, per_layer_cache=per_layer)
+        logits, _ = self._head(x)
+        k, v = ys["cache"]
+        return logits, {"k": k, "v": v}
 
     def mtp(
         self,
@@ -220,21 +154,118 @@ class GLMModel(nn.Module):
         return_hidden=False,
     ):
         """[M, B, T, V] float32: MTP layer j's logits at position t predict token t+j+2 (glm_jax/model/mtp.py).
-        final_BTD: the main model's final-normed hidden states (`return_hidden=True` gives them as "final").
+        final_BTD: the main model's final-normed hidden states (`with_hidden` gives them as Hidden.final).
         Call with `module.apply(variables, final, ids, ..., method="mtp")`. shared: the layers take the main
         model's embedding instead of their own copies (training, DeepSeek-V3 style); return_hidden: the
         head-normed hidden states [M, B, T, D] instead of the logits."""
-        c = self.cfg
         input_ids = jnp.asarray(input_ids)
         if position_ids is None:
-            position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
-        dense_given = attention_mask is not None and jnp.ndim(attention_mask) >= 3
-        if use_flash(c) and not dense_given and context_shards(input_ids.shape[1]) == 1:
-            mask = mask_spec(c, input_ids, attention_mask, prefix_len, segment_ids)
-        else:
-            mask = default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids)
+            position_ids = default_positions(self.cfg, input_ids, attention_mask, prefix_len)
+        # the MTP layers see tokens in natural order: no context-parallel split of their sequence
+        mask, _ = _attention_mask(self.cfg, input_ids, attention_mask, prefix_len, segment_ids, split_ok=False)
         embed = self.embed if shared else None
         return mtp_logits(self.mtp_layers, final_BTD, input_ids, jnp.asarray(position_ids), mask, embed, return_hidden)
+
+    # ------------------------------------------------------------ the three stages
+    def _inputs(self, input_ids, attention_mask, position_ids, prefix_len, segment_ids, cache):
+        """Embeddings, positions, the attention mask in the form the attention path takes, and the per-layer
+        inputs (P-Tuning's prefix keys and values, the KV cache)."""
+        c = self.cfg
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        if position_ids is None:
+            position_ids = default_positions(c, input_ids, attention_mask, prefix_len)
+        natural = jnp.asarray(position_ids)
+        mask, C = _attention_mask(c, input_ids, attention_mask, prefix_len, segment_ids, split_ok=cache is None)
+        ids, positions = input_ids, natural
+        if C > 1:  # context parallelism: tokens in load-balanced order until the last layer (model/context.py)
+            bal = functools.partial(to_balanced, C=C, axis=-1)
+            ids, positions = bal(input_ids), bal(natural)
+            mask = mask._replace(
+                **{f: bal(a) for f, a in mask._asdict().items() if f != "prefix_len" and a is not None}
+            )
+        x = self.embed(ids)
+        if c.position_encoding == "learned":
+            pos = positions if positions.ndim == 3 else positions[:, None]
+            x = x + self.pos_embed(pos[:, 0])
+            if c.block_position_encoding:
+                x = x + self.block_pos_embed(pos[:, 1])
+        x = constrain(x.astype(dtype_of(c.dtype)), ACT)
+        xs = {}
+        if c.pre_seq_len:
+            kv = self.prefix_encoder()  # [L, 2, P, K, H]
+            B = input_ids.shape[0]
+            kv = jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (B,) + kv.shape[2:])
+            xs["prefix"] = (kv[:, 0], kv[:, 1])
+        if cache is not None:
+            xs["cache"] = cache
+        return Inputs(x, input_ids, positions, natural, mask, C, xs)
+
+    def _layers(self, x, xs, positions, mask, cache_index, per_layer_cache=False):
+        """The decoder layers: (x, ys) with ys["hidden"] each layer's input [L, B, T, D] (and ys["cache"])."""
+        if self.cfg.scan_layers:
+            ys = []
+            for stack, s in zip(self.stacks, layout.stacks(self.cfg)):
+                part = jax.tree.map(lambda a, s=s: a[s.start : s.stop], xs)
+                x, y = stack(x, part, positions, mask, cache_index)
+                ys.append(y)
+            return x, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer_cache else _index(v, i) for k, v in xs.items()}
+            x, y = layer(x, xi, positions, mask, cache_index)
+            outs.append(y)
+        cache_out = [y.pop("cache") for y in outs] if per_layer_cache else None
+        ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        if per_layer_cache:
+            ys["cache"] = tuple(zip(*cache_out))
+        return x, ys
+
+    def _head(self, x):
+        """(logits [B, T, V] float32, the final-normed hidden states)."""
+        c = self.cfg
+        if c.final_norm:
+            x = self.final_norm(x)
+        if c.tie_word_embeddings:
+            logits = matmul(x, self.embed.embedding.astype(dtype_of(c.dtype)), transpose_w=True)
+        else:
+            logits = self.lm_head(x)
+        logits = constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        return logits, x
+
+
+class Hidden(NamedTuple):
+    """Hidden states of a forward pass."""
+
+    layer_inputs: jax.Array  # [L, B, T, D]: the input of each layer (the embeddings first)
+    last: jax.Array  # [B, T, D]: the last layer's output
+    final: jax.Array  # [B, T, D]: after the final norm (what the output projection takes)
+
+
+class Inputs(NamedTuple):
+    """What the layers take: embeddings x, the ids and positions in the layers' token order, the natural-order
+    positions, the mask in the attention path's form, the context shards C, and the per-layer inputs xs."""
+
+    x: jax.Array
+    ids: jax.Array
+    positions: jax.Array
+    natural_positions: jax.Array
+    mask: object
+    shards: int
+    xs: dict
+
+
+def _attention_mask(c, input_ids, attention_mask, prefix_len, segment_ids, *, split_ok: bool):
+    """(mask, context shards C): the Pallas kernel's mask spec where the kernel runs (no cache, no P-Tuning
+    prefix, no dense mask given), with C > 1 when the sequence is split over the context axis and `split_ok`;
+    else the dense [B, T, S] boolean mask and C = 1."""
+    dense_given = attention_mask is not None and jnp.ndim(attention_mask) >= 3
+    if use_flash(c) and not c.pre_seq_len and not dense_given:
+        C = context_shards(input_ids.shape[1])  # asks the mesh; refuses a length it cannot split
+        if split_ok or C == 1:
+            return mask_spec(c, input_ids, attention_mask, prefix_len, segment_ids), C
+    return default_allowed(c, input_ids, attention_mask, prefix_len, segment_ids), 1
 
 
 class Embed(nn.Module):
