@@ -65,8 +65,8 @@ def run_row(config: str, args=()) -> dict:
         r = json.loads(path.read_text())
     keep = (
         "fits", "peak_memory_bytes_per_device", "hbm_bytes_per_device", "mesh", "attention_kernel", "verdict",
-        "flops_xla_measured", "flops_attention_kernel_computed", "flops_total", "model_flops_per_step",
+        "flops_xla_measured", "flops_attention_kernel_computed", "model_flops_per_step",
         "xla_over_model_flops", "total_over_model_flops", "flops_source", "memory_source", "topology", "batch_size",
         "seq_len", "model",
     )  # fmt: skip
-    return {k: r.get(k) for k in keep} | {"seconds": secs}
+    return {k: r.get(k) for k in keep} | {"flops_total": r.get("flops"), "seconds": secs}

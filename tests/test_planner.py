@@ -72,7 +72,7 @@ def test_a_fitting_step_reports_memory_analysis_sums(tmp_path):
     assert r["hbm_source"].startswith("XLA") and abs(r["hbm_bytes_per_device"] / 1024**3 - 15.75) < 0.01
     # no Pallas kernel in an attention=xla step: nothing computed, the total is XLA's measured count
     assert r["attention_kernel"] is False and r["flops_attention_kernel_computed"] == 0
-    assert r["flops_total"] == r["flops_xla_measured"] > 0
+    assert r["flops"] == r["flops_xla_measured"] > 0
     assert r["flops_source"]["flops_xla_measured"].startswith("measured")
 
 
@@ -125,5 +125,5 @@ def test_the_kernel_flops_are_computed_beside_the_measured_ones(tmp_path):
     # tiny: 2 layers, 2 heads of 16, T = 64, causal: 64·65/2 visible pairs; no remat: fwd once + bwd 2.5·fwd
     fwd = 2 * 2 * 4 * 2 * 16 * (64 * 65 // 2)
     assert r["flops_attention_kernel_computed"] == 2 * 3.5 * fwd
-    assert r["flops_total"] == r["flops_xla_measured"] + r["flops_attention_kernel_computed"]
+    assert r["flops"] == r["flops_xla_measured"] + r["flops_attention_kernel_computed"]
     assert r["flops_source"]["flops_attention_kernel_computed"].startswith("computed: ")

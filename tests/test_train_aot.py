@@ -39,9 +39,9 @@ def test_compile_only_v5e_2x2_writes_a_report(tmp_path, capsys):
     assert 0 < r["peak_memory_bytes_per_device"] < r["hbm_bytes_per_device"] and r["fits"] is True
     assert r["flops"] > 0 and r["model_flops_per_step"] > 0
     # the scanned, accumulated step counts one layer and one microbatch: the extrapolation restores the rest
-    assert r["xla_flops_per_step"] > 1.5 * r["xla_flops_as_compiled"]
+    assert r["flops_xla_measured"] > 1.5 * r["flops_xla_as_compiled"]
     assert 1.0 < r["xla_over_model_flops"] < 2.5  # full remat recomputes the forward pass
-    assert "extrapolated" in r["flops_method"]
+    assert "extrapolated" in r["flops_source"]["flops_xla_measured"]
 
 
 def test_unknown_topology_is_bad_input(tmp_path, capsys):

@@ -172,9 +172,22 @@ def hbm_per_chip(tc, gen, devices) -> tuple:
     return HBM_BYTES.get(gen), "table by TPU generation"
 
 
-def _memory(tc, cfg, devices):
-    """(compiled or None, mesh, seconds, kernel, memory parts, bytes needed per device, their source, XLA's
-    out-of-memory message or None, the HBM that message names or None)."""
+@dataclasses.dataclass
+class Memory:
+    """What compiling the step says about memory per device."""
+
+    compiled: object  # the compiled step, or None when XLA refused it for lack of HBM
+    mesh: object
+    seconds: float
+    kernel: bool  # the step calls the Pallas attention kernel
+    parts: dict  # argument / output / alias / temp / generated_code bytes (None where unknown)
+    peak: int | None  # bytes the step needs per device
+    source: str  # where `peak` comes from
+    xla_message: str | None = None  # XLA's out-of-memory message
+    oom_hbm: int | None = None  # the HBM that message names
+
+
+def _memory(tc, cfg, devices) -> Memory:
     try:
         compiled, secs, mesh = compile_step(tc, cfg, devices)
     except DoesNotFit as e:
@@ -189,7 +202,7 @@ def _memory(tc, cfg, devices):
             source = "XLA's out-of-memory message (temporaries) + argument bytes computed from the shardings"
         else:
             peak, source = None, "XLA refused the step for lack of HBM without saying how much it needs"
-        return None, e.mesh, e.seconds, e.kernel, mem, peak, source, str(e), oom["hbm"]
+        return Memory(None, e.mesh, e.seconds, e.kernel, mem, peak, source, str(e), oom["hbm"])
     ma = compiled.memory_analysis()
     mem = {
         k: int(getattr(ma, k + "_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp", "generated_code")
@@ -198,7 +211,7 @@ def _memory(tc, cfg, devices):
     # what the step holds: the sum XLA's own HBM check uses (temporaries as allocated, not as simulated live)
     peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     source = "memory_analysis() of the compiled step (measured): argument + output - alias + temp"
-    return compiled, mesh, secs, uses_kernel(compiled), mem, peak, source, None, None
+    return Memory(compiled, mesh, secs, uses_kernel(compiled), mem, peak, source)
 
 
 def extrapolated_flops(tc, cfg, devices, n_dev):
@@ -217,26 +230,34 @@ def extrapolated_flops(tc, cfg, devices, n_dev):
     return f1 + (cfg.num_layers - n1) * (f2 - f1), f2 - f1, method
 
 
-def _xla_flops(tc, cfg, devices, compiled, n_dev):
-    """(step flops by XLA's cost_analysis or None, as compiled, per layer, method)."""
+@dataclasses.dataclass
+class XlaFlops:
+    """The step's flops as XLA's cost_analysis counts them (all devices)."""
+
+    step: float | None  # the whole step (loops extrapolated where asked), or None when not compiled
+    as_compiled: float | None  # the compiled program, loop bodies counted once
+    per_layer: float | None  # one layer, when extrapolated
+    method: str
+
+
+def _xla_flops(tc, cfg, devices, compiled, n_dev) -> XlaFlops:
     if compiled is None:
-        return None, None, None, "not compiled: XLA refused the step for lack of HBM"
+        return XlaFlops(None, None, None, "not compiled: XLA refused the step for lack of HBM")
     raw = _flops(compiled) * n_dev  # cost_analysis of an SPMD program counts one device's share
     loops = cfg.scan_layers or tc.grad_accum > 1
     if loops and tc.flops_extrapolate:
         try:
             total, per_layer, method = extrapolated_flops(tc, cfg, devices, n_dev)
         except DoesNotFit:
-            return raw, raw, None, "as compiled (the unrolled 1-/2-layer compiles do not fit): loops counted once"
-        return total, raw, per_layer, method
+            return XlaFlops(
+                raw, raw, None, "as compiled (the unrolled 1-/2-layer compiles do not fit): loops counted once"
+            )
+        return XlaFlops(total, raw, per_layer, method)
     if loops:
-        return (
-            raw,
-            raw,
-            None,
-            "as compiled: loop bodies (scan over layers / accumulation) counted once, so an undercount",
+        return XlaFlops(
+            raw, raw, None, "as compiled: loop bodies (scan over layers / accumulation) counted once, so an undercount"
         )
-    return raw, raw, None, "single unrolled compile (no loops)"
+    return XlaFlops(raw, raw, None, "single unrolled compile (no loops)")
 
 
 def _setting(tc, cfg, mesh, kernel) -> planner.Setting:
@@ -284,30 +305,29 @@ def compile_report(tc) -> dict:
     use_compilation_cache(tc.compilation_cache_dir)
     gen, name, devices = topology_devices(tc.topology)
     cfg, _ = model_config(tc)
-    compiled, mesh, secs, kernel, mem, peak, mem_source, xla_message, oom_hbm = _memory(tc, cfg, devices)
-    if tc.hbm_bytes or not oom_hbm:
+    m = _memory(tc, cfg, devices)
+    if tc.hbm_bytes or not m.oom_hbm:
         hbm, hbm_source = hbm_per_chip(tc, gen, devices)
     else:
-        hbm, hbm_source = oom_hbm, "XLA (its out-of-memory message)"
-    n_dev = mesh.devices.size
-    fits = False if compiled is None else (None if not hbm else peak <= hbm)
-    xla, raw, per_layer, method = _xla_flops(tc, cfg, devices, compiled, n_dev)
-    tokens = tc.batch_size * tc.seq_len
-    model_flops = flops_lib.flops_per_token(cfg, tc.seq_len, mtp=tc.mtp_loss_weight > 0) * tokens
-    kf = flops_lib.attention_kernel_flops(cfg, tc.batch_size, tc.seq_len, tc.objective) if kernel else None
+        hbm, hbm_source = m.oom_hbm, "XLA (its out-of-memory message)"
+    n_dev = m.mesh.devices.size
+    fits = False if m.compiled is None else (None if not hbm else m.peak <= hbm)
+    xla = _xla_flops(tc, cfg, devices, m.compiled, n_dev)
+    model_flops = flops_lib.flops_per_token(cfg, tc.seq_len, mtp=tc.mtp_loss_weight > 0) * tc.batch_size * tc.seq_len
+    kf = flops_lib.attention_kernel_flops(cfg, tc.batch_size, tc.seq_len, tc.objective) if m.kernel else None
     kernel_flops = kf["total"] if kf else 0.0
-    total = None if xla is None else xla + kernel_flops
+    total = None if xla.step is None else xla.step + kernel_flops
     plan = None
     if fits is False and hbm:
-        args = mem["argument"] if mem["argument"] is not None else 0
-        needed = peak if peak is not None else 0
-        plan = planner.plan(cfg, _setting(tc, cfg, mesh, kernel), tc.objective, needed, args, hbm)
+        args = m.parts["argument"] if m.parts["argument"] is not None else 0
+        needed = m.peak if m.peak is not None else 0
+        plan = planner.plan(cfg, _setting(tc, cfg, m.mesh, m.kernel), tc.objective, needed, args, hbm)
     ratio = None if total is None else total / model_flops
     report = {
         "topology": name,
         "devices": n_dev,
         "device_kind": devices[0].device_kind,
-        "mesh": dict(mesh.shape),
+        "mesh": dict(m.mesh.shape),
         "model": tc.model,
         "num_params": param_count(cfg),
         "batch_size": tc.batch_size,
@@ -317,43 +337,42 @@ def compile_report(tc) -> dict:
         "scan_layers": cfg.scan_layers,
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
-        "attention_kernel": kernel,
+        "attention_kernel": m.kernel,
+        # memory
         "fits": fits,
-        "peak_memory_bytes_per_device": peak,
-        "memory_bytes": mem,
-        "memory_source": mem_source,
+        "peak_memory_bytes_per_device": m.peak,
+        "memory_bytes": m.parts,
+        "memory_source": m.source,
         "hbm_bytes_per_device": hbm,
         "hbm_source": hbm_source,
-        "xla_message": xla_message,
+        "xla_message": m.xla_message,
         "suggestions": plan["suggestions"] if plan else [],
         "fit_plan": plan["fit_plan"] if plan else None,
         "suggestions_note": "estimated bytes come from a rough per-device memory model fitted to XLA's figure "
         "(train/planner.py), not from compiling each variant"
         if plan
         else None,
+        # flops: XLA's count of the step, plus the Pallas kernel's by formula (XLA cannot see inside it)
         "flops": total,
-        "flops_total": total,
-        "flops_xla_measured": xla,
+        "flops_xla_measured": xla.step,
+        "flops_xla_as_compiled": xla.as_compiled,
+        "flops_xla_per_layer": xla.per_layer,
         "flops_attention_kernel_computed": kernel_flops,
         "flops_attention_kernel_executed_computed": kf["executed"] if kf else 0.0,
         "flops_source": {
-            "flops_xla_measured": f"measured: XLA cost_analysis() ({method})",
+            "flops_xla_measured": f"measured: XLA cost_analysis() ({xla.method})",
             "flops_attention_kernel_computed": (
                 "computed: " + kf["formula"] if kf else "none: the step calls no Pallas kernel (all attention in XLA)"
             ),
-            "flops_total": "flops_xla_measured + flops_attention_kernel_computed",
+            "flops": "flops_xla_measured + flops_attention_kernel_computed",
         },
-        "xla_flops_per_step": xla,
-        "xla_flops_as_compiled": raw,
-        "xla_flops_per_layer": per_layer,
-        "flops_method": method,
         "model_flops_per_step": model_flops,
-        "xla_over_model_flops": None if xla is None else xla / model_flops,
+        "xla_over_model_flops": None if xla.step is None else xla.step / model_flops,
         "total_over_model_flops": ratio,
         "flops_per_device": None if total is None else total / n_dev,
-        "compile_seconds": secs,
+        "compile_seconds": m.seconds,
     }
-    report["verdict"] = _verdict(name, mesh, peak, hbm, fits, plan, ratio, secs)
+    report["verdict"] = _verdict(name, m.mesh, m.peak, hbm, fits, plan, ratio, m.seconds)
     if jax.process_index() == 0:
         out = pathlib.Path(tc.output_dir)
         if out.exists() and not out.is_dir():

@@ -1,14 +1,12 @@
-"""The training loop: model and state on the mesh, resume, steps, logging, eval, checkpoints, SIGTERM."""
+"""A training run: model and state on the mesh, resume, data, eval, checkpoints; `train` runs its loop
+(train/loop.py: the clock and the eval / log / checkpoint / stop hooks)."""
 
 from __future__ import annotations
 
 import contextlib
 import pathlib
-import signal
-import time
 
 import jax
-import numpy as np
 
 from glm_jax import hostmem
 from glm_jax.model.transformer import param_count
@@ -21,6 +19,7 @@ from train import moe_rules, optimizer, parallel, quant_base
 from train import step as step_lib
 from train.checkpointing import Checkpointer, TrainingStopped, gather_json
 from train.config import TrainConfig, TrainConfigError
+from train.loop import Clock, Loop, Stop
 from train.metrics import Reporter, device_peak_flops
 from train.model_setup import load_pretrained, model_config
 
@@ -161,6 +160,10 @@ class Run:
                 )
             self.data.set_state(states[jax.process_index()])
 
+    def next_batch(self, nan: bool = False) -> dict:
+        """The next local batch (host numpy; `nan`: poisoned, for the debug_nan_steps test hook)."""
+        return data_lib.to_device_dict(next(self.data), nan_at=nan)
+
     def device_batch(self, local: dict):
         if self.step_fn is None:
             shapes = {k: jax.ShapeDtypeStruct((self.tc.batch_size,) + v.shape[1:], v.dtype) for k, v in local.items()}
@@ -205,30 +208,6 @@ def _paths(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-class _Stop:
-    """SIGTERM → finish the current step, save a checkpoint, exit 0 (all processes agree on the step)."""
-
-    def __init__(self):
-        self.flag = False
-        self.old = {}
-        for sig in (signal.SIGTERM,):
-            self.old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self.flag
-        from jax.experimental import multihost_utils
-
-        return bool(np.max(multihost_utils.process_allgather(np.array([int(self.flag)], np.int32))))
-
-    def restore(self):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-
-
 def use_compilation_cache(path: str) -> None:
     """Persistent XLA compilation cache in `path` (a restart, resume or rerun skips recompiling)."""
     if not path:
@@ -248,86 +227,29 @@ def use_compilation_cache(path: str) -> None:
 def train(tc: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary dict."""
     use_compilation_cache(tc.compilation_cache_dir)
-    stop = _Stop()
+    stop = Stop()
     # before Run starts the data pipeline, whose read threads would share the cores with a measured peak
     peak, peak_src = device_peak_flops(tc.peak_flops)
-    run = Run(tc)
-    steps, log_every = tc.steps, tc.log_every
-    rep = Reporter(tc.output_dir, steps, run.start_step, tc.progress, tc.plot_every_seconds)
-    n_dev = run.mesh.devices.size
-    tokens_per_step = tc.batch_size * tc.seq_len
-    flops_per_step = flops_lib.flops_per_token(run.cfg, tc.seq_len, mtp=tc.mtp_loss_weight > 0) * tokens_per_step
-    if run.start_step >= min(steps, tc.stop_at or steps):
-        rep.say(
-            f"{tc.output_dir} is already at step {run.start_step}: nothing to do (raise steps= to go on)", always=True
-        )
-    elif run.start_step:
-        rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
-    rep.say(
-        f"model {tc.model}: {param_count(run.cfg) / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
-        f"on {n_dev} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
-        f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
-        + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else "")
-    )
-    step, pending, last_loss = run.start_step, [], None
-    t_start = t_mark = time.perf_counter()
-    steps_since, first = 0, True
-    nan_steps = set(tc.debug_nan_steps)
-    skips = _Skips(tc.max_skipped_steps)
-    stop_at = tc.stop_at or steps
+    clock = Clock()
+    with clock.phase("startup"):
+        run = Run(tc)
+    if run.start_step:  # the startup was a restore
+        clock.total["restore"], clock.total["startup"] = clock.total["startup"], 0.0
+    rep = Reporter(tc.output_dir, tc.steps, run.start_step, tc.progress, tc.plot_every_seconds)
+    flops = flops_lib.flops_per_token(run.cfg, tc.seq_len, mtp=tc.mtp_loss_weight > 0) * tc.batch_size * tc.seq_len
+    loop = Loop(run, rep, clock, flops, peak)
+    _announce(run, rep, loop, peak, peak_src)
     try:
-        while step < min(steps, stop_at):
-            local = data_lib.to_device_dict(next(run.data), nan_at=(step + 1) in nan_steps)
-            with run.ctx():
-                batch = run.device_batch(local)
-                run.state, m = run.step_fn(run.state, batch)
-            step += 1
-            steps_since += 1
-            pending.append(m)
-            rep.advance()
-            do_eval = run.eval_data is not None and step % tc.eval_every == 0
-            do_ckpt = step % tc.checkpoint_every == 0
-            extra = {}
-            if do_eval:  # eval (and checkpoint) time is not counted in tokens_per_second
-                jax.block_until_ready(run.state)
-                t_pause = time.perf_counter()
-                extra = run.evaluate()
-                t_mark += time.perf_counter() - t_pause
-            if step % log_every == 0 or step == steps or do_eval:
-                vals = jax.device_get(pending)
-                dt = max(time.perf_counter() - t_mark, 1e-9)
-                nsteps = steps_since or len(vals)
-                rec = _summarise(
-                    step, vals, tokens_per_step * nsteps / dt, flops_per_step * nsteps / dt / (peak * n_dev)
-                )
-                for i, v in enumerate(vals):
-                    skips.add(step - len(vals) + i + 1, bool(v["skipped"]))
-                    if v["skipped"]:
-                        rep.say(
-                            f"warning: step {step - len(vals) + i + 1}: non-finite loss or gradient "
-                            f"(loss {float(v['loss'])}); the update was skipped",
-                            always=True,
-                        )
-                rep.log({**rec, **extra})
-                last_loss = rec["loss"]
-                pending, t_mark, steps_since = [], time.perf_counter(), 0
-                if skips.over():  # stop without saving: the last checkpoint stays the last good one
-                    break
-            if first:  # the first step includes compilation: time steady-state steps from here
-                jax.block_until_ready(m)
-                rep.say(f"compiled and ran step {step} in {time.perf_counter() - t_start:.1f}s")
-                first, t_mark, steps_since = False, time.perf_counter(), 0
-            if do_ckpt:
-                jax.block_until_ready(run.state)
-                t_pause = time.perf_counter()
-                run.save(step)
-                t_mark += time.perf_counter() - t_pause
-            run.checkpointer.poll()  # manifests of committed saves, then rotation
-            if stop.requested():
-                rep.say(f"SIGTERM: saving a checkpoint at step {step} and stopping", always=True)
+        while loop.step < loop.last:
+            loop.train_step()
+            loop.log_if_due(loop.evaluate_if_due())
+            if loop.skips.over():  # stop without saving: the last checkpoint stays the last good one
                 break
-        if not skips.over():
-            run.save(step)
+            loop.checkpoint_if_due()
+            if loop.stop_requested(stop):
+                break
+        if not loop.skips.over():
+            loop.save()
     finally:
         run.checkpointer.close()
         rep.close()
@@ -335,47 +257,26 @@ def train(tc: TrainConfig) -> dict:
         close = getattr(run.data, "close", None)
         if close:
             close()
-    if skips.over():
+    if loop.skips.over():
+        s = loop.skips
         raise TrainingStopped(
-            f"{skips.n} consecutive steps had a non-finite loss or gradient (steps {skips.first}-{skips.last}); "
+            f"{s.n} consecutive steps had a non-finite loss or gradient (steps {s.first}-{s.last}); "
             f"stopped. {run.checkpointer.last_good_text()}"
         )
-    return {"step": step, "loss": last_loss, "output_dir": tc.output_dir}
+    return {"step": loop.step, "loss": loop.last_loss, "output_dir": tc.output_dir}
 
 
-class _Skips:
-    """Consecutive skipped (non-finite) steps; `limit` of them in a row stop the run (0: never)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.n, self.first, self.last = limit, 0, 0, 0
-
-    def add(self, step: int, skipped: bool) -> None:
-        if skipped:
-            self.first, self.last, self.n = self.first or step, step, self.n + 1
-        else:
-            self.first, self.last, self.n = 0, 0, 0
-
-    def over(self) -> bool:
-        return bool(self.limit) and self.n >= self.limit
-
-
-def _summarise(step, vals, tps, mfu) -> dict:
-    ok = [v for v in vals if not v["skipped"]]
-    mean = lambda k: float(np.mean([float(v[k]) for v in ok])) if ok else float("nan")  # noqa: E731
-    rec = {
-        "step": step,
-        "loss": mean("loss"),
-        "accuracy": mean("accuracy"),
-        "grad_norm": mean("grad_norm"),
-        "learning_rate": float(vals[-1]["learning_rate"]),
-        "tokens_per_second": tps,
-        "mfu": mfu,
-        "loss_tokens": float(np.mean([float(v["loss_tokens"]) for v in vals])),
-        "skipped_steps": int(sum(int(v["skipped"]) for v in vals)),
-    }
-    if any(float(v["z_loss"]) for v in ok):
-        rec["z_loss"] = mean("z_loss")
-    for k in vals[0]:  # train/moe_rules.py's metrics: mtp_loss, moe/...
-        if k.startswith(("moe/", "mtp_")):
-            rec[k] = mean(k)
-    return rec
+def _announce(run, rep, loop, peak, peak_src) -> None:
+    tc = run.tc
+    if run.start_step >= loop.last:
+        rep.say(
+            f"{tc.output_dir} is already at step {run.start_step}: nothing to do (raise steps= to go on)", always=True
+        )
+    elif run.start_step:
+        rep.say(f"resumed from {run.checkpointer.directory / str(run.start_step)} (step {run.start_step})")
+    rep.say(
+        f"model {tc.model}: {param_count(run.cfg) / 1e6:.1f}M params, mesh {dict(run.mesh.shape)} "
+        f"on {run.mesh.devices.size} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
+        f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})"
+        + ("; freed host memory kept for reuse (host_heap)" if hostmem.kept() else "")
+    )

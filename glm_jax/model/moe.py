@@ -2,13 +2,13 @@
 experts computed dropless with grouped matmuls, and shared SwiGLU experts.
 
 Routing, per token (float32):
-  scores  = sigmoid(x · router)                                   [N, E]
+  scores  = sigmoid(x · router)                                   [M, E]
   choice  = scores + score_bias            (used only to choose; score_bias gets no gradient)
   groups  : the n_group groups scored by the sum of their top-2 choice values; the best topk_group are kept
   experts : the top num_experts_per_tok choice values within the kept groups
   weights = scores of the chosen experts (unbiased), / their sum if norm_topk_prob, × routed_scaling_factor
 
-Expert computation: the N·k (token, expert) pairs are sorted by expert and each expert's contiguous run goes through
+Expert computation: the M·X (token, expert) pairs are sorted by expert and each expert's contiguous run goes through
 its SwiGLU with one grouped matmul per projection over all experts (`jax.lax.ragged_dot`; on CPU its tiled form
 in glm_jax/model/grouped_matmul.py). Nothing is dropped and no [tokens, experts] activation is formed. The outputs
 are put back in token order and summed with the weights.
@@ -39,19 +39,19 @@ if TYPE_CHECKING:
 BUFFER_NAMES = ("score_bias",)  # params that are buffers: never trained by gradient
 
 
-def route(x_ND, kernel_DE, bias_E, cfg):
-    """(weights [N, k] float32, expert ids [N, k] int32, sigmoid scores [N, E]) for tokens x_ND."""
-    E, k, G = cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group
-    logits = jnp.dot(x_ND.astype(jnp.float32), kernel_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+def route(x_MD, kernel_DE, bias_E, cfg):
+    """(weights [M, X] float32, expert ids [M, X] int32, sigmoid scores [M, E]) for tokens x_MD."""
+    E, k, Q = cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group
+    logits = jnp.dot(x_MD.astype(jnp.float32), kernel_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     scores = jax.nn.sigmoid(logits)
     choice = scores + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
     choice = jax.lax.stop_gradient(choice)  # the choice is discrete; gradients flow through the weights only
-    if G > 1:
-        grouped = choice.reshape(-1, G, E // G)
-        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+    if Q > 1:
+        grouped = choice.reshape(-1, Q, E // Q)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [M, Q]
         _, keep_idx = jax.lax.top_k(group_scores, cfg.topk_group)
-        keep = jax.nn.one_hot(keep_idx, G, dtype=jnp.bool_).any(axis=1)  # [N, G]
-        choice = jnp.where(jnp.repeat(keep, E // G, axis=1), choice, -jnp.inf)
+        keep = jax.nn.one_hot(keep_idx, Q, dtype=jnp.bool_).any(axis=1)  # [M, Q]
+        choice = jnp.where(jnp.repeat(keep, E // Q, axis=1), choice, -jnp.inf)
     _, idx = jax.lax.top_k(choice, k)
     w = jnp.take_along_axis(scores, idx, axis=1)
     if cfg.norm_topk_prob:
@@ -59,66 +59,66 @@ def route(x_ND, kernel_DE, bias_E, cfg):
     return w * jnp.float32(cfg.routed_scaling_factor), idx.astype(jnp.int32), scores
 
 
-def expert_load(idx_NK, num_experts: int):
+def expert_load(idx_MX, num_experts: int):
     """Tokens routed to each expert [E] (int32), for logging and the bias update."""
-    return jnp.bincount(idx_NK.reshape(-1), length=num_experts).astype(jnp.int32)
+    return jnp.bincount(idx_MX.reshape(-1), length=num_experts).astype(jnp.int32)
 
 
-def sequence_balance(scores_NE, idx_NK, rows: int):
-    """DeepSeek-V3's complementary sequence-wise balance term, averaged over the `rows` sequences the N tokens
-    form (each T = N / rows tokens, in any order): per sequence sum_e f_e P_e with f_e = E / (k T) · (tokens
+def sequence_balance(scores_ME, idx_MX, rows: int):
+    """DeepSeek-V3's complementary sequence-wise balance term, averaged over the `rows` sequences the M tokens
+    form (each T = M / rows tokens, in any order): per sequence sum_e f_e P_e with f_e = E / (k T) · (tokens
     whose top-k holds e) and P_e = the mean over its tokens of s_e / sum(s), s the unbiased sigmoid scores.
     f is a count (no gradient); the gradient flows through P."""
-    N, E = scores_NE.shape
-    k, T = idx_NK.shape[1], N // rows
-    row_N = jnp.arange(N, dtype=jnp.int32) // T
-    count_RE = jnp.zeros((rows, E), jnp.float32).at[row_N[:, None], idx_NK].add(1.0)
+    M, E = scores_ME.shape
+    k, T = idx_MX.shape[1], M // rows
+    row_M = jnp.arange(M, dtype=jnp.int32) // T
+    count_RE = jnp.zeros((rows, E), jnp.float32).at[row_M[:, None], idx_MX].add(1.0)
     f_RE = jax.lax.stop_gradient(count_RE) * (E / (k * T))
-    p_RE = (scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)).reshape(rows, T, E).mean(axis=1)
+    p_RE = (scores_ME / jnp.sum(scores_ME, axis=-1, keepdims=True)).reshape(rows, T, E).mean(axis=1)
     return jnp.mean(jnp.sum(f_RE * p_RE, axis=-1))
 
 
-def grouped_swiglu(x_ND, idx_NK, w_NK, gate_EDI, up_EDI, down_EID, dt):
+def grouped_swiglu(x_MD, idx_MX, w_MX, gate_EDF, up_EDF, down_EFD, dt):
     """Σ_j w[n, j] · SwiGLU_{idx[n, j]}(x[n]) for every token, dropless: (token, expert) pairs sorted by expert,
     each projection one grouped matmul (ragged_dot) over the experts' contiguous groups. A pair whose expert id
     is E or more (another device's expert, under expert parallelism) sorts last, outside every group, and
     contributes 0."""
-    N, k = idx_NK.shape
-    E = gate_EDI.shape[0]
-    flat = idx_NK.reshape(-1)
+    M, k = idx_MX.shape
+    E = gate_EDF.shape[0]
+    flat = idx_MX.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pair p = n·k + j, sorted by expert
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # ids >= E are not counted
-    xs = jnp.take(x_ND.astype(dt), order // k, axis=0)  # [N·k, D]
+    xs = jnp.take(x_MD.astype(dt), order // k, axis=0)  # [M·X, D]
     pet = jnp.float32 if dt == jnp.float32 else None
 
     def mm(a, w):
         return grouped_matmul(a, w.astype(dt), sizes, preferred_element_type=pet)
 
-    h = jax.nn.silu(mm(xs, gate_EDI)) * mm(xs, up_EDI)
-    y = mm(h.astype(dt), down_EID)  # [N·k, D]
+    h = jax.nn.silu(mm(xs, gate_EDF)) * mm(xs, up_EDF)
+    y = mm(h.astype(dt), down_EFD)  # [M·X, D]
     mine = jnp.take(flat, order) < E
-    y = jnp.where(mine[:, None], y.astype(jnp.float32) * jnp.take(w_NK.reshape(-1), order)[:, None], 0.0)
+    y = jnp.where(mine[:, None], y.astype(jnp.float32) * jnp.take(w_MX.reshape(-1), order)[:, None], 0.0)
     inv = jnp.argsort(order)  # back to (token, slot) order
-    return jnp.take(y, inv, axis=0).reshape(N, k, -1).sum(axis=1)
+    return jnp.take(y, inv, axis=0).reshape(M, k, -1).sum(axis=1)
 
 
 class Router(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, x_ND):
+    def __call__(self, x_MD):
         c = self.cfg
         D, E = c.hidden_size, c.num_experts
         kernel = param(self, "kernel", (D, E), ("embed", "exp"), nn.initializers.normal(0.02), c.param_dtype)
         bias = param(self, "score_bias", (E,), ("exp",), nn.initializers.zeros, "float32")
-        return route(x_ND, kernel, bias, c)
+        return route(x_MD, kernel, bias, c)
 
 
 class Experts(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, x_ND, idx_NK, w_NK):
+    def __call__(self, x_MD, idx_MX, w_MX):
         c = self.cfg
         E, D, inner = c.num_experts, c.hidden_size, c.moe_intermediate_size
         init = nn.initializers.normal(0.02)
@@ -129,11 +129,11 @@ class Experts(nn.Module):
         mesh = jax.sharding.get_abstract_mesh()
         axis = None if mesh.empty else mesh_axes("exp", E, mesh)
         if axis is None:
-            return grouped_swiglu(x_ND, idx_NK, w_NK, gate, up, down, dt)
-        return expert_parallel(x_ND, idx_NK, w_NK, gate, up, down, dt, mesh, axis)
+            return grouped_swiglu(x_MD, idx_MX, w_MX, gate, up, down, dt)
+        return expert_parallel(x_MD, idx_MX, w_MX, gate, up, down, dt, mesh, axis)
 
 
-def expert_parallel(x_ND, idx_NK, w_NK, gate, up, down, dt, mesh, axis):
+def expert_parallel(x_MD, idx_MX, w_MX, gate, up, down, dt, mesh, axis):
     """The routed experts with their weights split over the mesh axis `axis` (X devices, E/X experts each), under
     shard_map. Each device gathers the tokens (and their routing) of the devices along `axis` (jax's all_gather),
     runs its own experts on the pairs routed to them (dropless, grouped matmuls as grouped_swiglu) and the partial
@@ -142,11 +142,11 @@ def expert_parallel(x_ND, idx_NK, w_NK, gate, up, down, dt, mesh, axis):
     another's tokens twice. Where the tokens are not split over it (too few rows), each device keeps all tokens
     and the partial outputs are summed (psum). This is MaxText's all-gather flavour of expert parallelism; the
     all-to-all flavour moves fewer bytes for large expert counts and is not implemented here."""
-    N, k = idx_NK.shape
+    M, k = idx_MX.shape
     E = gate.shape[0]
     tup = (axis,) if isinstance(axis, str) else tuple(axis)
     X = math.prod(mesh.shape[a] for a in tup)
-    rows = mesh_axes("activation_batch", N, mesh)
+    rows = mesh_axes("activation_batch", M, mesh)
     rows_tup = () if rows is None else ((rows,) if isinstance(rows, str) else tuple(rows))
     split = rows_tup[-len(tup) :] == tup  # the expert axes are the minor batch axes: gather/scatter over them
     if not split:
@@ -170,7 +170,7 @@ def expert_parallel(x_ND, idx_NK, w_NK, gate, up, down, dt, mesh, axis):
         out_specs=P(rows, None),
         check_vma=False,
     )
-    return fn(x_ND, idx_NK, w_NK, gate, up, down)
+    return fn(x_MD, idx_MX, w_MX, gate, up, down)
 
 
 class SwiGLU(nn.Module):
@@ -198,14 +198,14 @@ class MoE(nn.Module):
     def __call__(self, x):
         c = self.cfg
         dt = dtype_of(c.dtype)
-        x_ND = x.reshape(-1, c.hidden_size)
-        w, idx, scores = Router(c, name="router")(x_ND)
+        x_MD = x.reshape(-1, c.hidden_size)
+        w, idx, scores = Router(c, name="router")(x_MD)
         if self.is_mutable_collection("intermediates") and not self.is_initializing():
             # what glm-train's MoE rules read (train/moe_rules.py): the load, and the balance loss term
             self.sow("intermediates", "expert_load", expert_load(idx, c.num_experts))
             rows = x.shape[0] if x.ndim == 3 else 1
             self.sow("intermediates", "sequence_balance", sequence_balance(scores, idx, rows))
-        y = Experts(c, name="experts")(x_ND, idx, w)
+        y = Experts(c, name="experts")(x_MD, idx, w)
         if c.n_shared_experts:
-            y = y + SwiGLU(c, c.n_shared_experts * c.moe_intermediate_size, name="shared")(x_ND).astype(jnp.float32)
+            y = y + SwiGLU(c, c.n_shared_experts * c.moe_intermediate_size, name="shared")(x_MD).astype(jnp.float32)
         return y.astype(dt).reshape(x.shape)
