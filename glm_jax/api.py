@@ -17,6 +17,7 @@ from glm_jax.inputs import check_call
 from glm_jax.model.layers import dtype_of
 from glm_jax.model.moe import BUFFER_NAMES
 from glm_jax.model.transformer import GLMModel
+from glm_jax.platform import cpu_at_first_use
 from glm_jax.quant.load import quantize_loaded
 
 
@@ -24,6 +25,7 @@ class GLM:
     """A GLM model: `config` (GLMConfig), `params` (Flax params pytree) and `module` (the linen Module)."""
 
     def __init__(self, config: GLMConfig, params):
+        cpu_at_first_use()
         self.config = config
         self.params = params
         self.module = GLMModel(config)
@@ -92,6 +94,7 @@ def from_pretrained(path, dtype: str = "float32", quantize: str | None = None, *
     `dtype` sets both compute and param dtype; overrides set other fields. Quantized checkpoints
     (config.json's quantization_bit) stay int8 / int4 in memory; quantize="int8" | "int4" quantizes the layer
     linears of a float checkpoint at load (glm_jax/quant/load.py)."""
+    cpu_at_first_use()  # before the first backend use: no libtpu probe on a host without a TPU
     p = pathlib.Path(path)
     param_dtype = overrides.pop("param_dtype", dtype)
     if is_jax_checkpoint(p):

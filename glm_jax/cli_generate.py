@@ -35,6 +35,8 @@ from glm_jax.errors import InputError
 from glm_jax.platform import use_cpu_when_no_accelerator
 
 DTYPES = ("float32", "bfloat16", "float16")
+# what decodes when neither the command line nor generation_config.json says: greedy
+SAMPLING = {"do_sample": (bool, False), "temperature": (float, 1.0), "top_k": (int, 0), "top_p": (float, 1.0)}
 
 
 class TurnError(UsageError):
@@ -67,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--prompt", help="answer this one prompt and exit")
     mode.add_argument("--chat", action="store_true", help="interactive chat on stdin (/reset, /exit)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    # sampling left unset follows PATH's generation_config.json, as transformers' generate does (SAMPLING)
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    p.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding, whatever PATH says")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: PATH)")
@@ -89,14 +93,49 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(a) -> None:
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
-    if a.temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {a.temperature}")
-    if a.top_k < 0:
-        raise UsageError(f"--top-k must be 0 (off) or positive, got {a.top_k}")
-    if not 0 < a.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
+    check_sampling(a)
     if a.raw and (a.chat or a.system is not None or a.tools):
         raise UsageError("--raw works with --prompt only, without --system or --tools")
+
+
+def check_sampling(a, where: str = "") -> None:
+    """UsageError for a sampling setting out of range (unset ones pass): `where` names the file it came from, else
+    the message names the flag."""
+
+    def name(key: str) -> str:
+        return f"{where}{key}" if where else "--" + key.replace("_", "-")
+
+    if a.temperature is not None and not a.temperature > 0:
+        raise UsageError(f"{name('temperature')} must be positive, got {a.temperature}")
+    if a.top_k is not None and a.top_k < 0:
+        raise UsageError(f"{name('top_k')} must be 0 (off) or positive, got {a.top_k}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UsageError(f"{name('top_p')} must be in (0, 1], got {a.top_p}")
+
+
+def sampling_defaults(a) -> None:
+    """Fill the sampling settings the command line left unset from PATH's generation_config.json (a model's own
+    decoding defaults, which transformers' generate applies too; glm-train writes one for a model it trains from
+    scratch), then from SAMPLING."""
+    f = pathlib.Path(a.path) / "generation_config.json"
+    gen = {}
+    if f.is_file():
+        try:
+            gen = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(gen, dict):
+            raise UsageError(f"{f}: expected a JSON object")
+    for key, (kind, default) in SAMPLING.items():
+        if getattr(a, key) is None:
+            value = gen.get(key, default)
+            if value is None:
+                value = default
+            ok = (int, float) if kind is float else kind
+            if not isinstance(value, ok) or (kind is not bool and isinstance(value, bool)):
+                raise UsageError(f"{f}: {key} must be {'a boolean' if kind is bool else 'a number'}, got {value!r}")
+            setattr(a, key, kind(value))
+    check_sampling(a, f"{f}: ")
 
 
 def check_model_folder(path: pathlib.Path) -> None:
@@ -277,6 +316,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         for name in ("prompt", "system"):
             if getattr(args, name) is not None:
                 setattr(args, name, clean_text(getattr(args, name), f"--{name}", stderr))
+        sampling_defaults(args)
         lm, tok, tools = load(args)
         session = Session(lm, tok, args, stdout, stderr)
         session.tools = tools

@@ -43,7 +43,8 @@ def _glibc():
         return None
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+    """Whether JAX has started its backends (a platform can no longer be chosen, nor malloc's arenas set)."""
     if "jax" not in sys.modules:
         return False
     try:
@@ -69,7 +70,7 @@ def keep_freed_heap() -> bool:
     """Sets glibc malloc to one arena, no mmap, no trimming (see the module docstring). Returns whether it did:
     False off glibc, or once the JAX backend has started."""
     libc = _glibc()
-    if libc is None or _backend_started():
+    if libc is None or backend_started():
         return False
     global _kept
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -282,3 +282,30 @@ def test_empty_reply_says_why(chatglm_dir, monkeypatch):
     rc, out, err = _main([chatglm_dir, "--prompt", "hi", "--max-new-tokens", "4"])
     assert rc == 0 and out == "\n", err
     assert f"the reply is empty: 0 token(s) of blank text, then it ended with stop token {eos}" in err
+
+
+def test_sampling_follows_the_folders_generation_config(chatglm_dir, tmp_path, monkeypatch):
+    """Sampling settings the command line leaves unset come from PATH's generation_config.json, as transformers'
+    generate takes them; flags win, --greedy turns sampling off; a bad file is one error line, exit 2."""
+    import glm_jax.stream
+
+    seen = []
+
+    def record(lm, ids, max_new, do_sample, temperature, top_k, top_p, seed, stop_token_ids):
+        seen.append((do_sample, temperature, top_k, top_p))
+        return iter([])
+
+    model = tmp_path / "m"
+    shutil.copytree(chatglm_dir, model)
+    gen = model / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "do_sample": True, "temperature": 0.7, "top_k": 20}))
+    monkeypatch.setattr(glm_jax.stream, "stream_generate", record)
+    assert _main([chatglm_dir, "--prompt", "hi"])[0] == 0  # the fixture's file sets no sampling: greedy
+    assert _main([model, "--prompt", "hi"])[0] == 0
+    assert _main([model, "--prompt", "hi", "--temperature", "0.5", "--top-p", "0.9"])[0] == 0
+    assert _main([model, "--prompt", "hi", "--greedy"])[0] == 0
+    assert seen == [(False, 1.0, 0, 1.0), (True, 0.7, 20, 1.0), (True, 0.5, 20, 0.9), (False, 0.7, 20, 1.0)]
+    gen.write_text(json.dumps({"do_sample": True, "temperature": 0}))
+    assert "generation_config.json: temperature must be positive" in _bad([model, "--prompt", "hi"])
+    gen.write_text(json.dumps({"do_sample": "yes"}))
+    assert "generation_config.json: do_sample must be a boolean" in _bad([model, "--prompt", "hi"])

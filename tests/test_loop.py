@@ -46,7 +46,10 @@ def test_tiny_loop_end_to_end(tiny_run, tmp_path):
     for name in ("config.json", "glm_sentencepiece.model", "tokenizer_config.json"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "3" / "glm_manifest.json").is_file()
-    gen = ("--prompt", "To be", "--max-new-tokens", "12", "--do-sample", "--seed", "3", "--show-prompt-ids")
+    # the README's commands as they stand: the decoding settings are the run's generation_config.json (sampling, as
+    # a model trained for seconds from scratch greedily repeats its commonest token, a newline: a blank reply)
+    assert json.loads((run / "generation_config.json").read_text())["do_sample"] is True
+    gen = ("--prompt", "hi", "--show-prompt-ids")
     r1 = _cmd("glm-generate", run, *gen)
     assert _reply(r1), r1.stderr
     exp = tmp_path / "E"
@@ -54,6 +57,7 @@ def test_tiny_loop_end_to_end(tiny_run, tmp_path):
     assert "wrote" in r.stdout
     for name in ("config.json", "model.safetensors", "glm_sentencepiece.model", "tokenizer_config.json"):
         assert (exp / name).is_file(), name
+    assert (exp / "generation_config.json").read_bytes() == (run / "generation_config.json").read_bytes()
     r2 = _cmd("glm-generate", exp, *gen)
     assert _reply(r2)
     # the export is the same model with the same tokenizer: same prompt ids, same sampled reply
@@ -61,7 +65,7 @@ def test_tiny_loop_end_to_end(tiny_run, tmp_path):
     ids = [ln for ln in r1.stderr.splitlines() if ln.startswith("prompt_ids:")]
     assert ids == [ln for ln in r2.stderr.splitlines() if ln.startswith("prompt_ids:")]
     # greedy decoding works too (a 3-step model may end at once: the exit code is what counts here)
-    _cmd("glm-generate", exp, "--prompt", "To be", "--max-new-tokens", "4")
+    _cmd("glm-generate", exp, "--prompt", "To be", "--max-new-tokens", "4", "--greedy")
 
 
 def test_run_tokenizer_is_the_one_training_used(tiny_run):

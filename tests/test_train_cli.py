@@ -87,3 +87,20 @@ def test_every_bundled_config_builds():
         assert tc.steps > 0 and tc.model
     ft = build("glm4_9b_finetune", [])
     assert ft.freeze == ["embed/*"] and ft.seq_len == 2048 and ft.scan_layers is True  # base merged
+
+
+def test_compile_only_scans_the_layers_unless_the_user_chose(tmp_path):
+    """A plan for a topology scans (one layer compiled, not 40 unrolled); a training run keeps the per-layer
+    default; an explicit scan_layers, from the command line or a config file, stands either way."""
+    from train.config import build
+    from train.model_setup import model_config
+
+    plan = ("model=glm4_9b", "compile_only=true", "topology=v5p:4x4x4")
+    assert build(None, plan).scan_layers is True
+    assert model_config(build(None, plan))[0].scan_layers is True  # what the compiled model gets
+    assert build(None, plan[:1]).scan_layers is False
+    assert build(None, (*plan, "scan_layers=false")).scan_layers is False
+    unrolled = tmp_path / "unrolled.yaml"
+    unrolled.write_text("model: glm4_9b\nscan_layers: false\n")
+    assert build(str(unrolled), plan[1:]).scan_layers is False
+    assert build("tiny", plan[1:]).scan_layers is True  # tiny.yaml leaves scan_layers to the default

@@ -121,7 +121,7 @@ class TrainConfig:
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: Remat = "none"
-    scan_layers: bool = False
+    scan_layers: bool = False  # compile_only: true unless the file or an override sets it
     attention: Attention = "auto"  # xla | flash (the Pallas kernel) | auto (flash on TPU, xla elsewhere)
     host_heap: HostHeap = "auto"  # keep freed host memory for reuse (XLA:CPU; glm_jax/hostmem.py)
     # parallelism
@@ -288,14 +288,19 @@ def _deep_update(a: dict, b: dict) -> dict:
 
 def build(config_file=None, overrides=()) -> TrainConfig:
     """The settings: defaults < YAML file < `key=value` overrides, validated."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg, given = copy.deepcopy(DEFAULTS), set()  # given: the top-level keys the file or the overrides set
     if config_file:
-        _merge(cfg, load_yaml(config_file))
+        d = load_yaml(config_file)
+        given |= d.keys()
+        _merge(cfg, d)
     for item in overrides:
         if "=" not in item:
             raise TrainConfigError(f"expected key=value, got {item!r}")
         key, text = item.split("=", 1)
+        given.add(key.strip().split(".")[0])
         _merge(cfg, _dotted_to_nested(key.strip(), _parse_value(text)))
+    if cfg["compile_only"] and "scan_layers" not in given:
+        cfg["scan_layers"] = True  # a plan unrolled over every layer compiles for minutes (glm4_9b: 13, 12 GB host)
     validate(cfg)
     return TrainConfig(
         **{

@@ -6,7 +6,8 @@ to a temporary name and then renamed (a reader never sees half a file).
 
 Which tokenizer: `data.tokenizer` — the bundled one (its sentencepiece model proto, byte for byte, as
 glm_sentencepiece.model), or the tokenizer files of the folder it names; a pretrained `model` folder's tokenizer
-and generation files are copied first (data.tokenizer's win where both have a file).
+and generation files are copied first (data.tokenizer's win where both have a file). A model trained from scratch
+gets a generation_config.json that samples (scratch_generation_config).
 """
 
 from __future__ import annotations
@@ -52,7 +53,19 @@ def write_run_folder(out, cfg, tokenizer, data_tokenizer_spec, pretrained=None, 
             flush=True,
         )
     write_json(out / "config.json", config)
+    if not pretrained and not (out / "generation_config.json").exists():
+        write_json(out / "generation_config.json", scratch_generation_config(cfg))
+        names.append("generation_config.json")
     return sorted(set(names)) + ["config.json"]
+
+
+def scratch_generation_config(cfg) -> dict:
+    """The decoding defaults of a model trained from scratch (glm-generate and transformers read them): sampling
+    at temperature 0.8 from the 200 likeliest tokens, as nanoGPT samples its few-minute models. Greedy decoding
+    of such a model repeats its commonest tokens (in the bundled corpus, newlines: a blank reply); sampling shows
+    what it learned. A run from a pretrained folder keeps that folder's generation_config.json."""
+    gen = {"do_sample": True, "temperature": 0.8, "top_k": 200, "eos_token_id": list(cfg.eos_token_id)}
+    return gen if cfg.pad_token_id is None else {**gen, "pad_token_id": cfg.pad_token_id}
 
 
 _NOT_MATH = {"hf_config", "dtype", "param_dtype", "scan_layers", "remat", "attention"}

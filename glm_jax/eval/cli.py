@@ -4,6 +4,10 @@
     glm-eval PATH --perplexity FILE [--max-len 1024] [--stride 512] [--lambada]
     glm-eval PATH --needle [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1] [--out DIR]
 
+Lengths left to their defaults (--max-length, --max-len, --lengths) follow the model: a model with fewer learned
+positions (the original GLM's max_sequence_length) gets windows and prompts that fit its position table. A
+length given past that table is bad input: its logits would be NaN.
+
 --tasks runs lm_eval.simple_evaluate with model "glm-jax" (glm_jax.eval.harness). Exit status: 0 success;
 2 bad input (a missing or unreadable checkpoint, file or task, a bad argument), with one `error:` line on
 stderr; 1 an internal error.
@@ -49,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, help="context length (default: the model's)")
     g.add_argument("--log-samples", action="store_true", help="keep per-request samples in --output")
     g = p.add_argument_group("perplexity")
-    g.add_argument("--max-len", type=int, default=1024, help="window length in tokens")
+    g.add_argument(
+        "--max-len", type=int, help="window length in tokens (default 1024, or the model's learned positions)"
+    )
     g.add_argument("--stride", type=int, help="window start every STRIDE tokens (default max-len/2)")
     g.add_argument("--lambada", action="store_true", help="FILE has one passage a line: last-word accuracy")
     g = p.add_argument_group("needle")
-    g.add_argument("--lengths", default="256,512,1024", help="comma-separated prompt lengths in tokens")
+    g.add_argument(
+        "--lengths", help="comma-separated prompt lengths in tokens (default 256,512,1024, those that fit the model)"
+    )
     g.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
@@ -73,19 +81,20 @@ def _numbers(text: str, kind, name: str) -> list:
 
 def check_args(a) -> None:
     for name in ("batch_size", "max_len", "max_new_tokens"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.stride is not None and not 1 <= a.stride < a.max_len:
+    if a.stride is not None and a.max_len is not None and not 1 <= a.stride < a.max_len:
         raise UsageError(f"--stride must satisfy 1 <= stride < --max-len ({a.max_len}), got {a.stride}")
+    if a.stride is not None and a.stride < 1:
+        raise UsageError(f"--stride must be at least 1, got {a.stride}")
     if a.max_length is not None and a.max_length < 2:
         raise UsageError(f"--max-length must be at least 2, got {a.max_length}")
     if a.lambada and not a.perplexity:
         raise UsageError("--lambada needs --perplexity FILE")
     if a.needle:
-        lengths, depths = _numbers(a.lengths, int, "lengths"), _numbers(a.depths, float, "depths")
-        if min(lengths) < 8:
+        if a.lengths is not None and min(_numbers(a.lengths, int, "lengths")) < 8:
             raise UsageError("--lengths must all be at least 8 tokens")
-        if not all(0 <= d <= 1 for d in depths):
+        if not all(0 <= d <= 1 for d in _numbers(a.depths, float, "depths")):
             raise UsageError("--depths must all lie in [0, 1]")
     if a.perplexity and not pathlib.Path(a.perplexity).is_file():
         raise UsageError(f"{a.perplexity}: text file not found")
@@ -159,7 +168,7 @@ def run_needle(a) -> dict:
     res = needle.run_grid(
         lm,
         tok,
-        _numbers(a.lengths, int, "lengths"),
+        None if a.lengths is None else _numbers(a.lengths, int, "lengths"),
         _numbers(a.depths, float, "depths"),
         max_new_tokens=a.max_new_tokens,
         batch_size=a.batch_size,

@@ -64,7 +64,8 @@ class GLMLM(TemplateLM):
 
     model_args: pretrained (folder: HF checkpoint of any family, glm-convert to-jax output, glm-train run dir),
     dtype (float32), batch_size (8; "auto" means 8), max_batch_tokens (16384), max_length (default: the model's
-    max_position_embeddings), max_gen_toks (256), tokenizer (another folder), tokenizer_backend (auto | glm |
+    max_position_embeddings, which a model with learned positions cannot exceed), max_gen_toks (256, or half of
+    max_length when that is less), tokenizer (another folder), tokenizer_backend (auto | glm |
     hf), chat_format, attention (xla | flash | auto), seed (sampling seed), pack (true: requests that share a
     context are scored in one packed row, the context computed once)."""
 
@@ -75,7 +76,7 @@ class GLMLM(TemplateLM):
         batch_size=8,
         max_batch_tokens=16384,
         max_length=None,
-        max_gen_toks=256,
+        max_gen_toks=None,
         tokenizer=None,
         tokenizer_backend: str = "auto",
         chat_format=None,
@@ -103,7 +104,9 @@ class GLMLM(TemplateLM):
         )
         self.tokenizer = self.tok  # lm-eval reads .tokenizer in a few places
         self._max_length = _int_or_auto(max_length, "max_length", cfg.max_position_embeddings)
-        self._max_gen_toks = _int_or_auto(max_gen_toks, "max_gen_toks", 256)
+        scoring.check_length(cfg, self._max_length, "max_length")
+        # a model shorter than lm-eval's 256 new tokens keeps half its length for the prompt
+        self._max_gen_toks = _int_or_auto(max_gen_toks, "max_gen_toks", min(256, self._max_length // 2))
         self._batch_size = _int_or_auto(batch_size, "batch_size", 8)
         self.seed = int(seed)
         self.pack = str(pack).lower() not in ("false", "0", "no")

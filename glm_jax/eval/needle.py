@@ -14,10 +14,12 @@ import pathlib
 from collections.abc import Sequence
 
 from glm_jax.eval import scoring
+from glm_jax.inputs import position_limit
 
 NEEDLE = "The secret number of the blue lighthouse is 7421."
 QUESTION = "What is the secret number of the blue lighthouse?"
 ANSWER = "7421"
+DEFAULT_LENGTHS = (256, 512, 1024)
 _SUBJECTS = ("The river", "A farmer", "The old library", "Every morning the baker", "The city council", "A child",
              "The mountain road", "Our neighbour", "The museum guide", "A small boat")  # fmt: skip
 _VERBS = ("carried", "described", "remembered", "painted", "counted", "followed", "repaired", "visited")
@@ -73,10 +75,31 @@ class Haystack:
         return ids
 
 
+def default_lengths(hay: Haystack, cfg, depths: Sequence[float], max_new_tokens: int) -> list[int]:
+    """DEFAULT_LENGTHS; on a model with learned positions, those whose prompts (at every depth) and answer fit its
+    table, or else the longest length that does. ValueError when not even an 8-token prompt fits."""
+    limit = position_limit(cfg)
+    if limit is None:
+        return list(DEFAULT_LENGTHS)
+
+    def fits(n: int) -> bool:
+        return all(len(hay.prompt_ids(cfg, n, float(d))) + max_new_tokens <= limit for d in depths)
+
+    out = [n for n in DEFAULT_LENGTHS if fits(n)]
+    n = limit - max_new_tokens  # the filler shrinks with n, the needle and question do not: search down from here
+    while not out and n >= 8:
+        out, n = ([n] if fits(n) else []), n - 1
+    if not out:
+        raise ValueError(
+            f"the model's {limit} learned positions leave no room for a needle prompt and {max_new_tokens} new tokens"
+        )
+    return out
+
+
 def run_grid(
     lm,
     tok,
-    lengths: Sequence[int],
+    lengths: Sequence[int] | None,
     depths: Sequence[float],
     *,
     needle: str = NEEDLE,
@@ -87,12 +110,14 @@ def run_grid(
     chat: bool = False,
 ) -> dict:
     """Recall grid: {"depths", "lengths", "recall" [depth][length], "prompt_tokens" [depth][length],
-    "outputs" [depth][length], "needle", "question", "answer", "mean_recall"}."""
-    if not lengths or not depths:
-        raise ValueError("needle grid needs at least one length and one depth")
+    "outputs" [depth][length], "needle", "question", "answer", "mean_recall"}. lengths None: default_lengths."""
     if answer not in needle:
         raise ValueError(f"the answer {answer!r} does not occur in the needle {needle!r}")
     hay = Haystack(tok, needle, question, chat)
+    if lengths is None and depths:
+        lengths = default_lengths(hay, lm.config, depths, max_new_tokens)
+    if not lengths or not depths:
+        raise ValueError("needle grid needs at least one length and one depth")
     cells = [(d, n) for d in range(len(depths)) for n in range(len(lengths))]
     prompts = [hay.prompt_ids(lm.config, int(lengths[n]), float(depths[d])) for d, n in cells]
     eos = sorted({*lm.config.eos_token_id, tok.eot_token_id})

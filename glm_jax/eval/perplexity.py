@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from glm_jax.eval import scoring
 
+DEFAULT_MAX_LEN = 1024
 RULE = "sliding windows of max_len tokens, start every stride tokens; each token scored once with all earlier window tokens as context"  # noqa: E501
 
 
@@ -43,7 +44,7 @@ def perplexity(
     lm,
     tokens: Sequence[int],
     *,
-    max_len: int,
+    max_len: int | None = None,
     stride: int | None = None,
     prefix: Sequence[int] = (),
     batch_size: int = 8,
@@ -51,7 +52,10 @@ def perplexity(
 ) -> dict:
     """Perplexity of `tokens` under `lm`: {"tokens", "nll", "ppl", "bits_per_token", "windows", "max_len",
     "stride", "rule"}. `prefix` ids (e.g. BOS or GLM's [gMASK] <sop>) come first and are not scored; without
-    one, the first token is not scored. stride defaults to max_len // 2."""
+    one, the first token is not scored. max_len defaults to DEFAULT_MAX_LEN, or to the model's learned positions
+    when it has fewer (a longer window would read past its position table); stride to max_len // 2."""
+    max_len = scoring.model_length(lm.config, DEFAULT_MAX_LEN) if max_len is None else max_len
+    scoring.check_length(lm.config, max_len, "max_len")
     stride = max(1, max_len // 2) if stride is None else stride
     if not 1 <= stride < max_len:
         raise ValueError(f"stride must satisfy 1 <= stride < max_len={max_len}, got {stride}")
@@ -90,7 +94,9 @@ def read_text(path) -> str:
     return text
 
 
-def file_perplexity(lm, tok, path, *, max_len: int, stride: int | None = None, batch_size: int = 8) -> dict:
+def file_perplexity(
+    lm, tok, path, *, max_len: int | None = None, stride: int | None = None, batch_size: int = 8
+) -> dict:
     """perplexity() of a whole text file, encoded without special tokens and conditioned on the tokenizer's
     prefix (tok: glm_jax.eval.tokenizer.EvalTokenizer); adds "file", "bytes", "words", "bits_per_byte" and
     "word_perplexity" (lm-eval's wikitext normalisation)."""
@@ -104,6 +110,8 @@ def file_perplexity(lm, tok, path, *, max_len: int, stride: int | None = None, b
         batch_size=batch_size,
         pad_id=tok.pad_token_id,
     )
+    if not out["tokens"]:
+        raise ValueError(f"{path}: one token, and nothing before it: there is nothing to score")
     nbytes, nwords = len(text.encode("utf-8")), len(text.split())
     out.update(
         file=str(path),
@@ -126,10 +134,13 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     return ctx, whole[len(ctx) :]
 
 
-def lambada(lm, tok, path, *, max_len: int, batch_size: int = 8) -> dict:
+def lambada(lm, tok, path, *, max_len: int | None = None, batch_size: int = 8) -> dict:
     """LAMBADA-style last-word prediction over a text file with one passage a line: context = the passage
     without its last word, target = " " + last word. acc: the target is the greedy continuation, token for
-    token; ppl: exp of the mean negative log-likelihood of the targets (lm-eval's lambada metrics)."""
+    token; ppl: exp of the mean negative log-likelihood of the targets (lm-eval's lambada metrics). Contexts are
+    left-truncated to max_len, whose default follows perplexity()'s."""
+    max_len = scoring.model_length(lm.config, DEFAULT_MAX_LEN) if max_len is None else max_len
+    scoring.check_length(lm.config, max_len, "max_len")
     lines = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
     pairs = []
     for i, line in enumerate(lines, 1):

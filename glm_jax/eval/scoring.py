@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax import infilling
+from glm_jax.inputs import position_limit
 from glm_jax.model.layers import dtype_of, matmul
 
 
@@ -46,6 +47,23 @@ def bucket_length(n: int) -> int:
     k = int(np.floor(np.log2(n - 1)))
     step = 2 ** (k - 2)
     return int(-(-n // step) * step)
+
+
+def model_length(cfg, default: int) -> int:
+    """A tool's default length on this model: `default`, or the model's learned positions when it has fewer."""
+    limit = position_limit(cfg)
+    return default if limit is None else min(default, limit)
+
+
+def check_length(cfg, n: int, what: str) -> None:
+    """ValueError when `what` = n tokens is past the model's learned positions: the position table has no rows
+    there, and the model's logits would be NaN (rotary families have no such table)."""
+    limit = position_limit(cfg)
+    if limit is not None and n > limit:
+        raise ValueError(
+            f"{what}={n} is more than the model's {limit} learned positions (max_position_embeddings); "
+            f"give {what} up to {limit}"
+        )
 
 
 def scoring_mode(cfg) -> str:
@@ -196,6 +214,9 @@ class Scorer:
 
     def score(self, rows: Sequence[Row]) -> list[list[Score]]:
         """Scores per row, one per pick (request) of the row."""
+        limit = position_limit(self.lm.config)
+        if limit is not None and rows and (top := max(int(r.pos.max(initial=0)) for r in rows)) >= limit:
+            raise ValueError(f"a row reaches position {top}, past the model's {limit} learned positions")
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
         out: list[list[Score] | None] = [None] * len(rows)
         i = 0
