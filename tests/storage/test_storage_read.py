@@ -130,3 +130,33 @@ def test_load_tokenizer_missing(gcs):
 
     with pytest.raises(FileNotFoundError, match="gs://glm-test/none-such: tokenizer folder not found"):
         load_tokenizer("gs://glm-test/none-such")
+
+
+def test_tensorstore_url_from_storage_emulator_host(gcs, tmp_path):
+    """Only STORAGE_EMULATOR_HOST set (DESIGN §3.11): glm-jax points TensorStore at it too, in a fresh process."""
+    import subprocess
+    import sys
+
+    from convert.cli import main
+
+    name = "chatglm2-6b"
+    assert main(["to-jax", str(FIX / name / "model"), str(tmp_path / "jax")]) == 0
+    url = fresh(gcs, "jax")
+    upload(tmp_path / "jax", url)
+    env = {k: v for k, v in os.environ.items() if k != "TENSORSTORE_GCS_HTTP_URL"}
+    env.pop("XLA_FLAGS", None)
+    code = (
+        "import os, sys, numpy as np, glm_jax; lm = glm_jax.from_pretrained(sys.argv[1]); "
+        "print(os.environ['TENSORSTORE_GCS_HTTP_URL']); "
+        "np.save(sys.argv[2], np.asarray(lm.params['embed']['embedding']))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, url, str(tmp_path / "e.npy")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == os.environ["STORAGE_EMULATOR_HOST"]
+    import torch
+
+    sd = torch.load(FIX / name / "model" / "pytorch_model.bin", weights_only=True)
+    want = sd["transformer.embedding.word_embeddings.weight"].float().numpy()
+    assert np.array_equal(np.load(tmp_path / "e.npy"), want)
