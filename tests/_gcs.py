@@ -86,11 +86,16 @@ class FlakyProxy:
     """HTTP proxy on 127.0.0.1 in front of the emulator. `fail` of the requests (seeded, so a run is reproducible)
     get 503 or 429 without reaching the emulator; `slow` of the others wait up to `delay` s first. With
     deny_writes, every request that would change the store (POST/PUT/PATCH/DELETE) gets 403 instead. Bounded: at
-    most 16 requests in flight; each answer is read whole (the tests move small objects)."""
+    most 16 requests in flight; each answer is read whole (the tests move small objects). uploads_after=N lets
+    N uploads (POST/PUT/PATCH) through, then refuses the rest with 403 (deletes still pass unless deny_writes):
+    a store that fails in the middle of a write."""
 
-    def __init__(self, upstream_port: int, fail=0.0, slow=0.0, delay=0.2, deny_writes=False, seed=0):
+    def __init__(
+        self, upstream_port: int, fail=0.0, slow=0.0, delay=0.2, deny_writes=False, seed=0, uploads_after=None
+    ):
         self.upstream = upstream_port
         self.fail, self.slow, self.delay, self.deny_writes = fail, slow, delay, deny_writes
+        self.uploads_after = uploads_after
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(16)
@@ -147,6 +152,13 @@ class FlakyProxy:
                     if proxy.deny_writes and write:
                         proxy.counts["denied"] += 1
                         return self._error(403, "forbidden")
+                    if proxy.uploads_after is not None and self.command in ("POST", "PUT", "PATCH"):
+                        with proxy.lock:
+                            proxy.uploads_after -= 1
+                            refuse = proxy.uploads_after < 0
+                        if refuse:
+                            proxy.counts["denied"] += 1
+                            return self._error(403, "forbidden")
                     a, b = proxy._draw()
                     if a < proxy.fail:
                         proxy.counts["failed"] += 1

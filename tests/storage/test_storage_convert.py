@@ -154,3 +154,32 @@ def test_store_refusing_writes_exit_2_nothing_written(gcs, capsys, monkeypatch):
     assert dst in line and "permission denied" in line
     assert proxy.counts["denied"] >= 1
     assert objects(dst) == {}
+
+
+@pytest.mark.parametrize("deletes", [True, False])
+def test_write_failing_midway_leaves_nothing_that_looks_complete(gcs, capsys, monkeypatch, deletes):
+    """A few objects get written, then the store refuses: DST is removed again; a store that refuses the deletes too
+    keeps the writing marker, so every reader refuses the half-written folder."""
+    import glm_jax
+
+    dst = fresh("midway")
+    proxy = FlakyProxy(gcs.port, uploads_after=3, deny_writes=False)
+    try:
+        with monkeypatch.context() as m:
+            for k, v in gcs.env(proxy.url).items():
+                m.setenv(k, v)
+            if not deletes:
+                real = storage.rmtree
+                m.setattr(storage, "rmtree", lambda p: proxy.__setattr__("deny_writes", True) or real(p))
+            assert main(["to-jax", str(SRC), dst]) == 2
+    finally:
+        proxy.stop()
+    line = one_error(capsys)
+    assert dst in line and "permission denied" in line
+    left = objects(dst)
+    if deletes:
+        assert left == {}
+    else:
+        assert storage.WRITING_MARKER in left and len(left) >= 2  # the marker and what got written after it
+        with pytest.raises(storage.StorageError, match="half-written"):
+            glm_jax.from_pretrained(dst)
