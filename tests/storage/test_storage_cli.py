@@ -4,15 +4,24 @@ bucket or folder. The prompt ids are checked against the fixture tokenizer's cha
 
 import io
 import json
+import os
 import shutil
+import tempfile
 import uuid
 
 import pytest
 from _fixture_models import FIX
+from _gcs import no_gs_folder
 
 from glm_jax import storage
 
 TOK = FIX / "chat-templates"
+
+
+@pytest.fixture(autouse=True)
+def _no_gs_folder(gcs):
+    yield
+    assert not no_gs_folder(os.getcwd(), tempfile.gettempdir()), "a gs:// URL was taken for a local path"
 
 
 @pytest.fixture(scope="module")
