@@ -24,6 +24,8 @@ interrupted run leaves no DST (and an existing DST, replaced only with --overwri
 one is complete); a later run removes the temporary folders of killed runs and says so (convert/guard.py).
 --overwrite replaces DST and nothing else: DST may never be SRC (or another input) or a folder holding it,
 and an existing DST inside SRC is never replaced; a new DST inside SRC is allowed.
+SRC, DST, --ptuning and --config may be gs:// URLs (convert/remote.py): a gs:// DST is written as a committed
+folder (glm_jax/storage.py: a marker first, removed last), only once the conversion is complete.
 """
 
 from __future__ import annotations
@@ -226,6 +228,16 @@ def _convert(args, src, tmp, mesh, bar) -> dict:
 
 
 def run(args) -> dict:
+    from glm_jax import storage
+
+    if any(storage.is_remote(getattr(args, k, None)) for k in ("src", "dst", "ptuning", "config")):
+        from convert.remote import run_remote
+
+        return run_remote(args, _run_local)
+    return _run_local(args)
+
+
+def _run_local(args) -> dict:
     dst = pathlib.Path(os.path.abspath(args.dst))  # "." and ".." get a name and a parent
     stale = guard.remove_stale(dst)  # first: a restored .old-PID is DST again for the checks
     if stale:
@@ -308,7 +320,7 @@ def main(argv=None) -> int:
         # of times: 5.4 s of start-up, 3.5 s with a larger first threshold (measured); still collected.
         gc.set_threshold(50_000, 20, 100)
     try:
-        from glm_jax.errors import CheckpointFormatError, ConfigError  # the package import pulls in jax
+        from glm_jax.errors import CheckpointFormatError, ConfigError, StorageError  # the import pulls in jax
     except KeyboardInterrupt as e:
         return _interrupted(e)
 
@@ -317,7 +329,7 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         out = run(args)
-    except (BadInput, CheckpointFormatError, ConfigError) as e:
+    except (BadInput, CheckpointFormatError, ConfigError, StorageError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except guard.Interrupted as e:

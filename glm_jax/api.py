@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import storage
 from glm_jax.checkpoint import layout
 from glm_jax.checkpoint.hf import config_from_folder, load_params
 from glm_jax.checkpoint.orbax import is_jax_checkpoint, load_jax
@@ -95,7 +94,7 @@ def from_pretrained(path, dtype: str = "float32", quantize: str | None = None, *
     (config.json's quantization_bit) stay int8 / int4 in memory; quantize="int8" | "int4" quantizes the layer
     linears of a float checkpoint at load (glm_jax/quant/load.py)."""
     cpu_at_first_use()  # before the first backend use: no libtpu probe on a host without a TPU
-    p = pathlib.Path(path)
+    p = storage.as_path(path)
     param_dtype = overrides.pop("param_dtype", dtype)
     if is_jax_checkpoint(p):
         cfg, params = load_jax(p)

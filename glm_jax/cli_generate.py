@@ -279,10 +279,11 @@ class Session:
 
 def load(args):
     """(model, tokenizer, tools) with every bad-input failure turned into UsageError."""
+    from glm_jax import storage
     from glm_jax.config import ConfigError
     from glm_jax.tokenizers import load_tokenizer
 
-    path = pathlib.Path(args.path)
+    path = storage.as_path(args.path)
     try:
         check_model_folder(path)
     except (ConfigError, ValueError, OSError) as e:

@@ -12,3 +12,16 @@ class CheckpointFormatError(ValueError):
 class InputError(ValueError):
     """An argument the model cannot take: an id outside the vocabulary, a wrong shape, a sequence longer than the
     learned positions, or a decode larger than the machine's memory (glm_jax.inputs checks them on the host)."""
+
+
+class StorageError(OSError):
+    """A path that cannot be read or written: a missing bucket or object, a permission error, or a store that kept
+    failing after its retries (glm_jax/storage.py). str() is `PATH: problem`, one line."""
+
+    def __init__(self, problem: str, path: str):
+        import errno
+
+        super().__init__(errno.EIO, problem, path)
+
+    def __str__(self):
+        return f"{self.filename}: {self.strerror}"

@@ -18,3 +18,19 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir():
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """fake-gcs-server on 127.0.0.1 for the whole session (tests/_gcs.py), with every client pointed at it."""
+    from _gcs import Emulator
+
+    emu = Emulator()
+    old = {k: os.environ.get(k) for k in emu.env()}
+    os.environ.update(emu.env())
+    try:
+        yield emu
+    finally:
+        emu.stop()
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -8,6 +8,7 @@ size times its shape), and an index may only name shard files inside the checkpo
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pathlib
@@ -15,6 +16,7 @@ import struct
 
 import numpy as np
 
+from glm_jax import storage
 from glm_jax.dtypes import ST_DTYPES, torch_to_numpy
 from glm_jax.errors import CheckpointFormatError, ConfigError
 
@@ -27,10 +29,12 @@ INDEX_NAMES = {
 
 def read_json_object(f: pathlib.Path, what: str = "") -> dict:
     """A JSON file that must hold an object; ConfigError naming the file otherwise."""
-    if not f.is_file():
-        raise ConfigError(f"{f}: no {what or f.name} in this folder" if what else f"{f}: no such file")
+    with storage.errors(f):
+        if not f.is_file():
+            raise ConfigError(f"{f}: no {what or f.name} in this folder" if what else f"{f}: no such file")
+        text = f.read_text()
     try:
-        d = json.loads(f.read_text())
+        d = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -39,7 +43,7 @@ def read_json_object(f: pathlib.Path, what: str = "") -> dict:
 
 
 def read_config(path) -> dict:
-    return read_json_object(pathlib.Path(path) / "config.json", "config.json")
+    return read_json_object(storage.as_path(path) / "config.json", "config.json")
 
 
 def check_safetensors_header(header, data_bytes: int, where: str) -> None:
@@ -92,22 +96,22 @@ def check_safetensors_header(header, data_bytes: int, where: str) -> None:
 
 
 class SafetensorsFile:
-    """Memory-mapped safetensors reader (exact bytes, bfloat16 via ml_dtypes) of a validated file."""
+    """Safetensors reader (exact bytes, bfloat16 via ml_dtypes) of a validated file: memory-mapped on a local disk;
+    on gs://, the header and then each tensor are ranged reads, so no full copy of the file is ever made."""
 
     def __init__(self, path):
-        self.path = pathlib.Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointFormatError(f"{self.path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise CheckpointFormatError(f"{self.path}: corrupt safetensors header length {n}")
-            try:
-                header = json.loads(fh.read(n).decode("utf-8"))  # UTF-8 only, as the safetensors library
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                raise CheckpointFormatError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.path = storage.as_path(path)
+        self.remote = storage.is_remote(self.path)
+        size = storage.size(self.path)
+        if size < 8:
+            raise CheckpointFormatError(f"{self.path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", storage.read_range(self.path, 0, 8))
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise CheckpointFormatError(f"{self.path}: corrupt safetensors header length {n}")
+        try:
+            header = json.loads(storage.read_range(self.path, 8, 8 + n).decode("utf-8"))  # UTF-8 only, as safetensors
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointFormatError(f"{self.path}: corrupt safetensors header ({e})") from None
         check_safetensors_header(header, size - 8 - n, str(self.path))
         self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
@@ -121,10 +125,13 @@ class SafetensorsFile:
         return tuple(self.header[key]["shape"])
 
     def get(self, key) -> np.ndarray:
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         h = self.header[key]
         a, b = h["data_offsets"]
+        if self.remote:
+            raw = np.frombuffer(storage.read_range(self.path, self.offset + a, self.offset + b), np.uint8)
+            return raw.view(ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mm[self.offset + a : self.offset + b]
         return raw.view(ST_DTYPES[h["dtype"]]).reshape(h["shape"])
 
@@ -135,14 +142,14 @@ class TorchFile:
     def __init__(self, path, subkey=None):
         import torch
 
-        self.path = pathlib.Path(path)
+        self.path = storage.as_path(path)
         try:
-            try:
-                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                sd = torch.load(self.path, map_location="cpu", weights_only=True)
+            if storage.is_remote(self.path):  # a pickle has no ranged reads: it is read whole into memory
+                sd = torch.load(io.BytesIO(storage.read_bytes(self.path)), map_location="cpu", weights_only=True)
+            else:
+                sd = _load_local(self.path)
+        except storage.StorageError:
+            raise
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -170,6 +177,17 @@ class TorchFile:
         return torch_to_numpy(self.sd[key])
 
 
+def _load_local(path):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def tensor_shape(reader, key) -> tuple:
     """A tensor's shape from its reader's header (no data read); readers without `shape` give get(key).shape."""
     if hasattr(reader, "shape"):
@@ -192,7 +210,13 @@ def _shard_inside(folder: pathlib.Path, index: pathlib.Path, name) -> pathlib.Pa
 
 def find_weight_files(path) -> tuple[str, list[pathlib.Path], dict]:
     """(format, files, key -> file map). format is 'safetensors', 'bin' or 'megatron'."""
-    p = pathlib.Path(path)
+    p = storage.as_path(path)
+    storage.check_complete(p)
+    with storage.errors(p):
+        return _find_weight_files(p)
+
+
+def _find_weight_files(p) -> tuple[str, list[pathlib.Path], dict]:
     if not p.is_dir():
         raise CheckpointFormatError(f"{p}: not a checkpoint folder")
     for fmt, (index_name, single) in INDEX_NAMES.items():

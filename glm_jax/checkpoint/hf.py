@@ -10,13 +10,12 @@ allocated for each of its layers.
 
 from __future__ import annotations
 
-import pathlib
 import re
 from collections.abc import Iterator
 
 import numpy as np
 
-from glm_jax import families
+from glm_jax import families, storage
 from glm_jax.checkpoint.files import SafetensorsFile, TorchFile, find_weight_files, read_config, tensor_shape
 from glm_jax.checkpoint.megatron import open_megatron
 from glm_jax.config import GLMConfig
@@ -30,7 +29,7 @@ def config_from_folder(path) -> GLMConfig:
     try:
         cfg = GLMConfig.from_hf(d)
     except ConfigError as e:
-        raise ConfigError(f"{pathlib.Path(path) / 'config.json'}: {e}") from None
+        raise ConfigError(f"{storage.as_path(path) / 'config.json'}: {e}") from None
     fit = families.get(cfg.family).fit_to_checkpoint
     if fit is not None:
         try:
@@ -205,6 +204,6 @@ def load_params(cfg, path, layout=None) -> dict:
     """Params tree (numpy leaves, per-layer `layers_{i}` layout) from an HF checkpoint folder."""
     _, readers = open_weights(path)
     tree: dict = {}
-    for p, a in iter_params(cfg, readers, str(path), layout, str(pathlib.Path(path) / "config.json")):
+    for p, a in iter_params(cfg, readers, str(path), layout, str(storage.as_path(path) / "config.json")):
         _set(tree, p, a)
     return tree

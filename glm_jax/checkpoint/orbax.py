@@ -26,6 +26,7 @@ import pathlib
 
 import numpy as np
 
+from glm_jax import storage
 from glm_jax.checkpoint import layout
 from glm_jax.checkpoint.store import ParamStore
 from glm_jax.config import GLMConfig
@@ -55,9 +56,8 @@ class OrbaxStore:
 
     def __init__(self, directory):
         import orbax.checkpoint as ocp
-        from etils import epath
 
-        self.dir = epath.Path(pathlib.Path(directory).absolute())
+        self.dir = storage.epath_of(directory)
         try:
             with quiet_absl():
                 md = ocp.PyTreeCheckpointer().metadata(self.dir).item_metadata
@@ -155,7 +155,7 @@ def unflatten(flat):
 
 def is_jax_checkpoint(p: pathlib.Path) -> bool:
     """A to-jax folder, a glm-train run directory, or one step of a run (rather than a PyTorch folder)."""
-    p = pathlib.Path(p)
+    p = storage.as_path(p)
     return (
         (p / JSON_NAME).is_file() or (p / "checkpoints").is_dir() or ((p / "params").is_dir() and (p / "meta").is_dir())
     )
@@ -171,7 +171,8 @@ class JaxCheckpoint:
 
 def open_jax(path) -> JaxCheckpoint:
     """Open a to-jax folder, a glm-train run directory (its latest complete step), or one step directory."""
-    p = pathlib.Path(path)
+    p = storage.as_path(path)
+    storage.check_complete(p)
     if (p / JSON_NAME).is_file():
         try:
             meta = json.loads((p / JSON_NAME).read_text())
@@ -220,7 +221,7 @@ def _step_dir(p: pathlib.Path) -> pathlib.Path:
     with quiet_absl():
         try:
             step = ocp.CheckpointManager(
-                ck.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+                storage.epath_of(ck), options=ocp.CheckpointManagerOptions(read_only=True)
             ).latest_step()
         except Exception:
             step = None
@@ -234,7 +235,7 @@ def _read_meta(step: pathlib.Path) -> dict:
 
     try:
         with quiet_absl():
-            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore((step / "meta").absolute())
+            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(storage.epath_of(step / "meta"))
     except Exception as e:
         raise CheckpointFormatError(f"{step / 'meta'}: cannot read the step's meta item ({e})") from None
     if not isinstance(meta, dict):

@@ -100,9 +100,11 @@ def check_args(a) -> None:
         raise UsageError(f"{a.perplexity}: text file not found")
     if a.include_path and not pathlib.Path(a.include_path).is_dir():
         raise UsageError(f"{a.include_path}: task folder not found")
-    if a.tokenizer and not pathlib.Path(a.tokenizer).exists():
+    from glm_jax import storage
+
+    if a.tokenizer and not storage.as_path(a.tokenizer).exists():
         raise UsageError(f"{a.tokenizer}: tokenizer folder not found")
-    if not pathlib.Path(a.path).is_dir():
+    if not storage.as_path(a.path).is_dir():
         raise UsageError(f"{a.path}: model folder not found")
 
 

@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from glm_jax import storage
 from glm_jax.eval import scoring
 from glm_jax.eval.tokenizer import EvalTokenizer
 from glm_jax.model.transformer import param_count
@@ -91,7 +92,7 @@ class GLMLM(TemplateLM):
             raise ValueError(f"glm-jax: unknown model_args {unknown}")
         import glm_jax
 
-        path = pathlib.Path(str(pretrained))
+        path = storage.as_path(str(pretrained))
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: model folder not found")
         self.pretrained = str(path)

@@ -24,6 +24,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+TOKENIZER_PATTERNS = ("tokenization_*.py",)  # remote-code families' tokenizer classes
+
 
 def tokenizer_files(folder) -> list[pathlib.Path]:
     """The tokenizer files present in `folder` (and, for remote-code families, their tokenization_*.py)."""
@@ -31,7 +33,7 @@ def tokenizer_files(folder) -> list[pathlib.Path]:
     if not folder.is_dir():
         return []
     out = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    out += sorted(p for p in folder.glob("tokenization_*.py") if p.is_file())
+    out += sorted(p for g in TOKENIZER_PATTERNS for p in folder.glob(g) if p.is_file())
     return out
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import pathlib
 
-from glm_jax import families
+from glm_jax import families, storage
 from glm_jax.families.base import TokenizerFormat
 from glm_jax.tokenizers.base import GLMTokenizer, read_tokenizer_config
 
@@ -68,6 +70,29 @@ def _named_format(folder: str, model_file: str | None, chat_format: str) -> tupl
     return t, paths[0]
 
 
+def _load_remote(url: str, chat_format, **kwargs) -> GLMTokenizer:
+    """A gs:// tokenizer: its files are small, so they are copied into a temporary folder and loaded from there
+    (every tokenizer reads its files whole when it is built); errors name the URL, not the copy."""
+    import tempfile
+
+    from glm_jax.tokenizers.files import TOKENIZER_FILES, TOKENIZER_PATTERNS
+    from glm_jax.tokenizers.sentencepiece import MODEL_FILE
+
+    url = url.rstrip("/")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{url}: tokenizer folder not found")
+    folder, name = (url, None) if storage.isdir(url) else url.rsplit("/", 1)
+    names = storage.listdir(folder)
+    wanted = set(TOKENIZER_FILES) | {MODEL_FILE, "config.json"} | ({name} if name else set())
+    picked = [n for n in names if n in wanted or any(fnmatch.fnmatch(n, g) for g in TOKENIZER_PATTERNS)]
+    with tempfile.TemporaryDirectory(prefix="glm-tokenizer-") as tmp:
+        storage.download_folder(folder, pathlib.Path(tmp), picked)
+        try:
+            return load_tokenizer(os.path.join(tmp, name) if name else tmp, chat_format, **kwargs)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(str(e).replace(tmp, folder)) from None
+
+
 def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTokenizer:
     """Tokenizer of a folder, or of a tokenizer file (its folder's tokenizer_config.json is read too).
 
@@ -80,6 +105,8 @@ def load_tokenizer(path: str, chat_format: str | None = None, **kwargs) -> GLMTo
     (e.g. num_image_tokens, encode_special_tokens, template_variant).
     """
     path = os.fspath(path)
+    if storage.is_remote(path):
+        return _load_remote(path, chat_format, **kwargs)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: tokenizer folder not found")
     model_file = None if os.path.isdir(path) else path
