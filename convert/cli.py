@@ -233,7 +233,7 @@ def run(args) -> dict:
     if any(storage.is_remote(getattr(args, k, None)) for k in ("src", "dst", "ptuning", "config")):
         from convert.remote import run_remote
 
-        return run_remote(args, _run_local)
+        return run_remote(args, _run_local, BadInput)
     return _run_local(args)
 
 

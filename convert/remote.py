@@ -71,25 +71,24 @@ def _stage_inputs(args, work: pathlib.Path, bad_input) -> dict:
     return names
 
 
-def run_remote(args, run_local) -> dict:
-    from convert.cli import BadInput
-
+def run_remote(args, run_local, bad_input) -> dict:
+    """run_local(args) with gs:// inputs staged and a gs:// DST uploaded; `bad_input`: the CLI's exit-2 error."""
     args = copy.copy(args)
     dst = _url(args.dst) if storage.is_remote(args.dst) else None
     if dst is not None:
         _bucket(dst)
         inputs = [("source", args.src)] + [(f"--{o} input", getattr(args, o, None)) for o in ("ptuning", "config")]
-        _protect(dst, [(n, p) for n, p in inputs if p], args.overwrite, BadInput)
+        _protect(dst, [(n, p) for n, p in inputs if p], args.overwrite, bad_input)
     with tempfile.TemporaryDirectory(prefix="glm-convert-") as tmp:
         work = pathlib.Path(tmp)
         names = {}
         try:
-            names = _stage_inputs(args, work, BadInput)
+            names = _stage_inputs(args, work, bad_input)
             if dst is not None:
                 args.dst = str(work / "out")
                 args.overwrite = False
             out = run_local(args)
-        except (BadInput, CheckpointFormatError, ConfigError) as e:
+        except (bad_input, CheckpointFormatError, ConfigError) as e:
             text = str(e)
             for local, url in names.items():
                 text = text.replace(local, url)
