@@ -32,19 +32,22 @@ class LayerBody(nn.Module):
 
     cfg: GLMConfig
     moe: bool = False
+    indexer: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, xs, position_ids, mask, cache_index):
+    def __call__(self, carry, xs, position_ids, mask, cache_index):
+        """carry: the hidden states, or (hidden states, the last DSA choice) on glm-moe-dsa."""
+        x_BTD, topk = carry if isinstance(carry, tuple) else (carry, None)
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        y, new_cache = block(self.cfg, moe=self.moe, name="block")(
-            x_BTD, position_ids, mask, xs.get("prefix"), xs.get("cache"), cache_index
+        y, new_cache, topk = block(self.cfg, moe=self.moe, indexer=self.indexer, name="block")(
+            x_BTD, position_ids, mask, xs.get("prefix"), xs.get("cache"), cache_index, topk
         )
         ys = {"hidden": x_BTD}
         if new_cache is not None:
             ys["cache"] = new_cache
-        return y, ys
+        return ((y, topk) if isinstance(carry, tuple) else y), ys
 
 
 class PrefixEncoder(nn.Module):
@@ -99,11 +102,14 @@ class GLMModel(nn.Module):
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=s.length,
                     metadata_params={nn.PARTITION_NAME: "layers"},
-                )(c, c.is_moe_layer(s.start), name=s.name)
+                )(c, c.is_moe_layer(s.start), c.has_indexer(s.start), name=s.name)
                 for s in layout.stacks(c)
             ]
         else:
-            self.layers = [LayerBody(c, c.is_moe_layer(i), name=layout.layer_path(i)) for i in range(c.num_layers)]
+            self.layers = [
+                LayerBody(c, c.is_moe_layer(i), c.has_indexer(i), name=layout.layer_path(i))
+                for i in range(c.num_layers)
+            ]
         self.mtp_layers = [MTPLayer(c, name=f"mtp_{i}") for i in range(c.num_mtp_layers)]
         if c.final_norm:
             self.final_norm = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype)
@@ -164,24 +170,30 @@ class GLMModel(nn.Module):
             B = input_ids.shape[0]
             kv = jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (B,) + kv.shape[2:])
             xs["prefix"] = (kv[:, 0], kv[:, 1])
-        per_layer = cache is not None and isinstance(cache["k"], (tuple, list))
+        names = tuple(cache_layout(c, 0, 0)) if cache is not None else ()  # in cache_layout's order
+        per_layer = cache is not None and isinstance(cache[names[0]], (tuple, list))
         if cache is not None:
             if per_layer and c.scan_layers:
-                raise ValueError("scan_layers models take a stacked [L, B·K, S, H] cache (init_cache gives one)")
-            xs["cache"] = (cache["k"], cache["v"])
+                raise ValueError("scan_layers models take a stacked [L, ...] cache (init_cache gives one)")
+            xs["cache"] = tuple(cache[n] for n in names)
 
+        carry = x
+        if c.index_topk:  # DSA: the last full layer's choice of keys travels with the hidden states
+            S = ids.shape[1] if cache is None else xs["cache"][0][0].shape[1] if per_layer else xs["cache"][0].shape[2]
+            carry = (x, jnp.zeros((ids.shape[0], ids.shape[1], min(c.index_topk, S)), jnp.int32))
         if c.scan_layers:
-            x, ys = self._scan(x, xs, positions, mask, cache_index)
+            carry, ys = self._scan(carry, xs, positions, mask, cache_index)
         else:
             outs = []
             for i, layer in enumerate(self.layers):
-                xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer else _index(v, i) for k, v in xs.items()}
-                x, y = layer(x, xi, positions, mask, cache_index)
+                xi = {k: tuple(a[i] for a in v) if k == "cache" and per_layer else _index(v, i) for k, v in xs.items()}
+                carry, y = layer(carry, xi, positions, mask, cache_index)
                 outs.append(y)
             cache_out = [y.pop("cache") for y in outs] if per_layer else None
             ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
             if per_layer:
                 ys["cache"] = tuple(zip(*cache_out))
+        x = carry[0] if isinstance(carry, tuple) else carry
         x = from_balanced(x, C)  # natural order again (a no-op without context parallelism)
         last = x
         if c.final_norm:
@@ -194,8 +206,7 @@ class GLMModel(nn.Module):
         if self.mtp_layers and self.is_initializing():  # create the MTP layers' params
             mtp_logits(self.mtp_layers, x, input_ids, position_ids, mask)
         if cache is not None:
-            k, v = ys["cache"]
-            return logits, {"k": k, "v": v}
+            return logits, dict(zip(names, ys["cache"]))
         if return_hidden:
             return logits, {"layer_inputs": from_balanced(ys["hidden"], C, axis=2), "last": last, "final": x}
         return logits
@@ -263,17 +274,40 @@ def _init_model(cfg):
     return GLMModel(cfg.replace(attention="xla"))
 
 
+def cache_layout(cfg: GLMConfig, batch: int, length: int) -> dict:
+    """{name: per-layer shapes} of the decode cache. GQA: "k" and "v" [B·K, S, H] (batch and kv head flattened,
+    batch-major). MLA: only the normed kv latent [B, S, kv_lora_rank] and the rotary key [B, S, rope_dim], shared
+    by every head, plus on glm-moe-dsa the indexer key [B, S, index_head_dim] of layers that run their own
+    indexer (a layer that reuses another's choice holds an empty [B, 0, index_head_dim])."""
+    L = range(cfg.num_layers)
+    if not cfg.mla:
+        shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
+        return {"k": [shape for _ in L], "v": [shape for _ in L]}
+    out = {
+        "latent": [(batch, length, cfg.kv_lora_rank) for _ in L],
+        "k_rope": [(batch, length, cfg.rope_dim) for _ in L],
+    }
+    if cfg.index_topk:
+        out["index_k"] = [(batch, length if cfg.has_indexer(i) else 0, cfg.index_head_dim) for i in L]
+    return out
+
+
 def init_cache(cfg: GLMConfig, batch: int, length: int, per_layer=None) -> dict:
-    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B·K, S, H] arrays (batch and kv head flattened,
-    batch-major), or stacked [L, B·K, S, H]. By default in the form the model consumes as is: stacked for
-    scan_layers, per layer otherwise."""
-    shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
+    """An empty decode cache for GLMModel (cache_layout's arrays): per name a tuple of L per-layer arrays, or
+    stacked [L, ...] (every layer at the largest per-layer shape). By default in the form the model consumes as
+    is: stacked for scan_layers, per layer otherwise."""
     dt = dtype_of(cfg.dtype)
     if per_layer is None:
         per_layer = not cfg.scan_layers
+    spec = cache_layout(cfg, batch, length)
     if per_layer:
-        return {n: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for n in ("k", "v")}
-    return {n: jnp.zeros((cfg.num_layers,) + shape, dt) for n in ("k", "v")}
+        return {n: tuple(jnp.zeros(s, dt) for s in shapes) for n, shapes in spec.items()}
+    return {n: jnp.zeros((cfg.num_layers,) + max(shapes), dt) for n, shapes in spec.items()}
+
+
+def cache_shapes(cfg: GLMConfig, batch: int, max_len: int, dtype: str = "bfloat16"):
+    """The cache lm.generate allocates for `batch` rows of `max_len` tokens, as jax.ShapeDtypeStruct leaves."""
+    return jax.eval_shape(lambda: init_cache(cfg.replace(dtype=dtype), batch, max_len))
 
 
 @functools.lru_cache(maxsize=32)
