@@ -47,9 +47,10 @@ def test_logits_and_greedy_ids_match_reference(name, sub, scan):
 
 
 @pytest.mark.parametrize("name", [LITE, DSA])
-def test_hidden_states_match_reference(name):
+@pytest.mark.parametrize("attention", ["xla", "flash"])  # flash: MLA takes the default mask densely (no kernel yet)
+def test_hidden_states_match_reference(name, attention):
     d = _io(name)
-    lm = glm_jax.from_pretrained(FIX / name / "model")
+    lm = glm_jax.from_pretrained(FIX / name / "model", attention=attention)
     real = d["attention_mask"] == 1
     _, hid = lm.module.apply(
         {"params": lm.params},

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.model.attention import NEG, softmax
+from glm_jax.model.context import context_shards
 from glm_jax.model.indexer import Indexer, select
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, param
 from glm_jax.model.masks import MaskSpec, dense_mask
@@ -98,6 +99,8 @@ class MLA(nn.Module):
         dt = dtype_of(c.dtype)
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         if isinstance(mask, MaskSpec):
+            if context_shards(x_BTD.shape[1]) > 1:  # the tokens arrive in balanced order: dense_mask would be wrong
+                raise NotImplementedError("context parallelism (mesh.context > 1) is not implemented for MLA")
             mask = dense_mask(mask, x_BTD.shape[1])
 
         def latent_norm(name):
