@@ -4,10 +4,10 @@ from glm_jax.config import ConfigError, GLMConfig  # noqa: F401
 
 
 def __getattr__(name):  # heavy or optional pieces load on first use
-    if name == "param_shapes":
+    if name in ("param_shapes", "cache_shapes"):
         import importlib
 
-        return importlib.import_module("glm_jax.model.transformer").param_shapes
+        return getattr(importlib.import_module("glm_jax.model.transformer"), name)
     if name in ("from_pretrained", "GLM"):
         import importlib
 

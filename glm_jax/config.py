@@ -51,6 +51,7 @@ MaskRule = Literal["causal", "prefix_until_sop", "sep_at_sop"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
 Attention = Literal["xla", "flash", "auto"]
+AttentionKind = Literal["gqa", "mla"]  # separate q/k/v heads, or multi-head latent attention (glm_jax/model/mla.py)
 QuantBits = Literal[0, 4, 8]  # weight-only quantization of the layer linears (glm_jax/quant/)
 
 _POSITIVE_INTS = (
@@ -76,7 +77,15 @@ _NON_NEGATIVE_INTS = (
     "n_group",
     "topk_group",
     "num_mtp_layers",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "v_head_dim",
+    "index_topk",
+    "index_n_heads",
+    "index_head_dim",
 )
+MLP_LAYER_TYPES = ("dense", "sparse")
+INDEXER_TYPES = ("full", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +132,22 @@ class GLMConfig:
     norm_topk_prob: bool = True  # renormalise the chosen experts' sigmoid scores to sum 1
     routed_scaling_factor: float = 1.0
     num_mtp_layers: int = 0  # multi-token-prediction layers stored after the last layer (num_nextn_predict_layers)
+    # per layer "dense" (ffn_size SwiGLU) or "sparse" (the experts); () = the first_k_dense_replace rule
+    mlp_layer_types: tuple = ()
+    # multi-head latent attention (GLM-4.7-Flash, GLM-5; attention_kind="mla"): head_dim is the query/key head
+    # width, qk_nope_head_dim + qk_rope_head_dim, and rope_dim its rotary part (qk_rope_head_dim); the rotation
+    # style is `position_encoding` (rope_interleaved or rope_half), on the rope slice only
+    attention_kind: AttentionKind = "gqa"
+    q_lora_rank: int = 0  # the query's low-rank latent (q_a_proj, q_a_layernorm, q_b_proj); 0: one q_proj
+    kv_lora_rank: int = 0  # the shared kv latent that kv_b_proj expands into each head's [k_nope | v]
+    v_head_dim: int = 0  # value head width (MLA; 0: head_dim)
+    latent_norm_eps: float = 1e-6  # eps of the q and kv latents' RMSNorms (transformers keeps its 1e-6 default)
+    # DeepSeek sparse attention (GLM-5): each query attends to the index_topk keys its indexer scores highest;
+    # indexer_types[i] "full" runs layer i's own indexer, "shared" reuses the last full layer's choice
+    index_topk: int = 0  # 0: dense attention
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    indexer_types: tuple = ()
     # default masks and positions when the caller gives none
     mask_rule: MaskRule = "causal"
     position_rule: PositionRule = "sequential"
@@ -150,14 +175,40 @@ class GLMConfig:
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("eos_token_id", "mlp_layer_types", "indexer_types"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _validate(self)
 
     # ------------------------------------------------------------------ derived properties
     def is_moe_layer(self, i: int) -> bool:
         """Layer i has routed experts (the MTP layers always do)."""
+        if self.mlp_layer_types and i < self.num_layers:
+            return self.num_experts > 0 and self.mlp_layer_types[i] == "sparse"
         return self.num_experts > 0 and i >= self.first_k_dense_replace
+
+    def has_indexer(self, i: int) -> bool:
+        """Layer i runs its own DSA indexer (the MTP layers do; "shared" layers reuse the last full one's)."""
+        if not self.index_topk:
+            return False
+        return i >= self.num_layers or not self.indexer_types or self.indexer_types[i] == "full"
+
+    def layer_kind(self, i: int) -> tuple:
+        """What makes layer i's params differ from another's: (routed experts, own indexer)."""
+        return (self.is_moe_layer(i), self.has_indexer(i))
+
+    @property
+    def mla(self) -> bool:
+        return self.attention_kind == "mla"
+
+    @property
+    def qk_nope_head_dim(self) -> int:
+        """MLA: the query/key width without rotary."""
+        return self.head_dim - self.rope_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     def replace(self, **kw) -> GLMConfig:
         return dataclasses.replace(self, **kw)
@@ -180,6 +231,8 @@ class GLMConfig:
         """Every field, JSON-serialisable (the original config.json included under hf_config)."""
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
+        d["mlp_layer_types"] = list(self.mlp_layer_types)
+        d["indexer_types"] = list(self.indexer_types)
         return d
 
     @staticmethod
@@ -189,6 +242,8 @@ class GLMConfig:
         if unknown:
             raise ConfigError(f"unknown GLMConfig field(s): {sorted(unknown)}")
         d = {**d, "eos_token_id": tuple(d.get("eos_token_id") or ())}
+        for name in ("mlp_layer_types", "indexer_types"):
+            d[name] = tuple(d.get(name) or ())
         return GLMConfig(**d)
 
     # ------------------------------------------------------------------ presets and config.json
@@ -263,7 +318,35 @@ def _validate(c: GLMConfig) -> None:
             )
     elif c.num_mtp_layers:
         raise ConfigError("num_mtp_layers needs num_experts > 0 (the MTP layer is a mixture-of-experts block)")
-    for name in ("norm_eps", "rope_base", "rope_position_scale", "residual_alpha", "routed_scaling_factor"):
+    for name, allowed in (("mlp_layer_types", MLP_LAYER_TYPES), ("indexer_types", INDEXER_TYPES)):
+        v = getattr(c, name)
+        if v and (len(v) != c.num_layers or any(t not in allowed for t in v)):
+            raise ConfigError(f"{name} must list one of {allowed} per layer ({c.num_layers}), got {list(v)!r}")
+    if c.mla:
+        if not c.kv_lora_rank or not 0 < c.rope_dim < c.head_dim or c.num_kv_heads != c.num_heads:
+            raise ConfigError(
+                f"attention_kind='mla' needs kv_lora_rank > 0 (got {c.kv_lora_rank}), 0 < rope_dim < head_dim "
+                f"(got {c.rope_dim}, {c.head_dim}) and num_kv_heads == num_heads"
+            )
+        if c.pre_seq_len:
+            raise ConfigError("P-Tuning v2 prefixes are per-head keys and values: not defined for attention_kind='mla'")
+    if c.index_topk:
+        if not c.mla or not c.q_lora_rank or c.index_n_heads < 1 or not c.rope_dim <= c.index_head_dim:
+            raise ConfigError(
+                f"index_topk needs attention_kind='mla' with q_lora_rank > 0, index_n_heads >= 1 and "
+                f"index_head_dim >= rope_dim (got {c.attention_kind!r}, {c.q_lora_rank}, {c.index_n_heads}, "
+                f"{c.index_head_dim}, {c.rope_dim})"
+            )
+        if c.indexer_types and c.indexer_types[0] != "full":
+            raise ConfigError("indexer_types[0] must be 'full' (a shared layer reuses an earlier one's choice)")
+    for name in (
+        "norm_eps",
+        "latent_norm_eps",
+        "rope_base",
+        "rope_position_scale",
+        "residual_alpha",
+        "routed_scaling_factor",
+    ):
         v = getattr(c, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or v != v or v == float("inf"):
             raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")

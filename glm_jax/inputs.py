@@ -207,17 +207,20 @@ def check_generate(cfg, input_ids, attention_mask=None, max_new_tokens=32, tempe
 
 
 def decode_memory_bytes(cfg, batch: int, prefill_len: int, cache_len: int) -> dict:
-    """Bytes a KV-cached decode allocates beyond the params, by part: the cache (keys and values of every layer in
-    the compute dtype, 2·L·B·K·S·H), and the prefill's largest transients on the XLA attention path (which decoding
-    with a cache takes): float32 scores and their softmax [B, N, T, S], the dense mask [B, T, S] and the float32
-    logits [B, T, V]. Measured on XLA:CPU, a prefill's peak is the sum within a few percent."""
+    """Bytes a KV-cached decode allocates beyond the params, by part: the cache (model/transformer.py's
+    cache_layout in the compute dtype: keys and values of every layer, 2·L·B·K·S·H, or MLA's latents), and the
+    prefill's largest transients on the XLA attention path (which decoding with a cache takes): float32 scores and
+    their softmax [B, N, T, S], the dense mask [B, T, S] and the float32 logits [B, T, V]. Measured on XLA:CPU, a
+    prefill's peak is the sum within a few percent."""
     import jax.numpy as jnp
+
+    from glm_jax.model.transformer import cache_layout
 
     item = jnp.dtype(cfg.dtype).itemsize
     B, T, S = int(batch), int(prefill_len), int(cache_len)
     keys = S + cfg.pre_seq_len  # P-Tuning prefixes are more keys
     return {
-        "kv_cache": 2 * cfg.num_layers * B * cfg.num_kv_heads * S * cfg.head_dim * item,
+        "kv_cache": sum(math.prod(s) for shapes in cache_layout(cfg, B, S).values() for s in shapes) * item,
         "attention": B * cfg.num_heads * T * keys * (4 + item) + B * T * keys,
         "logits": B * T * cfg.vocab_size * 4,
     }

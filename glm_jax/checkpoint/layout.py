@@ -5,6 +5,8 @@ A model's params name its layers in one of two layouts:
 - stacked: under scan_layers each run of layers with the same params is one nn.scan stack whose leaves carry a
   leading layer axis. A model whose layers all look alike has one stack, `layers/`. GLM-4.5's leading dense-MLP
   layers differ from its MoE layers, so they get a stack of their own, `dense_layers/`, ahead of `layers/`.
+  Any other pattern of layer kinds (`GLMConfig.layer_kind`: dense or MoE MLP, own DSA indexer or a shared one)
+  gets one stack per run of equal layers, `layers_from_{start}/`.
 
 Every reader, writer, adapter merger, quantizer and trainer rule asks this module which stacks exist (`stacks`,
 from a config; `stored_stacks`, from a params tree or a checkpoint's leaves) and where layer i lives (`locate`),
@@ -21,6 +23,7 @@ import numpy as np
 DENSE = "dense_layers"  # GLM-4.5's leading dense layers (MoE configs only)
 MAIN = "layers"  # every other layer
 STACK_NAMES = (DENSE, MAIN)  # in layer order
+_RUN = re.compile(r"layers_from_(\d+)$")  # a stack of a model with more than these two kinds of layer
 _PER_LAYER = re.compile(r"layers_(\d+)(?:/(.*))?$")
 
 
@@ -48,24 +51,39 @@ def parse_layer_path(path: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2) or "") if m else None
 
 
-def num_dense(cfg) -> int:
-    """Leading layers whose params differ from the rest (GLM-4.5's dense-MLP layers ahead of its MoE layers)."""
-    k = min(cfg.first_k_dense_replace, cfg.num_layers)
-    return k if cfg.num_experts and 0 < k < cfg.num_layers else 0
+def runs(cfg) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive layers of one kind (GLMConfig.layer_kind)."""
+    out = []
+    for i in range(cfg.num_layers):
+        if out and cfg.layer_kind(i) == cfg.layer_kind(out[-1][0]):
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 def stacks(cfg) -> tuple[Stack, ...]:
     """The stacks of a scan_layers model of this config, in layer order."""
-    k = num_dense(cfg)
-    main = Stack(MAIN, k, cfg.num_layers)
-    return (Stack(DENSE, 0, k), main) if k else (main,)
+    r = runs(cfg)
+    if len(r) == 1:
+        return (Stack(MAIN, 0, cfg.num_layers),)
+    if len(r) == 2 and not cfg.is_moe_layer(0) and cfg.has_indexer(0) == cfg.has_indexer(r[1][0]):
+        return (Stack(DENSE, *r[0]), Stack(MAIN, *r[1]))  # GLM-4.5's dense layers ahead of its MoE layers
+    return tuple(Stack(f"layers_from_{a}", a, b) for a, b in r)
+
+
+def _stack_names(tree) -> list:
+    """The stack folders a tree holds, in layer order."""
+    keys = {p.split("/", 1)[0] for p in tree}
+    runs_ = sorted((int(m.group(1)), k) for k in keys if (m := _RUN.match(k)))
+    return [n for n in STACK_NAMES if n in keys] + [k for _, k in runs_]
 
 
 def stored_stacks(tree) -> tuple[Stack, ...]:
     """The stacks a params tree holds (nested dicts, or a flat {path: leaf} dict of arrays or shape-carrying
     metadata); () for a per-layer tree."""
     out, start = [], 0
-    for name in STACK_NAMES:
+    for name in _stack_names(tree):
         leaf = _first_leaf(tree, name)
         if leaf is not None:
             n = int(tuple(leaf.shape)[0])
@@ -85,7 +103,8 @@ def _first_leaf(tree, name):
 
 def is_stacked(path: str) -> bool:
     """A path inside a stack (its leaves lead with the layer axis)."""
-    return path.split("/", 1)[0] in STACK_NAMES
+    head = path.split("/", 1)[0]
+    return head in STACK_NAMES or _RUN.match(head) is not None
 
 
 def locate(path: str, held: tuple[Stack, ...]) -> tuple[str, int | None]:
@@ -131,7 +150,8 @@ def unstack(params: dict) -> dict:
     held = stored_stacks(params)
     if not held:
         return params
-    out = {k: v for k, v in params.items() if k not in STACK_NAMES}
+    names = set(_stack_names(params))
+    out = {k: v for k, v in params.items() if k not in names}
     for s in held:
         for j in range(s.length):
             out[layer_path(s.start + j)] = jax.tree.map(lambda a, j=j: a[j], params[s.name])

@@ -11,12 +11,12 @@ asked before ChatGLM-6B, whose remote-code names it shares).
 from __future__ import annotations
 
 from glm_jax.errors import ConfigError
-from glm_jax.families import chatglm, chatglm2, glm, glm4, glm4_moe, glm_hf
+from glm_jax.families import chatglm, chatglm2, glm, glm4, glm4_moe, glm4_moe_lite, glm_hf, glm_moe_dsa
 from glm_jax.families.base import Family
 from glm_jax.families.rows import expand
 from glm_jax.quant.rows import stored_rows
 
-_MODULES = (glm, chatglm2, chatglm, glm4, glm4_moe, glm_hf)
+_MODULES = (glm, chatglm2, chatglm, glm4, glm4_moe, glm4_moe_lite, glm_moe_dsa, glm_hf)
 _BY_ID = {m.FAMILY.id: m.FAMILY for m in _MODULES}
 IDS = tuple(_BY_ID)
 

@@ -64,7 +64,7 @@ class MTPLayer(nn.Module):
         a = jnp.concatenate([norm("enorm")(e), norm("hnorm")(h_BTD)], axis=-1)
         D = c.hidden_size
         x = Dense((2 * D,), (D,), ("mlp", "embed"), False, name="eh_proj", **kw)(a)
-        x, _ = Block(c, moe=True, name="block")(x, position_ids, mask)
+        x, _, _ = Block(c, moe=True, indexer=c.index_topk > 0, name="block")(x, position_ids, mask)
         h = norm("head_norm")(x)
         logits = Dense((D,), (c.vocab_size,), ("embed", "vocab"), False, name="head", **kw)(h)
         return logits.astype(jnp.float32), h

@@ -32,19 +32,22 @@ class LayerBody(nn.Module):
 
     cfg: GLMConfig
     moe: bool = False
+    indexer: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, xs, position_ids, mask, cache_index):
+    def __call__(self, carry, xs, position_ids, mask, cache_index):
+        """carry: the hidden states, or (hidden states, the last DSA choice) on glm-moe-dsa."""
+        x_BTD, topk = carry if isinstance(carry, tuple) else (carry, None)
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        y, new_cache = block(self.cfg, moe=self.moe, name="block")(
-            x_BTD, position_ids, mask, xs.get("prefix"), xs.get("cache"), cache_index
+        y, new_cache, topk = block(self.cfg, moe=self.moe, indexer=self.indexer, name="block")(
+            x_BTD, position_ids, mask, xs.get("prefix"), xs.get("cache"), cache_index, topk
         )
         ys = {"hidden": x_BTD}
         if new_cache is not None:
             ys["cache"] = new_cache
-        return y, ys
+        return ((y, topk) if isinstance(carry, tuple) else y), ys
 
 
 class PrefixEncoder(nn.Module):
@@ -99,11 +102,14 @@ class GLMModel(nn.Module):
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=s.length,
                     metadata_params={nn.PARTITION_NAME: "layers"},
-                )(c, c.is_moe_layer(s.start), name=s.name)
+                )(c, c.is_moe_layer(s.start), c.has_indexer(s.start), name=s.name)
                 for s in layout.stacks(c)
             ]
         else:
-            self.layers = [LayerBody(c, c.is_moe_layer(i), name=layout.layer_path(i)) for i in range(c.num_layers)]
+            self.layers = [
+                LayerBody(c, c.is_moe_layer(i), c.has_indexer(i), name=layout.layer_path(i))
+                for i in range(c.num_layers)
+            ]
         self.mtp_layers = [MTPLayer(c, name=f"mtp_{i}") for i in range(c.num_mtp_layers)]
         if c.final_norm:
             self.final_norm = Norm(c.norm, c.norm_eps, c.dtype, c.param_dtype)
@@ -120,7 +126,7 @@ class GLMModel(nn.Module):
         """(logits [B, T, V] float32, Hidden): the forward with its hidden states, for losses that run their own
         output projection (train/loss.py), the MTP layers and the hidden-state parity tests."""
         inp = self._inputs(input_ids, attention_mask, position_ids, prefix_len, segment_ids, cache=None)
-        x, ys = self._layers(inp.x, inp.xs, inp.positions, inp.mask, None)
+        x, ys = self._layers(inp, None)
         x = from_balanced(x, inp.shards)  # natural order again (a no-op without context parallelism)
         logits, final = self._head(x)
         if self.mtp_layers and self.is_initializing():  # create the MTP layers' params
@@ -128,18 +134,18 @@ class GLMModel(nn.Module):
         return logits, Hidden(from_balanced(ys["hidden"], inp.shards, axis=2), x, final)
 
     def decode(self, input_ids, allowed_BTS, position_ids, cache, cache_index):
-        """(logits [B, T, V] float32, new cache): T tokens written into `cache` (from `init_cache`: {"k","v"}
-        stacked [L, B·K, S, H], or without scan_layers per-layer tuples of L [B·K, S, H] arrays, which XLA
-        updates in place instead of slicing and re-stacking) at columns cache_index.., attending where
-        `allowed_BTS` [B, T, S] says. The cache comes back in the form it was given."""
-        per_layer = isinstance(cache["k"], (tuple, list))
+        """(logits [B, T, V] float32, new cache): T tokens written into `cache` (from `init_cache`: cache_layout's
+        arrays, stacked [L, ...], or without scan_layers per-layer tuples, which XLA updates in place instead of
+        slicing and re-stacking) at columns cache_index.., attending where `allowed_BTS` [B, T, S] says. The
+        cache comes back in the form it was given."""
+        names = tuple(cache_layout(self.cfg, 0, 0))  # in cache_layout's order (jit hands dicts back key-sorted)
+        per_layer = isinstance(cache[names[0]], (tuple, list))
         if per_layer and self.cfg.scan_layers:
-            raise ValueError("scan_layers models take a stacked [L, B·K, S, H] cache (init_cache gives one)")
-        inp = self._inputs(input_ids, allowed_BTS, position_ids, None, None, cache=(cache["k"], cache["v"]))
-        x, ys = self._layers(inp.x, inp.xs, inp.positions, inp.mask, cache_index, per_layer_cache=per_layer)
+            raise ValueError("scan_layers models take a stacked [L, ...] cache (init_cache gives one)")
+        inp = self._inputs(input_ids, allowed_BTS, position_ids, None, None, cache=tuple(cache[n] for n in names))
+        x, ys = self._layers(inp, cache_index, per_layer_cache=per_layer)
         logits, _ = self._head(x)
-        k, v = ys["cache"]
-        return logits, {"k": k, "v": v}
+        return logits, dict(zip(names, ys["cache"]))
 
     def mtp(
         self,
@@ -202,25 +208,35 @@ class GLMModel(nn.Module):
             xs["cache"] = cache
         return Inputs(x, input_ids, positions, natural, mask, C, xs)
 
-    def _layers(self, x, xs, positions, mask, cache_index, per_layer_cache=False):
+    def _layers(self, inp, cache_index, per_layer_cache=False):
         """The decoder layers: (x, ys) with ys["hidden"] each layer's input [L, B, T, D] (and ys["cache"])."""
-        if self.cfg.scan_layers:
+        c, xs = self.cfg, inp.xs
+        carry = inp.x
+        if c.index_topk:  # DSA: the last full layer's choice of keys travels with the hidden states
+            B, T = inp.ids.shape
+            S = T if "cache" not in xs else xs["cache"][0][0].shape[1] if per_layer_cache else xs["cache"][0].shape[2]
+            carry = (carry, jnp.zeros((B, T, min(c.index_topk, S)), jnp.int32))
+        if c.scan_layers:
             ys = []
-            for stack, s in zip(self.stacks, layout.stacks(self.cfg)):
+            for stack, s in zip(self.stacks, layout.stacks(c)):
                 part = jax.tree.map(lambda a, s=s: a[s.start : s.stop], xs)
-                x, y = stack(x, part, positions, mask, cache_index)
+                carry, y = stack(carry, part, inp.positions, inp.mask, cache_index)
                 ys.append(y)
-            return x, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
-        outs = []
-        for i, layer in enumerate(self.layers):
-            xi = {k: (v[0][i], v[1][i]) if k == "cache" and per_layer_cache else _index(v, i) for k, v in xs.items()}
-            x, y = layer(x, xi, positions, mask, cache_index)
-            outs.append(y)
-        cache_out = [y.pop("cache") for y in outs] if per_layer_cache else None
-        ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        if per_layer_cache:
-            ys["cache"] = tuple(zip(*cache_out))
-        return x, ys
+            ys = jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
+        else:
+            outs = []
+            for i, layer in enumerate(self.layers):
+                xi = {
+                    k: tuple(a[i] for a in v) if k == "cache" and per_layer_cache else _index(v, i)
+                    for k, v in xs.items()
+                }
+                carry, y = layer(carry, xi, inp.positions, inp.mask, cache_index)
+                outs.append(y)
+            cache_out = [y.pop("cache") for y in outs] if per_layer_cache else None
+            ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            if per_layer_cache:
+                ys["cache"] = tuple(zip(*cache_out))
+        return (carry[0] if isinstance(carry, tuple) else carry), ys
 
     def _head(self, x):
         """(logits [B, T, V] float32, the final-normed hidden states)."""
@@ -294,17 +310,40 @@ def _init_model(cfg):
     return GLMModel(cfg.replace(attention="xla"))
 
 
+def cache_layout(cfg: GLMConfig, batch: int, length: int) -> dict:
+    """{name: per-layer shapes} of the decode cache. GQA: "k" and "v" [B·K, S, H] (batch and kv head flattened,
+    batch-major). MLA: only the normed kv latent [B, S, kv_lora_rank] and the rotary key [B, S, rope_dim], shared
+    by every head, plus on glm-moe-dsa the indexer key [B, S, index_head_dim] of layers that run their own
+    indexer (a layer that reuses another's choice holds an empty [B, 0, index_head_dim])."""
+    L = range(cfg.num_layers)
+    if not cfg.mla:
+        shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
+        return {"k": [shape for _ in L], "v": [shape for _ in L]}
+    out = {
+        "latent": [(batch, length, cfg.kv_lora_rank) for _ in L],
+        "k_rope": [(batch, length, cfg.rope_dim) for _ in L],
+    }
+    if cfg.index_topk:
+        out["index_k"] = [(batch, length if cfg.has_indexer(i) else 0, cfg.index_head_dim) for i in L]
+    return out
+
+
 def init_cache(cfg: GLMConfig, batch: int, length: int, per_layer=None) -> dict:
-    """An empty KV cache for GLMModel: {"k", "v"} of L per-layer [B·K, S, H] arrays (batch and kv head flattened,
-    batch-major), or stacked [L, B·K, S, H]. By default in the form the model consumes as is: stacked for
-    scan_layers, per layer otherwise."""
-    shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
+    """An empty decode cache for GLMModel (cache_layout's arrays): per name a tuple of L per-layer arrays, or
+    stacked [L, ...] (every layer at the largest per-layer shape). By default in the form the model consumes as
+    is: stacked for scan_layers, per layer otherwise."""
     dt = dtype_of(cfg.dtype)
     if per_layer is None:
         per_layer = not cfg.scan_layers
+    spec = cache_layout(cfg, batch, length)
     if per_layer:
-        return {n: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for n in ("k", "v")}
-    return {n: jnp.zeros((cfg.num_layers,) + shape, dt) for n in ("k", "v")}
+        return {n: tuple(jnp.zeros(s, dt) for s in shapes) for n, shapes in spec.items()}
+    return {n: jnp.zeros((cfg.num_layers,) + max(shapes), dt) for n, shapes in spec.items()}
+
+
+def cache_shapes(cfg: GLMConfig, batch: int, max_len: int, dtype: str = "bfloat16"):
+    """The cache lm.generate allocates for `batch` rows of `max_len` tokens, as jax.ShapeDtypeStruct leaves."""
+    return jax.eval_shape(lambda: init_cache(cfg.replace(dtype=dtype), batch, max_len))
 
 
 @functools.lru_cache(maxsize=32)
