@@ -7,8 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from _adapter_models import build_glm4_chat
-from test_train_util import CACHE, ROOT, cli_env
+from helpers.adapter_models import build_glm4_chat
+from helpers.train_runs import CACHE, ROOT, cli_env
 
 BIN = ROOT / ".venv" / "bin"
 

@@ -1,0 +1,58 @@
+"""Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives, 4 CPU devices each) train exactly like
+one process with 8 devices on the same (2, 2, 2) mesh: each process reads its own data shard and the global
+batch is assembled with jax.make_array_from_process_local_data."""
+
+import subprocess
+
+import numpy as np
+from helpers.train_runs import (
+    CACHE,
+    MESH_222,
+    checkpoint_steps,
+    cli,
+    cli_env,
+    free_port,
+    losses,
+    mesh_222_run,  # noqa: F401  (a fixture)
+)
+
+MESH = MESH_222
+
+
+def test_two_processes_equal_one(tmp_path, mesh_222_run):  # noqa: F811
+    one, two = mesh_222_run, tmp_path / "two"
+    port = free_port()
+    args = [
+        "--config",
+        "tiny",
+        f"output_dir={two}",
+        "steps=4",
+        "progress=lines",
+        f"compilation_cache_dir={CACHE}",
+        *MESH,
+        f"distributed.coordinator=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            cli(*args, f"distributed.process_id={i}"),
+            env=cli_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        finally:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 process(es)" in outs[0]
+    l1, l2 = losses(one), losses(two)
+    assert sorted(l2) == [1, 2, 3, 4]
+    np.testing.assert_allclose([l2[s] for s in sorted(l2)], [l1[s] for s in sorted(l1)], rtol=1e-5)
+    assert checkpoint_steps(two) == [3, 4]
