@@ -8,11 +8,9 @@ import concurrent.futures
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT
+from helpers.cli import run_module
 from helpers.fixture_models import FIX
 
 BASE = FIX / "chatglm2-6b"
@@ -109,16 +107,8 @@ def _build_cases(tmp):
 
 
 def _run(argv, dst):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run(
-        [sys.executable, "-m", "convert.cli", *map(str, argv[:2]), str(dst), *map(str, argv[2:])],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return p.returncode, p.stderr
+    r = run_module("convert.cli", *argv[:2], dst, *argv[2:])
+    return r.code, r.err
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,14 @@
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.cli import run_generate, run_module
 from helpers.fixture_models import FIX, load
 
 from glm_jax import GLMConfig, cli_generate, stream
@@ -139,18 +137,8 @@ def chatglm_dir(tmp_path_factory):
 
 
 def _run(args, stdin=""):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONIOENCODING": "utf-8"}
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "glm_jax.cli_generate", *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
+    """glm-generate in a subprocess on one CPU device."""
+    return run_module("glm_jax.cli_generate", *args, stdin=stdin, devices=None, PYTHONIOENCODING="utf-8")
 
 
 def _prompt_ids(stderr):
@@ -159,10 +147,10 @@ def _prompt_ids(stderr):
 
 def test_prompt_subprocess(chatglm_dir):
     r = _run([chatglm_dir, "--prompt", "你好 hello", "--max-new-tokens", "8", "--show-prompt-ids"])
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    assert r.code == 0, r.err
+    assert r.out.strip()
     tok = load_tokenizer(chatglm_dir)
-    assert _prompt_ids(r.stderr) == [tok.apply_chat_template([{"role": "user", "content": "你好 hello"}])]
+    assert _prompt_ids(r.err) == [tok.apply_chat_template([{"role": "user", "content": "你好 hello"}])]
 
 
 def test_chat_through_a_pipe(chatglm_dir):
@@ -170,35 +158,30 @@ def test_chat_through_a_pipe(chatglm_dir):
         [chatglm_dir, "--chat", "--max-new-tokens", "6", "--show-prompt-ids"],
         stdin="hello\nhow are you\n/reset\nagain\n",
     )
-    assert r.returncode == 0, r.stderr
-    assert ">>>" not in r.stdout and "(history cleared)" in r.stderr
+    assert r.code == 0, r.err
+    assert ">>>" not in r.out and "(history cleared)" in r.err
     tok = load_tokenizer(chatglm_dir)
-    one, two, three = _prompt_ids(r.stderr)
+    one, two, three = _prompt_ids(r.err)
     assert one == tok.apply_chat_template([{"role": "user", "content": "hello"}])
     text = tok.decode(two)
     assert text.startswith("[Round 0]") and "hello" in text and "[Round 1]" in text and "how are you" in text
     assert two[-2:] == one[-2:] and len(two) > len(one) + len(tok.encode("how are you"))  # [gMASK] <sop>
     assert three == tok.apply_chat_template([{"role": "user", "content": "again"}])  # /reset cleared it
-    assert len(r.stdout.splitlines()) >= 3  # one reply per turn
+    assert len(r.out.splitlines()) >= 3  # one reply per turn
 
 
 def test_missing_model_subprocess(tmp_path):
     r = _run([tmp_path / "nope", "--prompt", "hi"])
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "nope" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.code == 2 and r.err.startswith("error:") and "nope" in r.err
+    assert len(r.err.strip().splitlines()) == 1
 
 
 def _main(args, stdin=""):
-    out, err = io.StringIO(), io.StringIO()
-    rc = cli_generate.main([str(a) for a in args], io.StringIO(stdin), out, err)
-    return rc, out.getvalue(), err.getvalue()
+    return run_generate(*args, stdin=stdin)
 
 
 def _bad(args):
-    rc, out, err = _main(args)
-    assert rc == 2, err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
-    return err
+    return _main(args).error_line()
 
 
 def test_bad_inputs(chatglm_dir, tmp_path):

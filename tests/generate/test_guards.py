@@ -2,18 +2,17 @@
 (replaced, one warning line, the chat goes on with its history), prompts past a learned position table, and
 prompts whose KV cache and attention need more memory than the machine has (refused before allocating, exit 2)."""
 
-import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers.cli import module_argv, run_generate, subprocess_env
 from helpers.fixture_models import FIX
 
-from glm_jax import cli_generate, hostmem
+from glm_jax import hostmem
 from glm_jax.inputs import decode_memory_bytes
 from glm_jax.stream import cache_plan
 from glm_jax.tokenizers import load_tokenizer
@@ -58,9 +57,8 @@ def glm_dir(tmp_path_factory):
 def _run(args, stdin=b"", wrapper=False):
     """glm-generate in a subprocess; args may hold bytes (argv as the OS passes it). With wrapper, the command runs
     under a small Python parent that appends the child's peak RSS (KiB) as the last stdout line."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
-    env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "glm_jax.cli_generate", *[a if isinstance(a, bytes) else str(a) for a in args]]
+    env = subprocess_env(None, PYTHONIOENCODING="utf-8", LC_ALL="C.UTF-8")
+    cmd = module_argv("glm_jax.cli_generate", *args)
     if wrapper:
         code = (
             "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -151,9 +149,7 @@ def test_huge_prompt_is_refused_before_allocating(chatglm_dir):
 
 
 def _main(args, stdin=""):
-    out, err = io.StringIO(), io.StringIO()
-    rc = cli_generate.main([str(a) for a in args], io.StringIO(stdin), out, err)
-    return rc, out.getvalue(), err.getvalue()
+    return run_generate(*args, stdin=stdin)
 
 
 def test_memory_check_against_the_available_memory(chatglm_dir, monkeypatch):

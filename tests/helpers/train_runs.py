@@ -6,13 +6,12 @@ import json
 import os
 import pathlib
 import socket
-import sys
 import tempfile
 
 import numpy as np
-import pytest
 
-from helpers import FIX, ROOT
+from helpers import FIX
+from helpers.cli import module_argv
 
 # one persistent XLA cache for every run of the test session: identical steps compile once
 CACHE = os.environ.get("GLM_TRAIN_TEST_CACHE") or tempfile.mkdtemp(prefix="glm-train-xla-")
@@ -70,33 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_env(devices: int = 8) -> dict:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
-
-
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "train.main", *args]
+    """argv of glm-train in a subprocess (its environment: helpers.cli.subprocess_env)."""
+    return module_argv("train.main", *args)
 
 
 MESH_222 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
 
-@pytest.fixture(scope="session")
-def mesh_222_run(tmp_path_factory):
-    """The tiny run (4 steps) on a (2, 2, 2) mesh of 8 devices, shared by the mesh and multi-process tests."""
-    out = tmp_path_factory.mktemp("mesh_222")
-    train(tiny(out, "steps=4", *MESH_222))
-    return out
-
-
 class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, end of document 256: fits the vocabulary of every fixture model (512 ids)."""
+
     special_tokens = {"</s>": 256}
     vocab_size = 257
 
@@ -110,27 +93,19 @@ class ByteTokenizer:
 GLM4_MOE = FIX / "transformers-glm4-moe" / "model"
 
 
-def glm4_moe_run(out, *keys):
-    """glm-train causal LM on the Glm4Moe fixture with ByteTokenizer: 2 steps of batch 8 x 32, a checkpoint at 2."""
+def folder_config(model, out, *keys) -> dict:
+    """glm-train causal LM from a checkpoint folder (model=FOLDER) on the bundled corpus read by ByteTokenizer,
+    batch 8, logging every step, writing to out."""
     from train.config import build
 
-    tc = build(
-        None,
-        [
-            f"model={GLM4_MOE}",
-            "objective=causal",
-            f"output_dir={out}",
-            "batch_size=8",
-            "seq_len=32",
-            "steps=2",
-            "learning_rate=1e-2",
-            "weight_decay=0.1",
-            "checkpoint_every=2",
-            "log_every=1",
-            "progress=none",
-            f"compilation_cache_dir={CACHE}",
-            *keys,
-        ],
-    )
+    base = ["objective=causal", "batch_size=8", "log_every=1", "progress=none", f"compilation_cache_dir={CACHE}"]
+    tc = build(None, [f"model={model}", f"output_dir={out}", *base, *keys])
     tc.data["tokenizer"] = ByteTokenizer()
     return tc
+
+
+def glm4_moe_run(out, *keys) -> dict:
+    """glm-train on the Glm4Moe fixture: 2 steps of 8 x 32 tokens at a learning rate that moves every param, and a
+    checkpoint at step 2."""
+    steps = ["seq_len=32", "steps=2", "learning_rate=1e-2", "weight_decay=0.1", "checkpoint_every=2"]
+    return folder_config(GLM4_MOE, out, *steps, *keys)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.train_runs import CACHE, cli, cli_env, metrics
+from helpers.cli import subprocess_env
+from helpers.train_runs import CACHE, cli, metrics
 
 import glm_jax
 
@@ -158,7 +159,7 @@ def test_bad_settings_exit_2_with_one_error_line(tmp_path):
     ]:
         r = subprocess.run(
             cli("--config", "glm_cloze", TINY, f"output_dir={tmp_path / 'run'}", *args),
-            env=cli_env(1),
+            env=subprocess_env(1),
             capture_output=True,
             text=True,
             timeout=120,

@@ -2,43 +2,14 @@
 
 import jax
 import numpy as np
-from helpers.train_runs import CACHE, ROOT, checkpoint_steps, flat, losses, train
+from helpers import FIX
+from helpers.train_runs import checkpoint_steps, flat, folder_config, losses, train
 
-HF = ROOT / "tests" / "fixtures" / "transformers-glm" / "model"  # a tiny GlmForCausalLM, vocab 512
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, end of document 256: fits the fixture model's 512-id vocabulary."""
-
-    special_tokens = {"</s>": 256}
-    vocab_size = 257
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
+HF = FIX / "transformers-glm" / "model"  # a tiny GlmForCausalLM, vocab 512
 
 
 def _config(out, *keys):
-    from train.config import build
-
-    tc = build(
-        None,
-        [
-            f"model={HF}",
-            "objective=causal",
-            f"output_dir={out}",
-            "batch_size=8",
-            "seq_len=64",
-            "log_every=1",
-            "progress=none",
-            f"compilation_cache_dir={CACHE}",
-            *keys,
-        ],
-    )
-    tc.data["tokenizer"] = ByteTokenizer()
-    return tc
+    return folder_config(HF, out, "seq_len=64", *keys)
 
 
 def test_finetune_from_hf_folder_starts_from_its_weights(tmp_path):

@@ -1,10 +1,10 @@
 """The same run on 1 device and on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 CPU devices."""
 
 import numpy as np
-from helpers.train_runs import losses, mesh_222_run, tiny, train  # noqa: F401  (mesh_222_run is a fixture)
+from helpers.train_runs import losses, tiny, train
 
 
-def test_one_device_equals_2x2x2_mesh(tmp_path, mesh_222_run):  # noqa: F811
+def test_one_device_equals_2x2x2_mesh(tmp_path, mesh_222_run):
     train(tiny(tmp_path / "one", "steps=4"))
     l1, l8 = losses(tmp_path / "one"), losses(mesh_222_run)
     assert sorted(l1) == sorted(l8) == [1, 2, 3, 4]

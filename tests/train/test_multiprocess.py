@@ -5,21 +5,20 @@ batch is assembled with jax.make_array_from_process_local_data."""
 import subprocess
 
 import numpy as np
+from helpers.cli import subprocess_env
 from helpers.train_runs import (
     CACHE,
     MESH_222,
     checkpoint_steps,
     cli,
-    cli_env,
     free_port,
     losses,
-    mesh_222_run,  # noqa: F401  (a fixture)
 )
 
 MESH = MESH_222
 
 
-def test_two_processes_equal_one(tmp_path, mesh_222_run):  # noqa: F811
+def test_two_processes_equal_one(tmp_path, mesh_222_run):
     one, two = mesh_222_run, tmp_path / "two"
     port = free_port()
     args = [
@@ -36,7 +35,7 @@ def test_two_processes_equal_one(tmp_path, mesh_222_run):  # noqa: F811
     procs = [
         subprocess.Popen(
             cli(*args, f"distributed.process_id={i}"),
-            env=cli_env(4),
+            env=subprocess_env(4),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -24,14 +24,12 @@ def runs(tmp_path_factory):
     return ref, base
 
 
-def _cli(capsys, *argv):
-    """train.main.main in this process: (exit code, stdout lines, stderr lines)."""
+def _cli(run_main, *argv):
+    """glm-train's main in this process: (exit code, stdout lines, stderr lines)."""
     from train.main import main
 
-    capsys.readouterr()
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out.splitlines(), err.splitlines()
+    r = run_main(main, *argv)
+    return r.code, r.out.splitlines(), r.err.splitlines()
 
 
 def _data_file(step_dir, item="params"):
@@ -83,25 +81,27 @@ DAMAGE = [  # (how, what the one warning line must say)
 ]
 
 
-def test_every_step_has_a_manifest_that_verifies(runs, capsys):
+def test_every_step_has_a_manifest_that_verifies(runs, run_main):
     ref, _ = runs
     for s in (2, 4, 6):
         man = json.loads((ref / "checkpoints" / str(s) / "glm_manifest.json").read_text())
         assert man["step"] == s and man["data_state"]["batches"] == s and man["config"]["num_layers"] == 2
         assert any(k.startswith("params/") for k in man["files"]) and "meta/metadata" in man["files"]
-    rc, out, err = _cli(capsys, "verify", str(ref))
+    rc, out, err = _cli(run_main, "verify", str(ref))
     assert rc == 0 and not err
     assert [x.split(":")[0] for x in out] == ["step 2", "step 4", "step 6"]
     assert all("ok (" in x and "hashes match, loads" in x for x in out)
 
 
 @pytest.mark.parametrize("damage,says", DAMAGE, ids=[d.__name__.strip("_") for d, _ in DAMAGE])
-def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_bit_exact(runs, tmp_path, capsys, damage, says):
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_bit_exact(
+    runs, tmp_path, run_main, capsys, damage, says
+):
     ref, base = runs
     run = tmp_path / "run"
     shutil.copytree(base, run)
     damage(run / "checkpoints" / "4")
-    rc, out, err = _cli(capsys, "verify", str(run))  # glm-train verify names the bad step, exit 2
+    rc, out, err = _cli(run_main, "verify", str(run))  # glm-train verify names the bad step, exit 2
     assert rc == 2 and out[0].startswith("step 2: ok") and out[1].startswith("step 4: FAILED") and says in out[1]
     assert len(err) == 1 and err[0].startswith("error:")
     capsys.readouterr()
@@ -117,13 +117,13 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_bit_exact(runs, t
     assert losses(run) == losses(ref)  # every step, bit for bit (resumed from step 2)
 
 
-def test_no_checkpoint_verifies_exit_2_and_nothing_moves(runs, tmp_path, capsys):
+def test_no_checkpoint_verifies_exit_2_and_nothing_moves(runs, tmp_path, run_main):
     _, base = runs
     run = tmp_path / "run"
     shutil.copytree(base, run)
     _flip(run / "checkpoints" / "4")
     _garbage_meta(run / "checkpoints" / "2")
-    rc, out, err = _cli(capsys, *_args(run, "host_heap=system"))
+    rc, out, err = _cli(run_main, *_args(run, "host_heap=system"))
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {run}: no checkpoint verifies (step 4: ") and "step 2: meta/metadata" in err[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
@@ -135,12 +135,12 @@ def _args(run, *extra):
     return ["--config", "tiny", f"output_dir={run}", "progress=none", f"compilation_cache_dir={CACHE}", *RUN, *extra]
 
 
-def test_consecutive_nan_steps_stop_with_exit_3_keeping_a_good_checkpoint(tmp_path, capsys):
+def test_consecutive_nan_steps_stop_with_exit_3_keeping_a_good_checkpoint(tmp_path, run_main):
     import glm_jax
 
     run = tmp_path / "run"
     rc, out, err = _cli(
-        capsys,
+        run_main,
         *_args(run, "steps=8", "max_skipped_steps=3", "debug_nan_steps=[4,5,6,7]", "host_heap=system"),
     )
     assert rc == 3, err
@@ -151,7 +151,7 @@ def test_consecutive_nan_steps_stop_with_exit_3_keeping_a_good_checkpoint(tmp_pa
     ]
     assert checkpoint_steps(run) == [2, 4]  # no checkpoint at the stop (step 6)
     assert max(losses(run)) == 6
-    rc, out, _ = _cli(capsys, "verify", str(run))
+    rc, out, _ = _cli(run_main, "verify", str(run))
     assert rc == 0 and len(out) == 2
     lm = glm_jax.from_pretrained(str(run))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(lm.params))
@@ -163,17 +163,17 @@ def test_consecutive_nan_steps_stop_with_exit_3_keeping_a_good_checkpoint(tmp_pa
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_non_finite_learning_rate_exit_2(tmp_path, capsys, value):
-    rc, out, err = _cli(capsys, *_args(tmp_path / "run", f"learning_rate={value}"))
+def test_non_finite_learning_rate_exit_2(tmp_path, run_main, value):
+    rc, out, err = _cli(run_main, *_args(tmp_path / "run", f"learning_rate={value}"))
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: learning_rate must be a finite number"), err
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_another_model_exit_2_naming_the_fields(runs, tmp_path, capsys):
+def test_resume_with_another_model_exit_2_naming_the_fields(runs, tmp_path, run_main):
     ref, _ = runs
     run = tmp_path / "run"
     shutil.copytree(ref, run)
-    rc, out, err = _cli(capsys, *_args(run, "steps=8", "model_overrides.num_layers=3", "host_heap=system"))
+    rc, out, err = _cli(run_main, *_args(run, "steps=8", "model_overrides.num_layers=3", "host_heap=system"))
     assert rc == 2 and len(err) == 1, err
     assert "holds a run of another model (num_layers saved 2 now 3)" in err[0]
     assert "Traceback" not in "\n".join(out + err)
@@ -206,7 +206,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert not list(ck.directory.iterdir())
 
 
-def test_a_run_from_before_manifests_is_read_back_before_the_restore(runs, tmp_path, capsys):
+def test_a_run_from_before_manifests_is_read_back_before_the_restore(runs, tmp_path, run_main):
     """Steps without a manifest and without the meta marker (written by an older glm-train): resuming reads
     their arrays back first, so a damaged one is set aside with one line, without Orbax's tracebacks."""
     ref, base = runs
@@ -219,9 +219,9 @@ def test_a_run_from_before_manifests_is_read_back_before_the_restore(runs, tmp_p
         del meta["manifest"]
         (d / "meta" / "metadata").write_text(json.dumps(meta))
     _truncate(run / "checkpoints" / "4")
-    rc, out, _ = _cli(capsys, "verify", str(run))
+    rc, out, _ = _cli(run_main, "verify", str(run))
     assert rc == 2 and out[0].startswith("step 2: ok (no manifest") and "does not read" in out[1]
-    rc, out, err = _cli(capsys, *_args(run, "host_heap=system"))
+    rc, out, err = _cli(run_main, *_args(run, "host_heap=system"))
     assert rc == 0 and not err, err
     warn = [x for x in out if "failed verification" in x]
     # which part of the truncated OCDBT data file is lost (a leaf's chunks or the tree's own nodes) depends on the

@@ -5,7 +5,8 @@ import signal
 import subprocess
 import time
 
-from helpers.train_runs import CACHE, checkpoint_steps, cli, cli_env, metrics, tiny, train
+from helpers.cli import subprocess_env
+from helpers.train_runs import CACHE, checkpoint_steps, cli, metrics, tiny, train
 
 
 def test_sigterm_saves_a_checkpoint_that_restores(tmp_path):
@@ -20,7 +21,7 @@ def test_sigterm_saves_a_checkpoint_that_restores(tmp_path):
             "progress=none",
             f"compilation_cache_dir={CACHE}",
         ),
-        env=cli_env(1),
+        env=subprocess_env(1),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -4,7 +4,8 @@ import json
 import subprocess
 
 import helpers
-from helpers.train_runs import CACHE, cli, cli_env
+from helpers.cli import subprocess_env
+from helpers.train_runs import CACHE, cli
 
 REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
 
@@ -31,7 +32,7 @@ def test_cli_run_writes_metrics_plot_events_and_checkpoints(tmp_path):
             "peak_flops=1e9",
             f"compilation_cache_dir={CACHE}",
         ),
-        env=cli_env(2),
+        env=subprocess_env(2),
         capture_output=True,
         text=True,
         timeout=300,
@@ -57,7 +58,7 @@ def test_cli_run_writes_metrics_plot_events_and_checkpoints(tmp_path):
 
 
 def _bad(*args):
-    r = subprocess.run(cli(*args), env=cli_env(1), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cli(*args), env=subprocess_env(1), capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     return r.returncode, lines
 
