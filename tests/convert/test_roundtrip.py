@@ -15,7 +15,6 @@ from helpers.reference_files import read_tensors, safetensors_lib_order
 from convert.cli import main
 
 CASES = [(n, s) for n in MODEL_FIXTURES for s in folders(n)]
-FORMAT_OF = {"model": "bin", "model_sharded_safetensors": "safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,8 @@ def test_round_trip_is_bit_identical(name, sub, fmt, jax_copies, tmp_path, monke
             assert (out / extra).read_bytes() == (src / extra).read_bytes()
     want, got = read_tensors(src), read_tensors(out)
     assert got["t"] == want["t"]  # keys, dtypes, shapes, bytes
-    if fmt == FORMAT_OF[sub]:  # the source layout itself, file for file
+    source_format = "bin" if any(src.glob("*.bin")) else "safetensors"
+    if fmt == source_format:  # the source layout itself, file for file
         weights = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".safetensors"))
         assert sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".safetensors")) == weights
         for w in weights:
@@ -113,3 +113,40 @@ def test_jax_folder_contents(jax_copies):
     )
     restored = ocp.PyTreeCheckpointer().restore((d / "params").absolute())
     np.testing.assert_array_equal(np.asarray(restored["embed"]["embedding"]), ref)
+
+
+def test_glm4_moe_export_without_a_manifest_loads_in_transformers(jax_copies, tmp_path):
+    """A JAX folder without the source manifest (as glm-train writes) exports in the family's standard layout: the
+    fixture's tensors, per-expert keys and the MTP layer (which transformers' forward ignores) included, and
+    transformers' Glm4MoeForCausalLM loads it and gives the fixture's logits."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    name = "transformers-glm4-moe"
+    bare = tmp_path / "bare"
+    shutil.copytree(jax_copies[name, "model"], bare)
+    meta = json.loads((bare / "glm_jax.json").read_text())
+    meta["source"] = None
+    (bare / "glm_jax.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    assert main(["to-torch", str(bare), str(out)]) == 0
+    want, got = read_tensors(FIX / name / "model"), read_tensors(out)
+    assert got["t"] == want["t"]
+    assert got["order"] == safetensors_lib_order(want["t"])
+    assert sum(k.startswith("model.layers.3.") for k in got["t"]) == 11 + 29 + 6  # MTP: attention, MoE, extras
+    assert sum(".mlp.experts." in k for k in got["t"]) == 3 * 3 * 8
+    d = io(name)
+    model = transformers.Glm4MoeForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(d["input_ids"]), attention_mask=torch.tensor(d["attention_mask"])).logits.numpy()
+    real = d["attention_mask"] == 1
+    assert np.abs(logits - d["logits"])[real].max() <= 1e-5
+
+
+def test_glm4_moe_jax_copy_keeps_the_mtp_layer(jax_copies):
+    import glm_jax
+
+    for sub in ("model", "model_sharded_safetensors"):
+        lm = glm_jax.from_pretrained(jax_copies["transformers-glm4-moe", sub])
+        assert lm.config.num_mtp_layers == 1 and "mtp_0" in lm.params

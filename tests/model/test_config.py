@@ -17,6 +17,7 @@ FAMILY = {
     "glm-4-9b-chat-remote": "chatglm2",
     "transformers-glm": "glm-hf",
     "transformers-glm4": "glm4",
+    "transformers-glm4-moe": "glm4-moe",
 }
 
 

@@ -27,8 +27,10 @@ def test_hidden_states_match_reference(name):
     tol = TOL.get(name, 1e-4)
     for i in range(L):  # entry i < L is the input of layer i in every family
         assert max_diff(hid["layer_inputs"][i], ref[i], real) <= tol, i
-    # the last entry: after the final norm for ChatGLM-6B and Glm/Glm4, before it for ChatGLM2/3 and GLM-4 remote
-    last = hid["final"] if name in ("chatglm-6b", "transformers-glm", "transformers-glm4") else hid["last"]
+    # the last entry: after the final norm for ChatGLM-6B and Glm/Glm4/Glm4Moe, before it for ChatGLM2/3 and GLM-4
+    # remote
+    after_norm = ("chatglm-6b", "transformers-glm", "transformers-glm4", "transformers-glm4-moe")
+    last = hid["final"] if name in after_norm else hid["last"]
     assert max_diff(last, ref[L], real) <= tol
     if "last_hidden_state" in d:
         assert max_diff(hid["final"], d["last_hidden_state"], real) <= tol

@@ -1,12 +1,13 @@
-"""Glm4Moe (GLM-4.5 / 4.6 / 4.7): golden parity with transformers' Glm4MoeForCausalLM on the fixture, its config.json
-read and written back, the MTP layer kept, and the presets at the released sizes."""
+"""Glm4Moe (GLM-4.5 / 4.6 / 4.7) beyond what every family shares (golden logits, hidden states and greedy ids are in
+model/test_fixtures.py, scan/remat/mesh in model/test_variants.py): the MTP layer and router bias kept as stored,
+config.json read and written back, the presets at the released sizes, bf16 loading."""
 
 import json
 
 import jax
 import numpy as np
 import pytest
-from helpers.fixture_models import FIX
+from helpers.fixture_models import FIX, io, max_diff, reference_inputs
 from safetensors.numpy import load_file
 
 import glm_jax
@@ -15,53 +16,14 @@ from glm_jax import GLMConfig
 NAME = "transformers-glm4-moe"
 
 
-def _io():
-    return dict(np.load(FIX / NAME / "io.npz"))
-
-
-def _arange(ids):
-    B, T = ids.shape
-    return np.broadcast_to(np.arange(T), (B, T))
-
-
 @pytest.fixture(scope="module")
 def lm():
     return glm_jax.from_pretrained(FIX / NAME / "model")
 
 
-@pytest.mark.parametrize("sub,kw", [("model", {}), ("model_sharded_safetensors", {}), ("model", {"scan_layers": True})])
-def test_logits_and_greedy_ids_match_reference(sub, kw):
-    """The fixture's logits come from transformers' forward (positions 0..T-1, pads included); its greedy ids from
-    generate with the attention mask (positions counting real tokens, our default)."""
-    d = _io()
-    real = d["attention_mask"] == 1
-    m = glm_jax.from_pretrained(FIX / NAME / sub, **kw)
-    assert m.config.family == "glm4-moe" and m.config.num_mtp_layers == 1
-    logits = np.asarray(m(d["input_ids"], attention_mask=d["attention_mask"], position_ids=_arange(d["input_ids"])))
-    assert logits.shape == d["logits"].shape
-    assert np.abs(logits - d["logits"])[real].max() <= 1e-4
-    new = d["greedy_ids"].shape[1] - d["input_ids"].shape[1]
-    out = m.generate(d["input_ids"], attention_mask=d["attention_mask"], max_new_tokens=new)
-    np.testing.assert_array_equal(out, d["greedy_ids"])
-
-
-def test_hidden_states_match_reference(lm):
-    d = _io()
-    real = d["attention_mask"] == 1
-    _, hid = lm.module.apply(
-        {"params": lm.params},
-        d["input_ids"],
-        attention_mask=d["attention_mask"],
-        position_ids=_arange(d["input_ids"]),
-        return_hidden=True,
-    )
-    ref = d["hidden_states"]
-    for i in range(3):
-        assert np.abs(np.asarray(hid["layer_inputs"][i]) - ref[i])[real].max() <= 1e-4, i
-    assert np.abs(np.asarray(hid["final"]) - ref[3])[real].max() <= 1e-4
-
-
 def test_mtp_layer_and_router_bias_are_loaded_as_stored(lm):
+    """(Logits, hidden states and greedy ids: model/test_fixtures.py, which covers this fixture with the others.)"""
+    assert lm.config.family == "glm4-moe" and lm.config.num_mtp_layers == 1
     st = load_file(FIX / NAME / "model" / "model.safetensors")
     p = lm.params
     m = p["mtp_0"]
@@ -141,13 +103,13 @@ def test_presets_have_the_released_sizes(preset, total, stored, active):
 
 
 def test_bfloat16_load_keeps_the_router_bias_in_float32():
-    d = _io()
+    d = io(NAME)
+    kw, real = reference_inputs(NAME, d)
     m = glm_jax.from_pretrained(FIX / NAME / "model", dtype="bfloat16")
     st = load_file(FIX / NAME / "model" / "model.safetensors")
     bias = m.params["layers_1"]["block"]["moe"]["router"]["score_bias"]
     assert bias.dtype == np.float32
     np.testing.assert_array_equal(bias, st["model.layers.1.mlp.gate.e_score_correction_bias"])
     assert m.params["layers_1"]["block"]["moe"]["experts"]["gate"].dtype == jax.numpy.bfloat16
-    logits = np.asarray(m(d["input_ids"], attention_mask=d["attention_mask"], position_ids=_arange(d["input_ids"])))
-    real = d["attention_mask"] == 1
-    assert np.isfinite(logits).all() and np.abs(logits - d["logits"])[real].max() < 0.1
+    logits = np.asarray(m(d["input_ids"], **kw))
+    assert np.isfinite(logits).all() and max_diff(logits, d["logits"], real) < 0.1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers.fixture_models import FIX, io, load, max_diff, reference_inputs
 
-NAMES = ["glm-original", "chatglm-6b", "chatglm2-6b-ptuning-v2", "transformers-glm4"]
+NAMES = ["glm-original", "chatglm-6b", "chatglm2-6b-ptuning-v2", "transformers-glm4", "transformers-glm4-moe"]
 
 
 @pytest.mark.parametrize("name", NAMES)
