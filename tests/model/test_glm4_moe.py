@@ -77,6 +77,27 @@ def test_checkpoint_without_mtp_weights_loads_without_mtp(tmp_path):
     assert m.config.to_hf()["num_nextn_predict_layers"] == 1  # config.json written back unchanged
 
 
+def _transformers_sizes(cfg):
+    """(main, MTP) element counts of the tensors a checkpoint of cfg stores, from transformers' own modules built on
+    the meta device (nothing allocated): Glm4MoeForCausalLM's state dict (params and the routers' score-bias
+    buffers), and transformers' MtpLayer for the MTP layer plus the embedding and head copies that the released
+    checkpoints (and the fixture) store in it as model.layers.N.embed_tokens / shared_head.head."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_layers import MtpLayer
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer, Glm4MoeRMSNorm
+
+    d = cfg.to_hf()
+    d["routed_scaling_factor"] = float(d["routed_scaling_factor"])  # transformers' strict config wants a float
+    hf = transformers.Glm4MoeConfig(**d)
+    with torch.device("meta"):
+        model = transformers.Glm4MoeForCausalLM(hf)
+        mtp = MtpLayer(hf.get_mtp_config(), Glm4MoeDecoderLayer, Glm4MoeRMSNorm, 0)
+    main = sum(t.numel() for t in model.state_dict().values())
+    copies = 2 * hf.vocab_size * hf.hidden_size
+    return main, sum(t.numel() for t in mtp.state_dict().values()) + copies
+
+
 # The model cards: GLM-4.5 355B total / 32B active, GLM-4.5-Air 106B / 12B (without the MTP layer; active = the
 # transformer layers a token passes through, embeddings and output layer not counted). The Hugging Face pages
 # count every stored tensor, the MTP layer included: 358B and 110B. GLM-4.6 has GLM-4.5's shape.
@@ -91,7 +112,8 @@ def test_presets_have_the_released_sizes(preset, total, stored, active):
     main = sum(v for k, v in n.items() if not k.startswith("mtp_"))
     assert abs(main / total - 1) < 0.01, main
     assert abs(cfg.num_params() / stored - 1) < 0.005, cfg.num_params()
-    assert cfg.num_params() == sum(n.values()) and n["mtp_0"] > 0
+    hf_main, hf_mtp = _transformers_sizes(cfg)
+    assert main == hf_main and n["mtp_0"] == hf_mtp and cfg.num_params() == hf_main + hf_mtp
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     moe_layers = cfg.num_layers - cfg.first_k_dense_replace
     act = main - moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert - n["embed"] - n["lm_head"]
