@@ -5,11 +5,6 @@ import json
 from helpers.train_runs import CACHE
 
 
-def test_libtpu_is_importable():
-    import libtpu  # noqa: F401
-    from jax.experimental import topologies  # noqa: F401
-
-
 def test_compile_only_v5e_2x2_writes_a_report(tmp_path, capsys):
     from train.main import main
 
