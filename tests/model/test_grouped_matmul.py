@@ -28,6 +28,32 @@ def _numpy(a, w, sizes):
     return out
 
 
+def _gamma(n, u=2.0**-24):
+    """Higham's γ_n (Accuracy and Stability of Numerical Algorithms, §3.1): a dot of n terms summed in any order in
+    the precision of unit roundoff u is within γ_n · Σ|terms| of the exact sum."""
+    return n * u / (1 - n * u)
+
+
+def _bounds(a, w, ct, sizes):
+    """Per-element bounds on |float32 result - exact| for y = a_g @ w_g, da = ct_g @ w_gᵀ and dw_g = a_gᵀ @ ct_g:
+    γ_n times the same products of absolute values (n: the length of each sum: K, N, the group's rows)."""
+    a, w, ct = (np.abs(x).astype(np.float64) for x in (a, w, ct))
+    y, da, dw = np.zeros((a.shape[0], w.shape[-1])), np.zeros(a.shape), np.zeros(w.shape)
+    start = 0
+    for g, n in enumerate(sizes):
+        rows = slice(start, start + n)
+        y[rows] = _gamma(w.shape[1]) * (a[rows] @ w[g])
+        da[rows] = _gamma(w.shape[2]) * (ct[rows] @ w[g].T)
+        dw[g] = _gamma(n) * (a[rows].T @ ct[rows])
+        start += n
+    return y, da, dw
+
+
+def _assert_within(got, want, bound):
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    assert np.all(err <= bound), float((err - bound).max())
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_tiled_equals_ragged_dot_values_and_grads(name):
     M, sizes = LAYOUTS[name]
@@ -48,11 +74,13 @@ def test_tiled_equals_ragged_dot_values_and_grads(name):
 
     y, (da, dw) = run(True)
     y_ref, (da_ref, dw_ref) = run(False)
-    scale = max(1.0, np.abs(y_ref).max())
-    np.testing.assert_allclose(y, _numpy(a, w, sizes), atol=1e-5 * scale, rtol=0)
-    np.testing.assert_allclose(y, y_ref, atol=1e-5 * scale, rtol=0)
-    for got, want in ((da, da_ref), (dw, dw_ref)):
-        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)
+    # tolerances from the arithmetic: a float32 result is within its bound b of the exact value, so two float32
+    # results are within 2b of each other; numpy's float64 sum is exact to ~1e-16 (its own γ_K, added)
+    by, bda, bdw = _bounds(a, w, ct, sizes)
+    _assert_within(y, _numpy(a, w, sizes), by * (1 + _gamma(K, 2.0**-53) / _gamma(K)))
+    _assert_within(y, y_ref, 2 * by)
+    _assert_within(da, da_ref, 2 * bda)
+    _assert_within(dw, dw_ref, 2 * bdw)
     assert not y[sum(sizes) :].any() and not da[sum(sizes) :].any()  # rows outside every group
 
 
