@@ -78,7 +78,8 @@ def test_bad_configs_raise_config_error(bad, msg):
     ],
 )
 def test_presets_have_the_released_sizes(preset, params):
-    assert abs(GLMConfig.preset(preset).num_params() / params - 1) < 2e-3
+    cfg = GLMConfig.preset(preset).replace(scan_layers=True)  # the same params, stacked: traced faster
+    assert abs(cfg.num_params() / params - 1) < 2e-3
 
 
 def test_chatglm2_without_mqa_uses_per_head_qkv_rows():

@@ -7,15 +7,13 @@ file:line, bad settings exit 2 with one `error:` line."""
 import contextlib
 import io
 import json
-import subprocess
 
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.cli import subprocess_env
-from helpers.train_runs import CACHE, cli, metrics
+from helpers.train_runs import CACHE, metrics
 
 import glm_jax
 
@@ -147,7 +145,10 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path, capsys):
     assert [r["step"] for r in m] == [1, 2] and all(np.isfinite(r["loss"]) for r in m)
 
 
-def test_bad_settings_exit_2_with_one_error_line(tmp_path):
+def test_bad_settings_exit_2_with_one_error_line(tmp_path, run_main):
+    """glm-train's main in this process (train/test_train_cli runs the command itself in a subprocess)."""
+    from train.main import main
+
     nolabel = tmp_path / "x.jsonl"
     nolabel.write_text(json.dumps({"text": "A [MASK].", "label": "yes"}) + "\n")
     for args, expect in [
@@ -157,13 +158,5 @@ def test_bad_settings_exit_2_with_one_error_line(tmp_path):
         (("data.mixture_per=sample",), "objective=cloze takes data."),
         (("data.source=bundled",), "needs data.source"),
     ]:
-        r = subprocess.run(
-            cli("--config", "glm_cloze", TINY, f"output_dir={tmp_path / 'run'}", *args),
-            env=subprocess_env(1),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        err = r.stderr.strip().splitlines()
-        assert r.returncode == 2, (args, r.stderr[-2000:])
-        assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], (args, err)
+        r = run_main(main, "--config", "glm_cloze", TINY, f"output_dir={tmp_path / 'run'}", *args)
+        assert expect in r.error_line(), (args, r.err)

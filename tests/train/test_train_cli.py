@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import helpers
-from helpers.cli import subprocess_env
+from helpers.cli import Result, subprocess_env
 from helpers.train_runs import CACHE, cli
 
 REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
@@ -57,24 +57,22 @@ def test_cli_run_writes_metrics_plot_events_and_checkpoints(tmp_path):
         assert meta["step"] == step and meta["config"]["family"] == "glm" and meta["data_state"]["batches"] == step
 
 
-def _bad(*args):
-    r = subprocess.run(cli(*args), env=subprocess_env(1), capture_output=True, text=True, timeout=120)
-    lines = r.stderr.strip().splitlines()
-    return r.returncode, lines
+def test_cli_bad_input_exits_2_with_one_error_line(tmp_path, run_main):
+    """The command in a subprocess (its exit status), then the other cases through main() in this process."""
+    from train.main import main
 
-
-def test_cli_bad_input_exits_2_with_one_error_line(tmp_path):
+    argv = cli("steps=10", "no_such_key=1")
+    r = subprocess.run(argv, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert "unknown config key" in Result(r.returncode, r.stdout, r.stderr).error_line()
     for args, expect in [
-        (("steps=10", "no_such_key=1"), "unknown config key"),
         (("steps=ten",), "steps"),
         (("--config", "no_such_file.yaml"), "not found"),
         (("mesh.tensor=0",), "mesh"),
         (("host_heap=never",), "host_heap"),
         (("model=no_such_preset", f"output_dir={tmp_path}"), "model=no_such_preset"),
     ]:
-        rc, err = _bad(*args)
-        assert rc == 2, (args, err)
-        assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], (args, err)
+        r = run_main(main, *args)
+        assert expect in r.error_line(), (args, r.err)
 
 
 def test_every_bundled_config_builds():
