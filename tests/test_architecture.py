@@ -11,8 +11,8 @@ import ast
 import pathlib
 
 import pytest
-from helpers import ROOT
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("glm_jax", "train", "convert")
 FAMILY_IDS = {"glm", "chatglm", "chatglm2", "glm-hf", "glm4", "glm4-moe"}
 
