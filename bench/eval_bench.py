@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-checkpoint builder the tests
 def make_requests(n: int, choices: int = 1, seed: int = 0):
     """n loglikelihood Instances: contexts of 10-120 random words, continuations of 1-6 words; with choices > 1,
     n // choices contexts with `choices` continuations each (a multiple-choice task's shape)."""
-    import _eval_models
+    from helpers import eval_models
     from lm_eval.api.instance import Instance
 
     rng = random.Random(seed)
-    words = " ".join(_eval_models.SENTENCES).split()
+    words = " ".join(eval_models.SENTENCES).split()
     out = []
     while len(out) < n:
         ctx = " ".join(rng.choice(words) for _ in range(rng.randint(10, 120)))
@@ -72,14 +72,14 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
-    import _eval_models
+    from helpers import eval_models
     from lm_eval.models.huggingface import HFLM
 
     from glm_jax.eval.harness import GLMLM
 
     print("command: .venv/bin/python bench/eval_bench.py " + " ".join(sys.argv[1:]))
     with tempfile.TemporaryDirectory() as d:
-        model = _eval_models.build_glm4(
+        model = eval_models.build_glm4(
             d, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, ffn=768, max_pos=1024, vocab=4096, scale=1.0
         )
         nparams = sum(p.numel() for p in model.parameters())
@@ -114,14 +114,14 @@ def main():
 
 
 def needle_png():
-    import _eval_models
+    from helpers import eval_models
 
     import glm_jax
     from glm_jax.eval import needle
     from glm_jax.eval.tokenizer import EvalTokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        _eval_models.build_glm4(d)
+        eval_models.build_glm4(d)
         lm = glm_jax.from_pretrained(d)
         res = needle.run_grid(lm, EvalTokenizer(d), [128, 256, 512], [0.0, 0.25, 0.5, 0.75, 1.0], max_new_tokens=8)
     png = needle.heatmap(res, ROOT / "bench" / "figures" / "needle_tiny.png", title="tiny random Glm4")

@@ -58,7 +58,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import sft_bench  # noqa: E402  (sets the XLA / OpenMP environment before jax and torch start)
-from _adapter_models import GLM4_TOK  # noqa: E402
+from helpers.adapter_models import GLM4_TOK  # noqa: E402
 
 # glm-train overrides of every jax row (the torch rows get the same from sft_bench.TorchRow)
 HYPER = dict(

@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 def main():
     import numpy as np
-    from _fixture_models import FIX, MODEL_FIXTURES, folders, io, reference_inputs
+    from helpers.fixture_models import FIX, MODEL_FIXTURES, folders, io, reference_inputs
 
     import glm_jax
 

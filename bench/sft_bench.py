@@ -1,6 +1,6 @@
 """SFT training steps per second: glm-train's jitted step vs transformers + peft, same model, same batches.
 
-One process, one tiny GLM-4 chat base (tests/_adapter_models.py build_glm4_chat: a random transformers
+One process, one tiny GLM-4 chat base (tests/helpers/adapter_models.py build_glm4_chat: a random transformers
 Glm4ForCausalLM with the GLM-4 stand-in tokenizer, float32, written to a temporary folder at the sizes of the
 flags below), read by both frameworks from that folder. Rows:
   jax   full SFT  - glm-train's own step (train.trainer.Run on `model=<folder> objective=sft`: the jitted
@@ -71,7 +71,7 @@ LR_FULL, LR_LORA = 5e-5, 5e-4
 
 def build_base(folder, a) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from _adapter_models import build_glm4_chat
+    from helpers.adapter_models import build_glm4_chat
 
     build_glm4_chat(
         folder,

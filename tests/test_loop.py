@@ -3,19 +3,28 @@ glm-convert to-torch exports it, glm-generate talks to the export. Each step is 
 a subprocess; each must exit 0 and print text."""
 
 import json
+import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from _adapter_models import build_glm4_chat
-from test_train_util import CACHE, ROOT, cli_env
+from helpers import ROOT
+from helpers.adapter_models import build_glm4_chat
+from helpers.cli import subprocess_env
+from helpers.train_runs import CACHE
 
-BIN = ROOT / ".venv" / "bin"
+BIN = pathlib.Path(sys.executable).parent  # the console scripts of the environment running the tests
 
 
 def _cmd(name, *args, timeout=240):
     r = subprocess.run(
-        [str(BIN / name), *map(str, args)], env=cli_env(1), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [str(BIN / name), *map(str, args)],
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     assert r.returncode == 0, f"{name} {args}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r

@@ -10,8 +10,8 @@ import tempfile
 import uuid
 
 import pytest
-from _fixture_models import FIX
-from _gcs import no_gs_folder
+from helpers.fixture_models import FIX
+from helpers.gcs import no_gs_folder
 
 from glm_jax import storage
 

@@ -7,8 +7,8 @@ import tempfile
 import uuid
 
 import pytest
-from _fixture_models import FIX
-from _gcs import FlakyProxy, no_gs_folder
+from helpers.fixture_models import FIX
+from helpers.gcs import FlakyProxy, no_gs_folder
 
 from convert.cli import main
 from glm_jax import storage
@@ -67,7 +67,7 @@ def round_trip():
 
 def test_to_jax_and_back_through_gcs(gcs, tmp_path):
     import numpy as np
-    from _fixture_models import max_diff, reference_inputs
+    from helpers.fixture_models import max_diff, reference_inputs
 
     import glm_jax
 

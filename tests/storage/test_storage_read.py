@@ -10,8 +10,8 @@ import uuid
 
 import numpy as np
 import pytest
-from _fixture_models import FIX, max_diff, reference_inputs
-from _gcs import no_gs_folder
+from helpers.fixture_models import FIX, max_diff, reference_inputs
+from helpers.gcs import no_gs_folder
 
 from glm_jax import storage
 from glm_jax.errors import StorageError
