@@ -148,6 +148,7 @@ class GLMConfig:
     index_n_heads: int = 0
     index_head_dim: int = 0
     indexer_types: tuple = ()
+    index_dense: bool = False  # attend to every visible key, the indexer still runs (glm-train dsa.warmup)
     # default masks and positions when the caller gives none
     mask_rule: MaskRule = "causal"
     position_rule: PositionRule = "sequential"

@@ -17,7 +17,8 @@ weight the latents, then W_uv maps them to each head's values), as the DeepSeek-
 the same sum in a different order.
 
 With cfg.index_topk (DSA) each query keeps only the keys its layer's indexer (glm_jax/model/indexer.py) or the
-last full layer's chose.
+last full layer's chose; with cfg.index_dense (the indexer's warm-up) it keeps every visible key, the indexer still
+runs for its loss.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flax import linen as nn
 
 from glm_jax.model.attention import NEG, softmax
 from glm_jax.model.context import context_shards
-from glm_jax.model.indexer import Indexer, select
+from glm_jax.model.indexer import Indexer, choose, dense_kl, select, sparse_kl
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, param
 from glm_jax.model.masks import MaskSpec, dense_mask
 from glm_jax.model.positions import apply_rope
@@ -54,8 +55,9 @@ class LatentUp(nn.Module):
         return param(self, "kernel", shape, ("kv", "q_heads", "kv"), nn.initializers.normal(0.02), c.param_dtype)
 
 
-def expanded(q_BTNH, c_BSR, krot_BSP, w_RNX, allowed_BTS, C: int, dt):
-    """Attention over per-head keys and values expanded from the latents (the training form). [B, T, N, E]."""
+def expanded(q_BTNH, c_BSR, krot_BSP, w_RNX, allowed_BTS, C: int, dt, head_sum: bool = False):
+    """Attention over per-head keys and values expanded from the latents (the training form). [B, T, N, E]; with
+    head_sum also the probabilities summed over heads [B, T, S] float32, detached (the DSA indexer's target)."""
     kv = jnp.einsum("bsr,rnx->bsnx", c_BSR.astype(dt), w_RNX.astype(dt), preferred_element_type=jnp.float32)
     k_nope, v = kv[..., :C].astype(dt), kv[..., C:].astype(dt)
     k = jnp.concatenate(
@@ -64,9 +66,9 @@ def expanded(q_BTNH, c_BSR, krot_BSP, w_RNX, allowed_BTS, C: int, dt):
     H = q_BTNH.shape[-1]
     scores = jnp.einsum("btnh,bsnh->bnts", q_BTNH.astype(dt), k, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed_BTS[:, None], scores / jnp.sqrt(jnp.float32(H)), NEG)
-    probs = softmax(scores).astype(dt)
-    ctx = jnp.einsum("bnts,bsne->btne", probs, v, preferred_element_type=jnp.float32)
-    return ctx.astype(dt)
+    p32 = softmax(scores)
+    ctx = jnp.einsum("bnts,bsne->btne", p32.astype(dt), v, preferred_element_type=jnp.float32).astype(dt)
+    return (ctx, jax.lax.stop_gradient(jnp.sum(p32, axis=1))) if head_sum else ctx
 
 
 def absorbed(q_BTNH, c_BSR, krot_BSP, w_RNX, allowed_BTS, C: int, dt):
@@ -130,16 +132,25 @@ class MLA(nn.Module):
             new_cache = (c_kv, k_rot, *cache[2:])
             index_keys = cache[2] if len(cache) > 2 else None
         allowed = mask
+        # the indexer's KL (glm_jax/model/indexer.py) is sown in training applies that collect intermediates
+        kl = self.indexer and cache is None and self.is_mutable_collection("intermediates")
+        kl = kl and not self.is_initializing()
         if c.index_topk:
             if self.indexer:
                 ind = Indexer(c, name="indexer")
-                scores, new_keys = ind(x_BTD, q_lat, position_ids, mask, index_keys, cache_index)
+                q_i, k_i, w_i, new_keys = ind.project(x_BTD, q_lat, position_ids, index_keys, cache_index)
                 if cache is not None:
                     new_cache = (c_kv, k_rot, new_keys)
-                topk = jax.lax.top_k(scores, min(c.index_topk, scores.shape[-1]))[1]
-            allowed = allowed & select(topk, allowed.shape[-1])
-        attend = expanded if cache is None else absorbed
-        ctx = attend(q, c_kv, k_rot, w, allowed, C, dt)
+                if not c.index_dense:
+                    top_scores, topk = choose(q_i, k_i, w_i, mask, c.index_topk)
+            if not c.index_dense:
+                allowed = allowed & select(topk, allowed.shape[-1])
+        if kl:
+            ctx, probs = expanded(q, c_kv, k_rot, w, allowed, C, dt, head_sum=True)
+            loss = dense_kl(q_i, k_i, w_i, mask, probs) if c.index_dense else sparse_kl(top_scores, topk, probs)
+            self.sow("intermediates", "indexer_loss", loss)
+        else:
+            ctx = (expanded if cache is None else absorbed)(q, c_kv, k_rot, w, allowed, C, dt)
         ctx = constrain(ctx, HEADS)
         out = Dense((N, E), (D,), ("q_heads", "kv", "embed"), c.out_bias, name="o", **kw)(ctx)
         return out, new_cache, topk
