@@ -229,11 +229,12 @@ class GLMConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict:
-        """Every field, JSON-serialisable (the original config.json included under hf_config)."""
+        """Every field but index_dense, JSON-serialisable (the original config.json included under hf_config)."""
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
         d["mlp_layer_types"] = list(self.mlp_layer_types)
         d["indexer_types"] = list(self.indexer_types)
+        del d["index_dense"]  # a training stage's setting (glm-train dsa.warmup), not the model's: never saved
         return d
 
     @staticmethod

@@ -83,6 +83,14 @@ class MoEConfig:
 
 
 @dataclasses.dataclass
+class DSAConfig:
+    """GLM-5's sparse-attention indexer training (DeepSeek-V3.2; train/dsa.py)."""
+
+    indexer_loss_weight: float = 0.0  # + weight x the indexer's KL to the attention distribution; 0 = off
+    warmup: bool = False  # dense attention, and only the indexers train (the rest stays byte-identical)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
@@ -112,6 +120,7 @@ class TrainConfig:
     loss_chunk: int = 0  # >0: the output projection + loss in blocks of this many positions (memory)
     mtp_loss_weight: float = 0.0  # GLM-4.5: + weight x the MTP layers' next-next-token CE (0.3 in its recipe)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    dsa: DSAConfig = dataclasses.field(default_factory=DSAConfig)
     embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
@@ -310,6 +319,7 @@ def build(config_file=None, overrides=()) -> TrainConfig:
             "lora": LoraConfig(**cfg["lora"]),
             "ptuning": PTuningConfig(**cfg["ptuning"]),
             "moe": MoEConfig(**cfg["moe"]),
+            "dsa": DSAConfig(**cfg["dsa"]),
         }
     )
 

@@ -15,12 +15,21 @@ def check_moe(cfg: dict) -> None:
     """mtp_loss_weight and moe.*: numbers >= 0; not for cloze; not with an adapter where they change the base.
     Whether the model has MTP layers and experts: train/moe_rules.py check_model."""
     keys = {"mtp_loss_weight": cfg["mtp_loss_weight"], **{f"moe.{k}": v for k, v in cfg["moe"].items()}}
+    keys["dsa.indexer_loss_weight"] = cfg["dsa"]["indexer_loss_weight"]
     for k, v in keys.items():
         if not math.isfinite(v) or v < 0:
             raise TrainConfigError(f"{k} must be a finite number >= 0 (0: off), got {v}")
     on = [k for k, v in keys.items() if v]
     if on and cfg["objective"] == "cloze":
         raise TrainConfigError(f"{on[0]} applies to language-model batches; objective=cloze has none (set it to 0)")
+    if cfg["dsa"]["warmup"]:
+        if not cfg["dsa"]["indexer_loss_weight"]:
+            raise TrainConfigError("dsa.warmup trains the indexers by their loss alone: set dsa.indexer_loss_weight>0")
+        other = [k for k in on if k != "dsa.indexer_loss_weight"] + (["freeze"] if cfg["freeze"] else [])
+        if other:
+            key = other[0]
+            raise TrainConfigError(f"{key} with dsa.warmup: the warm-up trains the indexers only (set it to 0)")
+        on = on + ["dsa.warmup"]
     base = [k for k in on if k != "moe.aux_loss_weight"]
     if base and (cfg["lora"]["rank"] or cfg["ptuning"]["pre_seq_len"]):
         raise TrainConfigError(

@@ -190,7 +190,7 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
     """
     if "choice_mask" in batch:  # objective=cloze
         return cloze_sums(module, params, batch)
-    from train import moe_rules
+    from train import dsa, moe_rules
 
     cfg = module.cfg
     ids, pos, prefix_len, seg = model_inputs(cfg, batch)
@@ -228,6 +228,9 @@ def loss_sums(module, params, batch, z_loss: float = 0.0, chunk: int = 0, select
         sums["mtp_count"] = jnp.stack([jnp.sum(moe_rules.mtp_targets(batch, j)[1]) for j in range(len(h_M))])
     sums["loads"], sums["balance"] = moe_rules.read_intermediates(*trees)
     total = total + moe_rules.objective_terms(rules, sc, sums.get("mtp_ce"), sums["balance"])
+    if rules.indexer_weight:  # train/dsa.py; averaged over microbatches like the balance term
+        sums["indexer_loss"] = dsa.read_loss(*trees)
+        total = total + rules.indexer_weight * sums["indexer_loss"] * sc["aux"]
     return total, sums
 
 

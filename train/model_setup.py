@@ -8,6 +8,7 @@ import pathlib
 
 from glm_jax.config import ConfigError, GLMConfig
 from train import adapters as train_adapters
+from train import dsa
 from train.config import TrainConfig, TrainConfigError
 from train.quant_base import base_config
 
@@ -17,7 +18,7 @@ COMPUTE_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 def model_config(tc: TrainConfig):
     """(GLMConfig, path of a pretrained checkpoint folder or None)."""
     name, over = tc.model, dict(tc.model_overrides)
-    compute = {k: getattr(tc, k) for k in COMPUTE_KEYS}
+    compute = {k: getattr(tc, k) for k in COMPUTE_KEYS} | dsa.model_overrides(tc)
     try:
         p = pathlib.Path(name)
         if p.is_dir():

@@ -14,6 +14,7 @@
 - Metrics: `mtp_loss`, `moe/seq_balance` (mean per MoE layer; 1 = balanced), `moe/aux_loss`, and the expert load
   as max / mean over experts, per layer (`moe/load_max_over_mean/layer_3`, `.../mtp_0`) and averaged over layers
   (`moe/load_max_over_mean`).
+- GLM-5's indexer loss (`dsa.indexer_loss_weight`, `dsa.warmup`): train/dsa.py.
 
 Legend: B rows, T length, E experts, M MTP layers.
 """
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from glm_jax.checkpoint import layout
+from train import dsa
 from train.config import TrainConfigError
 
 BIAS = ("router", "score_bias")  # a MoE module's score-bias param, below the module's path
@@ -38,16 +40,19 @@ class Rules:
     aux_weight: float = 0.0
     bias_rate: float = 0.0
     num_mtp: int = 0  # MTP layers the loss runs (0 when mtp_weight is 0)
+    indexer_weight: float = 0.0  # GLM-5's DSA indexer loss (train/dsa.py)
     dense_offset: int = 0  # index of the first layer of a scanned MoE stack
 
     @classmethod
     def of(cls, cfg, tc):
-        """The rules of a run, or None (not a MoE model, or objective=cloze)."""
-        if not cfg.num_experts or getattr(tc, "objective", "") == "cloze":
+        """The rules of a run, or None (neither a MoE model nor an indexer loss, or objective=cloze)."""
+        iw = float(getattr(getattr(tc, "dsa", None), "indexer_loss_weight", 0.0))
+        if not (cfg.num_experts or iw) or getattr(tc, "objective", "") == "cloze":
             return None
         moe = getattr(tc, "moe", None)
         w = float(getattr(tc, "mtp_loss_weight", 0.0))
         return cls(
+            indexer_weight=iw,
             mtp_weight=w,
             aux_weight=float(getattr(moe, "aux_loss_weight", 0.0)),
             bias_rate=float(getattr(moe, "bias_update_rate", 0.0)),
@@ -121,6 +126,7 @@ def check_model(tc, cfg) -> None:
             "(num_nextn_predict_layers = 0, or a checkpoint without model.layers.{num_hidden_layers}.* keys, "
             "as transformers' save_pretrained writes it)"
         )
+    dsa.check_model(tc, cfg)
     on = [f"moe.{k}" for k, v in dataclasses.asdict(tc.moe).items() if v]
     if on and not cfg.num_experts:
         raise TrainConfigError(f"{on[0]}: model={tc.model} is not a mixture-of-experts model (no routed experts)")
@@ -192,4 +198,6 @@ def metrics(rules, sums, accum: int) -> dict:
             out["moe/aux_loss"] = rules.aux_weight * bal
     if rules.num_mtp:
         out["mtp_loss"] = jnp.mean(sums["mtp_ce"] / jnp.maximum(sums["mtp_count"], 1.0))
+    if rules.indexer_weight:
+        out["dsa/indexer_loss"] = sums["indexer_loss"] / accum
     return out

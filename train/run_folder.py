@@ -68,7 +68,7 @@ def scratch_generation_config(cfg) -> dict:
     return gen if cfg.pad_token_id is None else {**gen, "pad_token_id": cfg.pad_token_id}
 
 
-_NOT_MATH = {"hf_config", "dtype", "param_dtype", "scan_layers", "remat", "attention"}
+_NOT_MATH = {"hf_config", "dtype", "param_dtype", "scan_layers", "remat", "attention", "index_dense"}
 
 
 def lost_fields(cfg, config: dict) -> list[str]:

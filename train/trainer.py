@@ -14,8 +14,8 @@ from glm_jax.quant import load as quant_load
 from glm_jax.sharding import axis_rules
 from train import adapters as train_adapters
 from train import data as data_lib
+from train import dsa, moe_rules, optimizer, parallel, quant_base
 from train import flops as flops_lib
-from train import moe_rules, optimizer, parallel, quant_base
 from train import step as step_lib
 from train.checkpointing import Checkpointer, TrainingStopped, gather_json
 from train.config import TrainConfig, TrainConfigError
@@ -40,6 +40,8 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
         )
     kept = optimizer.frozen_mask(pshapes, optimizer.not_trained(cfg, tc) + (adapter.frozen(pshapes) if adapter else []))
     frozen = jax.tree.map(lambda a, b: a or b, frozen, kept)
+    if tc.dsa.warmup:  # only the indexers train (train/dsa.py)
+        frozen = jax.tree.map(lambda a, b: a or b, frozen, dsa.frozen(pshapes))
     tx = optimizer.make_optimizer(tc, pshapes, frozen)
     p_sh = parallel.param_shardings(cfg, model_shapes, mesh)
     p_sh = adapter.shardings(p_sh, mesh) if adapter else p_sh
