@@ -140,3 +140,66 @@ def test_indexer_loss_gradient_reaches_scores_only_where_chosen():
             dz = (qz - p) / rows  # d mean-KL / d score at the chosen keys
             want[b, t] = np.einsum("k,gk->g", dz, s[b, t][:, top]) / np.sqrt(G)
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the indexer loss of the GLM-5 fixture
+def test_fixture_layer_indexer_loss_equals_numpy_kl():
+    """Layer 0 of tests/fixtures/transformers-glm-moe-dsa on its reference input: the KL MLA sows equals numpy's,
+    built from a float64 transcription of transformers' GlmMoeDsaAttention (the attention probabilities over
+    the keys the transcribed indexer chose, summed over heads) and of its indexer (test_mla_families)."""
+    import json
+
+    from safetensors.numpy import load_file
+    from test_mla_families import DSA, FIX, _arange, _io, _numpy_topk, _rms, _rope_interleave
+
+    import glm_jax
+
+    d = _io(DSA)
+    st = {k: v.astype(np.float64) for k, v in load_file(FIX / DSA / "model" / "model.safetensors").items()}
+    hf = json.loads((FIX / DSA / "model" / "config.json").read_text())
+    ids, mask = d["input_ids"], d["attention_mask"]
+    pos = _arange(ids)
+    B, T = ids.shape
+    N, C, P, R = hf["num_attention_heads"], hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["kv_lora_rank"]
+    theta = hf["rope_parameters"]["rope_theta"]
+    p = "model.layers.0."
+    h = d["hidden_states"][0].astype(np.float64)
+    x = _rms(h, st[p + "input_layernorm.weight"], hf["rms_norm_eps"])
+    q_lat = _rms(x @ st[p + "self_attn.q_a_proj.weight"].T, st[p + "self_attn.q_a_layernorm.weight"], 1e-6)
+    q = (q_lat @ st[p + "self_attn.q_b_proj.weight"].T).reshape(B, T, N, C + P)
+    kv = x @ st[p + "self_attn.kv_a_proj_with_mqa.weight"].T
+    c_kv = _rms(kv[..., :R], st[p + "self_attn.kv_a_layernorm.weight"], 1e-6)
+    k_rot = _rope_interleave(kv[..., R:][:, :, None], pos, theta, P)[:, :, 0]
+    q_rot = _rope_interleave(q[..., C:], pos, theta, P)
+    k_nope = (c_kv @ st[p + "self_attn.kv_b_proj.weight"].T).reshape(B, T, N, -1)[..., :C]
+    logits = np.einsum("btnc,bsnc->bnts", q[..., :C], k_nope) + np.einsum("btnp,bsp->bnts", q_rot, k_rot)
+    logits = logits / np.sqrt(C + P)
+    scores = _numpy_topk(st, hf, 0, h, mask, pos)
+    K = hf["index_topk"]
+    kls = []
+    for b in range(B):
+        for t in range(T):
+            vis = np.flatnonzero(np.isfinite(scores[b, t]))
+            if not len(vis):
+                continue
+            top = vis[np.argsort(-scores[b, t, vis], kind="stable")[:K]]
+            z = logits[b, :, t][:, top]  # [N, K]: attention over the chosen keys, per head
+            a = np.exp(z - z.max(-1, keepdims=True))
+            summed = np.zeros(T)
+            summed[top] = (a / a.sum(-1, keepdims=True)).sum(0)  # summed over heads
+            kls.append(_np_kl(scores[b, t], summed, top))
+    want = float(np.mean(kls))
+    assert len(kls) > K  # queries that see more keys than the choice keeps are among them
+
+    lm = glm_jax.from_pretrained(FIX / DSA / "model")
+    _, inter = lm.module.apply(
+        {"params": lm.params},
+        ids,
+        attention_mask=mask,
+        position_ids=pos,
+        method="with_hidden",
+        mutable=["intermediates"],
+    )
+    (got,) = inter["intermediates"]["layers_0"]["block"]["attn"]["indexer_loss"]
+    assert abs(float(got) - want) <= 1e-5 * max(1.0, abs(want)), (float(got), want)
+    assert want > 1e-3
