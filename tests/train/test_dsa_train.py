@@ -9,16 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_glm4_moe_train import _config as _moe_config
-from test_train_util import ROOT, flat, load_params, metrics, train
+from helpers import FIX
+from helpers.train_runs import flat, folder_config, load_params, metrics, train
 
-DSA = ROOT / "tests" / "fixtures" / "transformers-glm-moe-dsa" / "model"
+DSA = FIX / "transformers-glm-moe-dsa" / "model"
 
 
 def _config(out, *keys):
-    tc = _moe_config(out, *keys)
-    tc.model = str(DSA)
-    return tc
+    """glm-train on the GLM-5 fixture: 8 x 32 tokens a step (T = 32 > index_topk = 6) at a learning rate that moves
+    every trained param."""
+    return folder_config(DSA, out, "seq_len=32", "learning_rate=1e-2", "weight_decay=0.1", *keys)
 
 
 def _is_indexer(path: str) -> bool:
