@@ -245,7 +245,7 @@ class GRPO:
             grad_norm = optax.tree.norm(grads)
             if clip > 0:
                 grads = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip / (grad_norm + 1e-6)), grads)
-            lr = schedule(state["step"])
+            lr = schedule(state["step"] // g.num_iterations)  # the schedule counts steps, not updates
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
             def apply(params, opt_state):
