@@ -227,20 +227,23 @@ class GRPO:
         beta, eps = float(g.beta), float(g.epsilon)
         eps_high = float(g.epsilon_high) or eps
 
-        def update(state, b):
-            def loss_fn(q):
-                q = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, q, frozen)
-                logp = token_logps(module, to_model(q), b["seq"], b["real"], Tp, temp)
-                loss = grpo_loss(
-                    logp, b.get("old_logp"), b.get("ref_logp"), b["adv"], b["mask"], beta=beta, epsilon=eps,
-                    epsilon_high=eps_high, loss_type=g.loss_type, max_completion_length=g.max_new_tokens,
-                )  # fmt: skip
-                return loss, logp
+        def loss_fn(q, b):
+            """(the step's GRPO loss, the policy's log-probs [B, Tc]) for params q and a batch b."""
+            q = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, q, frozen)
+            logp = token_logps(module, to_model(q), b["seq"], b["real"], Tp, temp)
+            loss = grpo_loss(
+                logp, b.get("old_logp"), b.get("ref_logp"), b["adv"], b["mask"], beta=beta, epsilon=eps,
+                epsilon_high=eps_high, loss_type=g.loss_type, max_completion_length=g.max_new_tokens,
+            )  # fmt: skip
+            return loss, logp
 
+        self.loss_fn = loss_fn
+
+        def update(state, b):
             from train.step import _float_grad
 
             params, opt_state = state["params"], state["opt_state"]
-            (loss, logp), grads = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(params)
+            (loss, logp), grads = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(params, b)
             grads = jax.tree.map(_float_grad, grads, params)
             grad_norm = optax.tree.norm(grads)
             if clip > 0:
