@@ -18,9 +18,9 @@ from typing import Literal
 
 import yaml
 
-from train.config_checks import TrainConfigError, check_adapters, check_data_keys, check_moe
+from train.config_checks import TrainConfigError, check_adapters, check_data_keys, check_grpo, check_moe
 
-Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze"]
+Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze", "grpo"]
 Schedule = Literal["cosine", "linear", "constant"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
@@ -91,6 +91,26 @@ class DSAConfig:
 
 
 @dataclasses.dataclass
+class GRPOConfig:
+    """objective=grpo (DESIGN §3.12, train/rl/grpo.py); defaults are TRL 1.16's GRPOConfig's. epsilon_high 0:
+    epsilon. rewards: `module.path:function`, `path/file.py:function` or a built-in of train/rl/rewards.py;
+    reward_weights: one a reward (empty: all 1)."""
+
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    rewards: list = dataclasses.field(default_factory=list)
+    reward_weights: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
@@ -121,6 +141,7 @@ class TrainConfig:
     mtp_loss_weight: float = 0.0  # GLM-4.5: + weight x the MTP layers' next-next-token CE (0.3 in its recipe)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     dsa: DSAConfig = dataclasses.field(default_factory=DSAConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # objective=grpo
     embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
@@ -320,6 +341,7 @@ def build(config_file=None, overrides=()) -> TrainConfig:
             "ptuning": PTuningConfig(**cfg["ptuning"]),
             "moe": MoEConfig(**cfg["moe"]),
             "dsa": DSAConfig(**cfg["dsa"]),
+            "grpo": GRPOConfig(**cfg["grpo"]),
         }
     )
 
@@ -357,3 +379,5 @@ def validate(cfg: dict) -> None:
     if not isinstance(cfg["freeze"], list) or not all(isinstance(p, str) for p in cfg["freeze"]):
         raise TrainConfigError(f"freeze must be a list of path patterns, got {cfg['freeze']!r}")
     check_adapters(cfg)
+    if cfg["objective"] == "grpo":
+        check_grpo(cfg)

@@ -69,6 +69,8 @@ def check_data_keys(cfg: dict) -> None:
 
     if cfg["objective"] == "cloze":  # its own keys (a verbaliser, ...): train/cloze_data.py
         return _check_cloze(cfg)
+    if cfg["objective"] == "grpo":  # data.source and data.tokenizer: train/rl/grpo.py checks them
+        return
     data = cfg["data"]
     names = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - names)
@@ -107,3 +109,37 @@ def _check_cloze(cfg: dict) -> None:
         raise TrainConfigError("compile_only=true prices language-model batches; objective=cloze is not supported")
     if cfg["z_loss"]:
         raise TrainConfigError("z_loss applies to the vocabulary softmax; objective=cloze has none (set z_loss=0)")
+
+
+def check_grpo(cfg: dict) -> None:
+    """objective=grpo's keys (train/rl/grpo.py): G divides batch_size, the choices, the reward list."""
+    from train.rl.losses import GRPO_LOSS_TYPES
+
+    g, B = cfg["grpo"], cfg["batch_size"]
+    if g["num_generations"] < 2 or B % g["num_generations"]:
+        raise TrainConfigError(
+            f"grpo.num_generations must be >= 2 and divide batch_size {B} (completions a step); "
+            f"got {g['num_generations']}"
+        )
+    if g["loss_type"] not in GRPO_LOSS_TYPES:
+        raise TrainConfigError(f"grpo.loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}; got {g['loss_type']!r}")
+    if g["scale_rewards"] not in ("group", "batch", "none"):
+        raise TrainConfigError(f"grpo.scale_rewards must be one of group, batch, none; got {g['scale_rewards']!r}")
+    for k in ("max_new_tokens", "num_iterations"):
+        if g[k] < 1:
+            raise TrainConfigError(f"grpo.{k} must be >= 1, got {g[k]}")
+    if (
+        not g["temperature"] > 0
+        or not 0 < g["top_p"] <= 1
+        or g["beta"] < 0
+        or g["epsilon"] < 0
+        or g["epsilon_high"] < 0
+    ):
+        raise TrainConfigError("grpo: temperature must be > 0, top_p in (0, 1], beta, epsilon and epsilon_high >= 0")
+    if not g["rewards"] or not all(isinstance(r, str) for r in g["rewards"]):
+        raise TrainConfigError("objective=grpo needs grpo.rewards: a list of module.path:function names")
+    w = g["reward_weights"]
+    if w and (len(w) != len(g["rewards"]) or not all(isinstance(x, (int, float)) for x in w)):
+        raise TrainConfigError(f"grpo.reward_weights: one number a reward ({len(g['rewards'])}); got {w!r}")
+    if cfg["seq_len"] <= g["max_new_tokens"]:
+        raise TrainConfigError(f"seq_len {cfg['seq_len']} leaves no room for prompts after grpo.max_new_tokens")

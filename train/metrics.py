@@ -134,12 +134,21 @@ class Reporter:
                 self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, step)
         self.history.append(rec)
         f = lambda k, spec: "nan" if rec.get(k) is None else format(rec[k], spec)  # noqa: E731
-        line = (
-            f"step {step}: loss {f('loss', '.4f')}  acc {f('accuracy', '.3f')}  grad_norm {f('grad_norm', '.3f')}"
-            f"  lr {f('learning_rate', '.2e')}  {f('tokens_per_second', ',.0f')} tok/s  "
-            f"mfu {100 * (rec.get('mfu') or 0):.1f}%"
-            + (f"  skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else "")
-        )
+        if "reward" in rec:  # objective=grpo: the reward, and rollout vs update time (train/rl/grpo.py)
+            line = (
+                f"step {step}: reward {f('reward', '.3f')} ± {f('reward_std', '.3f')}  loss {f('loss', '.4f')}"
+                + (f"  kl {f('kl', '.4f')}" if "kl" in rec else "")
+                + f"  clip {f('clip_ratio', '.3f')}  len {f('completion_length', '.1f')}"
+                f"  grad_norm {f('grad_norm', '.3f')}  lr {f('learning_rate', '.2e')}"
+                f"  rollout {f('rollout_seconds', '.2f')}s  update {f('update_seconds', '.2f')}s"
+            )
+        else:
+            line = (
+                f"step {step}: loss {f('loss', '.4f')}  acc {f('accuracy', '.3f')}  grad_norm {f('grad_norm', '.3f')}"
+                f"  lr {f('learning_rate', '.2e')}  {f('tokens_per_second', ',.0f')} tok/s  "
+                f"mfu {100 * (rec.get('mfu') or 0):.1f}%"
+            )
+        line += f"  skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else ""
         if "eval_loss" in rec:
             self.eval_history.append(rec)
             line += f"  eval_loss {f('eval_loss', '.4f')}"
@@ -178,8 +187,14 @@ class Reporter:
         ev = [(r["step"], r["eval_loss"]) for r in self.eval_history if r.get("eval_loss") is not None]
         if ev:
             ax.plot(*zip(*ev), "o-", label="eval loss")
+        rw = [(r["step"], r["reward"]) for r in self.history if r.get("reward") is not None]
+        if rw:  # objective=grpo: the mean reward on a second axis
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*rw), color="tab:green", label="mean reward")
+            ax2.set_ylabel("mean reward")
+            ax2.legend(loc="upper right")
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats / loss token)")
+        ax.set_ylabel("cross-entropy (nats / loss token)" if not rw else "GRPO loss")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
