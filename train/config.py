@@ -18,9 +18,9 @@ from typing import Literal
 
 import yaml
 
-from train.config_checks import TrainConfigError, check_adapters, check_data_keys, check_moe
+from train.config_checks import TrainConfigError, check_adapters, check_data_keys, check_dpo, check_moe
 
-Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze"]
+Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze", "dpo"]
 Schedule = Literal["cosine", "linear", "constant"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
@@ -83,6 +83,15 @@ class MoEConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig:
+    """objective=dpo (DESIGN §3.12, train/rl/dpo.py): TRL's DPO loss of this type, beta and label smoothing."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # sigmoid only: TRL <= 0.28's conservative DPO
+
+
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
@@ -112,6 +121,7 @@ class TrainConfig:
     loss_chunk: int = 0  # >0: the output projection + loss in blocks of this many positions (memory)
     mtp_loss_weight: float = 0.0  # GLM-4.5: + weight x the MTP layers' next-next-token CE (0.3 in its recipe)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)  # objective=dpo
     embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
@@ -310,6 +320,7 @@ def build(config_file=None, overrides=()) -> TrainConfig:
             "lora": LoraConfig(**cfg["lora"]),
             "ptuning": PTuningConfig(**cfg["ptuning"]),
             "moe": MoEConfig(**cfg["moe"]),
+            "dpo": DPOConfig(**cfg["dpo"]),
         }
     )
 
@@ -347,3 +358,4 @@ def validate(cfg: dict) -> None:
     if not isinstance(cfg["freeze"], list) or not all(isinstance(p, str) for p in cfg["freeze"]):
         raise TrainConfigError(f"freeze must be a list of path patterns, got {cfg['freeze']!r}")
     check_adapters(cfg)
+    check_dpo(cfg)
