@@ -80,22 +80,25 @@ def completion_logps(module, params, batch, chunk: int = 0):
     return lp, jnp.sum(mask, -1), hit
 
 
-def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, params_fn=None, adapter=None):
-    """(state, batch) -> (state, metrics), the DPO counterpart of train.step.make_train_step (the same
-    accumulation, clipping, non-finite guard and update)."""
+def reference_params(state, adapter, params_fn=None):
+    """The reference model's params as the model sees them: with a LoRA adapter, the run's params with the adapter
+    set to zero (B = 0 makes the delta B·A exactly zero: the base); otherwise the frozen copy state["ref"]."""
     from train.adapters import LORA
 
+    if adapter is not None and adapter.kind == "lora":
+        p = state["params"]
+        return (params_fn or (lambda q: q))({**p, LORA: jax.tree.map(jnp.zeros_like, p[LORA])})
+    return state[REF]
+
+
+def make_grad_fn(module, tc, frozen, grad_shardings=None, params_fn=None):
+    """(params, ref_params, batch) -> (gradients of the step's DPO loss, sums over its pairs): the loss is the mean
+    over the batch's pairs, accumulated over tc.grad_accum equal microbatches. `ref_params`: the reference model's
+    params as the model sees them; `params_fn(params)`: the policy's (an adapter run's base with the adapter
+    applied, train/adapters.py), identity when None."""
     A, d = tc.grad_accum, tc.dpo
     beta, kind, ls, chunk = d.beta, d.loss, d.label_smoothing, tc.loss_chunk
     to_model = params_fn or (lambda p: p)
-    lora = adapter is not None and adapter.kind == "lora"
-    clip, alpha = tc.grad_clip, tc.embedding_grad_shrink
-
-    def reference(state):
-        if lora:  # the adapter turned off: B = 0 makes the LoRA delta B·A exactly zero
-            p = state["params"]
-            return to_model({**p, LORA: jax.tree.map(jnp.zeros_like, p[LORA])})
-        return state[REF]
 
     def pair_terms(lp, n):
         """The loss's input per completion: the sum, or for ipo its per-token mean (TRL's clamp(min=1))."""
@@ -107,6 +110,7 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
         ref_c, ref_r = jnp.split(pair_terms(ref_lp, n), 2)
 
         def loss(q):
+            # frozen params are constants of the differentiated function, as in train/step.py
             q = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, q, frozen)
             lp, n, hit = completion_logps(module, to_model(q), mb, chunk)
             pc, pr = jnp.split(pair_terms(lp, n), 2)
@@ -118,9 +122,8 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
             g = jax.lax.with_sharding_constraint(g, grad_shardings)
         # TRL's rewards: beta x the summed log-ratios, whatever the loss type (dpo_trainer.py:1579-1580)
         rc, rr = jnp.split(beta * (lp - ref_lp), 2)
-        B = rc.shape[0]
         sums = {
-            "loss": value * B,
+            "loss": value * rc.shape[0],
             "rewards/chosen": jnp.sum(rc),
             "rewards/rejected": jnp.sum(rr),
             "rewards/accuracy": jnp.sum((rc > rr).astype(jnp.float32)),
@@ -131,21 +134,32 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
         }
         return g, sums
 
+    def grad_fn(params, ref_params, batch):
+        if A == 1:
+            return grads_of(params, ref_params, batch)
+
+        # each microbatch's loss is its pairs' mean: the step's is the mean of the A equal-sized ones
+        def body(carry, mb):
+            return jax.tree.map(jnp.add, carry, grads_of(params, ref_params, mb)), None
+
+        mbs = _microbatches(batch, A)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, ref_params, first))
+        (grads, sums), _ = jax.lax.scan(body, zero, mbs)
+        return jax.tree.map(lambda g: g / A, grads), sums
+
+    return grad_fn
+
+
+def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, params_fn=None, adapter=None):
+    """(state, batch) -> (state, metrics), the DPO counterpart of train.step.make_train_step (the same clipping,
+    non-finite guard and update)."""
+    clip, alpha = tc.grad_clip, tc.embedding_grad_shrink
+    grad_fn = make_grad_fn(module, tc, frozen, grad_shardings, params_fn)
+
     def train_step(state, batch):
         params, opt_state = state["params"], state["opt_state"]
-        ref_params = reference(state)
-        if A == 1:
-            grads, sums = grads_of(params, ref_params, batch)
-        else:  # each microbatch's loss is its pairs' mean: the step's is the mean of the A equal-sized ones
-
-            def body(carry, mb):
-                return jax.tree.map(jnp.add, carry, grads_of(params, ref_params, mb)), None
-
-            mbs = _microbatches(batch, A)
-            first = jax.tree.map(lambda x: x[0], mbs)
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, ref_params, first))
-            (grads, sums), _ = jax.lax.scan(body, zero, mbs)
-            grads = jax.tree.map(lambda g: g / A, grads)
+        grads, sums = grad_fn(params, reference_params(state, adapter, params_fn), batch)
         pairs = batch["chosen_tokens"].shape[0]
         if alpha != 1.0 and EMBED_PATH[0] in grads:  # GLM-130B's embedding gradient shrink, as train/step.py
             grads = {**grads, "embed": {**grads["embed"], "embedding": grads["embed"]["embedding"] * alpha}}
@@ -179,4 +193,4 @@ def make_train_step(module, tx, tc, schedule, frozen, grad_shardings=None, param
     return train_step
 
 
-__all__ = ["BATCH_KEYS", "REF", "completion_logps", "keeps_ref", "make_train_step"]
+__all__ = ["BATCH_KEYS", "REF", "completion_logps", "keeps_ref", "make_grad_fn", "make_train_step", "reference_params"]
