@@ -4,8 +4,9 @@
   transformers model, reference model and pairs (TRL's own DataCollatorForPreference lays out its batch), for
   sigmoid, ipo and hinge; with a LoRA adapter, TRL's reference is the peft model with the adapter disabled.
 - A real glm-train run's step-1 loss is log 2 (sigmoid) and 1/(4 beta^2) (ipo): policy = reference at step 1.
-- On the bundled toy preference set (train/data/dpo_arith.jsonl: a right sum chosen, a wrong one rejected),
-  rewards/accuracy reaches >= 0.9 within a CPU-minutes run.
+- On the bundled toy preference set (train/data/dpo_arith.jsonl: "What is a+b?" for a, b in 1..5, the right sum
+  chosen, a wrong one rejected, three wrong ones a prompt), rewards/accuracy reaches >= 0.9 (the mean of the last
+  10 of 60 steps) within a CPU-minutes run.
 """
 
 import math
@@ -234,9 +235,11 @@ def _run(out, model, *keys):
 
 def test_toy_preferences_are_learned(models, tmp_path):
     out = tmp_path / "run"
-    train(_run(out, models[0], "steps=40", "learning_rate=3e-3", "warmup_steps=2"))
+    keys = ["steps=60", "batch_size=16", "learning_rate=3e-3", "schedule=constant", "warmup_steps=2"]
+    train(_run(out, models[0], *keys))
     recs = metrics(out)
-    last = recs[-5:]
+    assert recs[0]["rewards/accuracy"] == 0.0  # step 1: policy = reference, no pair is told apart yet
+    last = recs[-10:]
     assert np.mean([r["rewards/accuracy"] for r in last]) >= 0.9, [r["rewards/accuracy"] for r in recs]
     assert np.mean([r["rewards/margin"] for r in last]) > 0
     assert np.mean([r["loss"] for r in last]) < math.log(2)
