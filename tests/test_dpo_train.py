@@ -23,7 +23,7 @@ dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARITH = ROOT / "train" / "data" / "dpo_arith.jsonl"
-PAIRS, T, BETA = 3, 32, 0.1
+PAIRS, T, BETA = 4, 32, 0.1
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,13 @@ def _close(got, want, name):
     assert np.abs(got - want).max() <= tol, (name, np.abs(got - want).max(), np.abs(want).max())
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_full_finetune_step_equals_trl(models, tmp_path, loss_type):
+@pytest.mark.parametrize(
+    "loss_type,keys",
+    [("sigmoid", []), ("ipo", []), ("hinge", []), ("sigmoid", ["loss_chunk=8", "grad_accum=2"])],
+    ids=["sigmoid", "ipo", "hinge", "sigmoid-chunked-accum"],
+)
+def test_full_finetune_step_equals_trl(models, tmp_path, loss_type, keys):
+    """keys: the logits in blocks of 8 positions and two microbatches of 2 pairs (TRL: one batch of 4)."""
     import glm_jax
     from train.rl import dpo
 
@@ -117,7 +122,7 @@ def test_full_finetune_step_equals_trl(models, tmp_path, loss_type):
     trl_metrics = {k: v[-1] for k, v in tr._metrics["train"].items()}
 
     lm, lm_ref = glm_jax.from_pretrained(pol_dir), glm_jax.from_pretrained(ref_dir)
-    tc = _tc(loss_type)
+    tc = _tc(loss_type, *keys)
     frozen = jax.tree.map(lambda _: False, lm.params)
     grads, sums = jax.jit(dpo.make_grad_fn(lm.module, tc, frozen))(lm.params, lm_ref.params, batch)
     assert abs(float(sums["loss"]) / PAIRS - loss.item()) <= 1e-4 * max(abs(loss.item()), 1.0)
