@@ -93,6 +93,10 @@ def topology_devices(topo: str):
 
 
 def batch_shapes(tc, cfg) -> dict:
+    if tc.objective == "dpo":
+        from train.rl.dpo_data import batch_shapes as dpo_shapes
+
+        return dpo_shapes(tc)
     B, T = tc.batch_size, tc.seq_len
     i32 = jax.numpy.int32
     two_d = tc.objective == "chatglm_prefix" or (

@@ -18,9 +18,16 @@ from typing import Literal
 
 import yaml
 
-from train.config_checks import TrainConfigError, check_adapters, check_data_keys, check_grpo, check_moe
+from train.config_checks import (
+    TrainConfigError,
+    check_adapters,
+    check_data_keys,
+    check_dpo,
+    check_grpo,
+    check_moe,
+)
 
-Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze", "grpo"]
+Objective = Literal["blank_infilling", "causal", "chatglm_prefix", "sft", "cloze", "dpo", "grpo"]
 Schedule = Literal["cosine", "linear", "constant"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
@@ -111,6 +118,15 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig:
+    """objective=dpo (DESIGN §3.12, train/rl/dpo.py): TRL's DPO loss of this type, beta and label smoothing."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # sigmoid only: TRL <= 0.28's conservative DPO
+
+
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str = "glm_small"  # a preset name (GLMConfig.preset) or a checkpoint folder (glm_jax.from_pretrained)
@@ -142,6 +158,7 @@ class TrainConfig:
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     dsa: DSAConfig = dataclasses.field(default_factory=DSAConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # objective=grpo
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)  # objective=dpo
     embedding_grad_shrink: float = 1.0  # GLM-130B alpha: the word-embedding gradient is scaled by alpha (1 = off)
     freeze: list = dataclasses.field(default_factory=list)  # param path patterns (fnmatch); frozen = untouched
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # adapters: only they train (DESIGN §3.6)
@@ -342,6 +359,7 @@ def build(config_file=None, overrides=()) -> TrainConfig:
             "moe": MoEConfig(**cfg["moe"]),
             "dsa": DSAConfig(**cfg["dsa"]),
             "grpo": GRPOConfig(**cfg["grpo"]),
+            "dpo": DPOConfig(**cfg["dpo"]),
         }
     )
 
@@ -381,3 +399,4 @@ def validate(cfg: dict) -> None:
     check_adapters(cfg)
     if cfg["objective"] == "grpo":
         check_grpo(cfg)
+    check_dpo(cfg)

@@ -71,6 +71,8 @@ def check_data_keys(cfg: dict) -> None:
         return _check_cloze(cfg)
     if cfg["objective"] == "grpo":  # data.source and data.tokenizer: train/rl/grpo.py checks them
         return
+    if cfg["objective"] == "dpo":  # preference records: train/rl/dpo_data.py
+        return _check_dpo_data(cfg)
     data = cfg["data"]
     names = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - names)
@@ -143,3 +145,36 @@ def check_grpo(cfg: dict) -> None:
         raise TrainConfigError(f"grpo.reward_weights: one number a reward ({len(g['rewards'])}); got {w!r}")
     if cfg["seq_len"] <= g["max_new_tokens"]:
         raise TrainConfigError(f"seq_len {cfg['seq_len']} leaves no room for prompts after grpo.max_new_tokens")
+
+
+DPO_DATA_KEYS = {"source", "tokenizer"}
+
+
+def _check_dpo_data(cfg: dict) -> None:
+    other = sorted(k for k in cfg["data"] if k not in DPO_DATA_KEYS and cfg["data"][k] is not None)
+    if other:
+        raise TrainConfigError(f"objective=dpo takes data.{', data.'.join(sorted(DPO_DATA_KEYS))}; got data.{other[0]}")
+
+
+def check_dpo(cfg: dict) -> None:
+    """dpo.*: TRL's loss types, beta > 0 (ipo divides by it), label smoothing in [0, 0.5) for sigmoid only; what
+    objective=dpo does not combine with (train/rl/dpo.py)."""
+    from train.rl.losses import DPO_LOSS_TYPES
+
+    d = cfg["dpo"]
+    if d["loss"] not in DPO_LOSS_TYPES:
+        raise TrainConfigError(f"dpo.loss must be one of {', '.join(DPO_LOSS_TYPES)}; got {d['loss']!r}")
+    if not math.isfinite(d["beta"]) or d["beta"] <= 0:
+        raise TrainConfigError(f"dpo.beta must be a number > 0, got {d['beta']}")
+    if not math.isfinite(d["label_smoothing"]) or not 0 <= d["label_smoothing"] < 0.5:
+        raise TrainConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d['label_smoothing']}")
+    if d["label_smoothing"] and d["loss"] != "sigmoid":
+        raise TrainConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {d['loss']}")
+    if cfg["objective"] != "dpo":
+        return
+    if cfg["ptuning"]["pre_seq_len"]:
+        raise TrainConfigError("objective=dpo trains a LoRA adapter or the full model; P-Tuning is not supported")
+    on = [k for k in ("mtp_loss_weight", "z_loss", "eval_every") if cfg[k]]
+    on += [f"moe.{k}" for k, v in cfg["moe"].items() if v]
+    if on:
+        raise TrainConfigError(f"{on[0]} is not supported with objective=dpo (set it to 0)")

@@ -86,12 +86,18 @@ def batch_maker(objective: str):
         from train.cloze_data import make_cloze_batches
 
         return make_cloze_batches
+    if objective == "dpo":
+        from train.rl.dpo_data import make_dpo_batches
+
+        return make_dpo_batches
     return make_batches
 
 
 def to_device_dict(batch: dict, nan_at=None) -> dict:
     """The keys the step reads, with loss_mask (a cloze batch: score_mask) as float32 (optionally poisoned with
     a NaN, for tests)."""
+    if "chosen_mask" in batch:  # objective=dpo (train/rl/dpo_data.py): its arrays as they are
+        return {k: np.asarray(v) for k, v in batch.items()}
     cloze = "choice_mask" in batch
     out = {k: np.asarray(batch[k]) for k in (CLOZE_KEYS if cloze else DEVICE_KEYS) if k in batch}
     m = "score_mask" if cloze else "loss_mask"

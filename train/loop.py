@@ -202,7 +202,7 @@ def summarise(step, vals, tps, mfu) -> dict:
     }
     if any(float(v["z_loss"]) for v in ok):
         rec["z_loss"] = mean("z_loss")
-    for k in vals[0]:  # train/moe_rules.py's metrics: mtp_loss, moe/..., dsa/... (train/dsa.py)
-        if k.startswith(("moe/", "mtp_", "dsa/")):
+    for k in vals[0]:  # train/moe_rules.py's metrics: mtp_loss, moe/...; dsa/... (train/dsa.py); dpo's rewards/...
+        if k.startswith(("moe/", "mtp_", "dsa/", "rewards/")):
             rec[k] = mean(k)
     return rec

@@ -140,5 +140,7 @@ def make_eval_step(module, chunk: int = 0, select: bool = True, params_fn=None):
     return eval_step
 
 
-def init_state(params, tx):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+def init_state(params, tx, keep_ref: bool = False):
+    """keep_ref: also a frozen copy of the params as "ref" (objective=dpo's reference model, train/rl/dpo.py)."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return {**state, "ref": jax.tree.map(jnp.copy, params)} if keep_ref else state

@@ -22,6 +22,7 @@ from train.config import TrainConfig, TrainConfigError
 from train.loop import Clock, Loop, Stop
 from train.metrics import Reporter, device_peak_flops
 from train.model_setup import load_pretrained, model_config
+from train.rl import dpo
 
 
 # ---------------------------------------------------------------- the run
@@ -45,17 +46,26 @@ def state_layout(tc: TrainConfig, cfg, mesh) -> dict:
     tx = optimizer.make_optimizer(tc, pshapes, frozen)
     p_sh = parallel.param_shardings(cfg, model_shapes, mesh)
     p_sh = adapter.shardings(p_sh, mesh) if adapter else p_sh
-    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), pshapes)
+    keep_ref = dpo.keeps_ref(tc, adapter)  # objective=dpo, full finetune: a frozen reference copy in the state
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, keep_ref), pshapes)
     state_sh = {
         "step": parallel.replicated(mesh),
         "params": p_sh,
         "opt_state": parallel.like_params_shardings(abstract["opt_state"], pshapes, p_sh, mesh),
     }
+    if keep_ref:
+        state_sh[dpo.REF] = p_sh
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
     schedule = optimizer.make_schedule(tc, tc.warmup)
     fn = adapter.loss_params if adapter else None  # the model params the loss sees
-    train_step = step_lib.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh, params_fn=fn)
+    if tc.objective == "dpo":
+        train_step = dpo.make_train_step(GLMModel(cfg), tx, tc, schedule, frozen, p_sh, fn, adapter)
+    else:
+        train_step = step_lib.make_train_step(
+            GLMModel(cfg), tx, tc, schedule, frozen, grad_shardings=p_sh, params_fn=fn
+        )
     lay = {"tx": tx, "frozen": frozen, "state_sh": state_sh, "abstract": abstract, "train_step": train_step}
+    lay["keep_ref"] = keep_ref
     return {**lay, "adapter": adapter, "fn": fn}
 
 
@@ -115,9 +125,10 @@ class Run:
             elif self.pretrained:
                 params = jax.device_put(loaded, self.state_sh["params"])
                 del loaded
-                self.state = jax.jit(lambda p: step_lib.init_state(p, self.tx), out_shardings=self.state_sh)(params)
+                init = lambda p: step_lib.init_state(p, self.tx, lay["keep_ref"])  # noqa: E731
+                self.state = jax.jit(init, out_shardings=self.state_sh)(params)
             else:
-                init = lambda k: step_lib.init_state(init_params(cfg, k), self.tx)  # noqa: E731
+                init = lambda k: step_lib.init_state(init_params(cfg, k), self.tx, lay["keep_ref"])  # noqa: E731
                 self.state = jax.jit(init, out_shardings=self.state_sh)(jax.random.PRNGKey(tc.seed))
         self.train_step = lay["train_step"]
         self.metric_sh = parallel.replicated(mesh)
