@@ -100,7 +100,10 @@ def main(argv=None) -> int:
             from train.parallel import init_distributed
 
             init_distributed(tc.distributed)
-            from train.trainer import train
+            if tc.objective == "grpo":  # rollouts, rewards and updates: its own loop on a Run (train/rl/grpo.py)
+                from train.rl.grpo import train
+            else:
+                from train.trainer import train
 
             summary = train(tc)
             if summary.get("loss") is not None:

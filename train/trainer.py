@@ -239,10 +239,6 @@ def use_compilation_cache(path: str) -> None:
 
 def train(tc: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary dict."""
-    if tc.objective == "grpo":  # rollouts, rewards and updates: its own loop on the same Run
-        from train.rl import grpo
-
-        return grpo.train(tc)
     use_compilation_cache(tc.compilation_cache_dir)
     stop = Stop()
     # before Run starts the data pipeline, whose read threads would share the cores with a measured peak

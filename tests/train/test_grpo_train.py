@@ -24,7 +24,7 @@ def rollouts(out) -> list[dict]:
 
 
 def test_toy_reward_rises_well_beyond_noise(tmp_path):
-    from train.trainer import train
+    from train.rl.grpo import train
 
     out = tmp_path / "run"
     train(grpo_tiny(out, "steps=120", "checkpoint_every=1000"))
