@@ -50,10 +50,12 @@ def build_glm4_chat(folder, seed=0, hidden=32, layers=2, heads=4, kv_heads=2, he
     return model
 
 
-def build_glm4_moe_lite_chat(folder, seed=0):
+def build_glm4_moe_lite_chat(folder, seed=0, mtp=False):
     """Random Glm4MoeLiteForCausalLM (GLM-4.7-Flash) at the shapes of fixtures/transformers-glm4-moe-lite (MLA with a
     q latent, 1 dense + 2 MoE layers), its vocabulary widened to the GLM-4 stand-in tokenizer's, which is saved
-    beside it (data.format=glm4 reads it; the model's own GLM-4.5 tokenizer has no SFT format of the reference's)."""
+    beside it (data.format=glm4 reads it; the model's own GLM-4.5 tokenizer has no SFT format of the reference's).
+    mtp: also the fixture's MTP layer as `model.layers.3.*`, its embedding and head copies of the main ones (as in
+    the released checkpoint; transformers ignores the layer)."""
     import json
 
     import torch
@@ -76,6 +78,16 @@ def build_glm4_moe_lite_chat(folder, seed=0):
             elif p.ndim >= 2:
                 p.normal_(0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
+    if mtp:
+        from safetensors.numpy import load_file, save_file
+
+        sd = load_file(str(folder / "model.safetensors"))
+        fix = load_file(str(FIX / "transformers-glm4-moe-lite" / "model" / "model.safetensors"))
+        L = d["num_hidden_layers"]
+        sd.update({k: v for k, v in fix.items() if k.startswith(f"model.layers.{L}.")})
+        sd[f"model.layers.{L}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].copy()
+        sd[f"model.layers.{L}.shared_head.head.weight"] = sd["lm_head.weight"].copy()
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(GLM4_TOK / name, folder / name)
     return model
