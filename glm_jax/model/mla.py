@@ -35,6 +35,7 @@ from glm_jax.model.indexer import Indexer, choose, dense_kl, select, sparse_kl
 from glm_jax.model.layers import Dense, Norm, constrain, dtype_of, param
 from glm_jax.model.masks import MaskSpec, dense_mask
 from glm_jax.model.positions import apply_rope
+from glm_jax.quant.formats import dequantize
 
 if TYPE_CHECKING:
     from glm_jax.config import GLMConfig
@@ -44,7 +45,12 @@ HEADS = ("activation_batch", "activation_length", "activation_heads", None)
 
 class LatentUp(nn.Module):
     """kv_b_proj's kernel [R, N, C + E], given whole: the expanded form multiplies the latents by it, the absorbed
-    form splits it into the key half (folded into the query) and the value half (applied after attention)."""
+    form splits it into the key half (folded into the query) and the value half (applied after attention).
+
+    Weight-only quantized (`quantize=`, glm_jax/quant/): an int8 kernel (int4: R packed in pairs) beside its
+    per-output `kernel_scale` [N, C + E], as a Dense holds it. Neither form is one matmul of x by the kernel, so
+    the float kernel q · scale is formed here in the compute dtype, inside the jitted step (R x N x (C + E):
+    4.6M values a layer on GLM-4.7-Flash, a transient the size of q_b_proj's kernel)."""
 
     cfg: GLMConfig
 
@@ -52,6 +58,10 @@ class LatentUp(nn.Module):
     def __call__(self):
         c = self.cfg
         shape = (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.value_head_dim)
+        if self.has_variable("params", "kernel_scale"):
+            q, s = self.get_variable("params", "kernel"), self.get_variable("params", "kernel_scale")
+            bits = 4 if q.shape[0] * 2 == c.kv_lora_rank else 8
+            return dequantize(jnp.asarray(q), jnp.asarray(s), bits, dtype=dtype_of(c.dtype))
         return param(self, "kernel", shape, ("kv", "q_heads", "kv"), nn.initializers.normal(0.02), c.param_dtype)
 
 

@@ -49,11 +49,15 @@ def bits_to_hf(c) -> int | None:
 
 
 def is_layer_linear(r: Row) -> bool:
-    """An expanded row holding one per-layer linear weight: one `.weight` key, every param a layer's kernel."""
+    """An expanded row holding one per-layer linear weight: one `.weight` key, every param a layer's kernel.
+    A MoE router's kernel is not one: it stays float, as the routed experts do (its logits pick the experts, a
+    discrete choice that int8 rounding would flip; it is [D, E], a small share of the layer)."""
     return (
         len(r.hf) == 1
         and r.hf[0].endswith(".weight")
-        and all(p.endswith("/kernel") and layout.parse_layer_path(p) for p in r.jax)
+        and all(
+            p.endswith("/kernel") and not p.endswith("/router/kernel") and layout.parse_layer_path(p) for p in r.jax
+        )
     )
 
 

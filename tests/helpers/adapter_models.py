@@ -85,3 +85,46 @@ def build_chatglm2_base(folder, seed=0):
     for f in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(CHATGLM3_TOK / f, folder / f)
     return cfg
+
+
+def build_glm4_moe_lite_chat(folder, seed=0, mtp=False):
+    """Random Glm4MoeLiteForCausalLM (GLM-4.7-Flash) at the shapes of fixtures/transformers-glm4-moe-lite (MLA with a
+    q latent, 1 dense + 2 MoE layers), its vocabulary widened to the GLM-4 stand-in tokenizer's, which is saved
+    beside it (data.format=glm4 reads it; the model's own GLM-4.5 tokenizer has no SFT format of the reference's).
+    mtp: also the fixture's MTP layer as `model.layers.3.*`, its embedding and head copies of the main ones (as in
+    the released checkpoint; transformers ignores the layer)."""
+    import json
+
+    import torch
+    import transformers
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    d = json.loads((FIX / "transformers-glm4-moe-lite" / "model" / "config.json").read_text())
+    d.update(vocab_size=VOCAB, pad_token_id=1000, eos_token_id=[1000, 1007, 1008], dtype="float32")
+    for k in ("architectures", "model_type", "transformers_version"):
+        d.pop(k)
+    torch.manual_seed(seed)
+    model = transformers.Glm4MoeLiteForCausalLM(transformers.Glm4MoeLiteConfig(**d)).eval()
+    with torch.no_grad():  # non-trivial distributions, as build_glm4_chat
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim >= 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    if mtp:
+        from safetensors.numpy import load_file, save_file
+
+        sd = load_file(str(folder / "model.safetensors"))
+        fix = load_file(str(FIX / "transformers-glm4-moe-lite" / "model" / "model.safetensors"))
+        L = d["num_hidden_layers"]
+        sd.update({k: v for k, v in fix.items() if k.startswith(f"model.layers.{L}.")})
+        sd[f"model.layers.{L}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].copy()
+        sd[f"model.layers.{L}.shared_head.head.weight"] = sd["lm_head.weight"].copy()
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(GLM4_TOK / name, folder / name)
+    return model
