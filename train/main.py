@@ -55,7 +55,7 @@ def verify_main(argv) -> int:
         return _report(e)
 
 
-def launch_main(argv) -> int:
+def launch_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="glm-train launch-command",
         description="prints the commands that create a Cloud TPU VM slice and run this glm-train on every worker",
@@ -68,8 +68,12 @@ def launch_main(argv) -> int:
     ap.add_argument("--cluster", default="", help="a GKE cluster made by xpk: also print the xpk workload line")
     ap.add_argument("--config", help="as for glm-train")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="as for glm-train")
+    return ap
+
+
+def launch_main(argv) -> int:
     try:
-        args = ap.parse_intermixed_args(argv)
+        args = launch_parser().parse_intermixed_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     args.topology = args.topology.replace("v5litepod-", "v5e-")  # gcloud's name for v5e slices
