@@ -133,7 +133,7 @@ def api_problems(text):
 
 
 _CLI_SOURCES = {
-    "glm-train": ["train/main.py"],
+    "glm-train": ["train/main.py", "train/launch.py"],  # launch.py: the gcloud / xpk flags launch-command prints
     "glm-convert": ["convert/cli.py"],
     "glm-generate": ["glm_jax/cli_generate.py"],
     "glm-eval": ["glm_jax/eval/cli.py"],
@@ -185,7 +185,7 @@ def flag_problems(text):
 def train_problems(text):
     """Every glm-train line the README shows parses, and its config and keys are accepted by train.config."""
     from train.config import TrainConfigError, build
-    from train.main import parse_args
+    from train.main import launch_parser, parse_args
 
     out = []
     for cmd, line in command_lines(text):
@@ -193,7 +193,7 @@ def train_problems(text):
         if cmd != "glm-train" or argv[:1] == ["verify"] or re.search(r"\[(?:--|key=)", line):
             continue  # the synopsis in the command reference
         try:
-            args = parse_args(argv)
+            args = launch_parser().parse_intermixed_args(argv[1:]) if argv[0] == "launch-command" else parse_args(argv)
             build(args.config, args.overrides)
         except (TrainConfigError, SystemExit) as e:
             out.append(f"{line!r}: {e}")

@@ -64,17 +64,31 @@ class Clock:
 
 
 class Stop:
-    """SIGTERM → finish the current step, save a checkpoint, exit 0. Every process asks every step, through one
-    all-gather of the flags, so a signal seen by any host stops all of them at the same step."""
+    """A preemption notice seen by any process → every process finishes the same step, saves a checkpoint and
+    exits 0. `requested(step)` is asked after every step.
+
+    Several processes: jax's preemption sync point (multihost_utils.reached_preemption_sync_point). The preemption
+    sync manager that jax.distributed.initialize starts (jax_enable_preemption_service, on by default, CPU
+    included) catches SIGTERM, the notice a Cloud TPU preemption or maintenance event and a GKE eviction send,
+    on any host; the coordination service then picks one step (the hosts' newest step + 1) at which it answers
+    True on every host. Asking costs a flag read, no collective. Our own SIGTERM handler would replace the
+    manager's, so none is installed then.
+    Without a sync manager (the service turned off, or a jax without it): our SIGTERM flag, all-gathered after
+    every step, a collective each step (bench/stop_bench.py measures it against a step).
+    One process: the flag.
+    """
 
     def __init__(self):
         self.flag = False
-        self.old = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
+        self.sync = _preemption_sync_point()
+        self.old = {} if self.sync else {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
 
     def _handle(self, signum, frame):
         self.flag = True
 
-    def requested(self) -> bool:
+    def requested(self, step: int) -> bool:
+        if self.sync:
+            return self.sync(step)
         if jax.process_count() == 1:
             return self.flag
         from jax.experimental import multihost_utils
@@ -84,6 +98,20 @@ class Stop:
     def restore(self):
         for sig, h in self.old.items():
             signal.signal(sig, h)
+
+
+def _preemption_sync_point():
+    """multihost_utils.reached_preemption_sync_point when this is one of several processes and jax's preemption
+    sync manager runs, else None. (Asking at step 0 is harmless: the steps asked after it are larger.)"""
+    if jax.process_count() == 1:
+        return None
+    try:
+        from jax.experimental.multihost_utils import reached_preemption_sync_point
+
+        reached_preemption_sync_point(0)
+    except (ImportError, RuntimeError):  # RuntimeError: jax_enable_preemption_service is off
+        return None
+    return reached_preemption_sync_point
 
 
 class Skips:
@@ -177,7 +205,7 @@ class Loop:
             self.run.save(self.step)
 
     def stop_requested(self, stop: Stop) -> bool:
-        if stop.requested():
+        if stop.requested(self.step):
             self.rep.say(f"SIGTERM: saving a checkpoint at step {self.step} and stopping", always=True)
             return True
         return False
