@@ -91,8 +91,12 @@ class Checkpointer:
             opt_state=ocp.args.StandardSave(_flat({"step": state["step"], "opt": state["opt_state"]})),
             meta=ocp.args.JsonSave({**meta, "manifest": verify.MANIFEST}),
         )
+        # Orbax's save first waits for the previous save to finish: once it returns, every step queued before this
+        # one is committed, and its manifest can be written even while saves follow each other back to back
+        committed, self._committing = self._committing, []
         with self._errors():
             self.manager.save(step, args=args, force=True)
+        self._hand_off(committed)
         self.last_saved = step
         if self.main:
             self._committing.append((step, meta))
@@ -110,9 +114,8 @@ class Checkpointer:
         if self._committing and (wait or not self.manager.is_saving_in_progress()):
             with self._errors():
                 self.manager.wait_until_finished()
-            for step, meta in self._committing:
-                self._hashing.append(self._pool.submit(verify.write_manifest, self.directory / str(step), meta))
-            self._committing = []
+            committed, self._committing = self._committing, []
+            self._hand_off(committed)
         if wait:
             concurrent.futures.wait(self._hashing)
         done = [f for f in self._hashing if f.done()]
@@ -122,6 +125,11 @@ class Checkpointer:
                 f.result()  # an error writing a manifest is an internal error, or the store's (StorageError)
         if done:
             self.rotate()
+
+    def _hand_off(self, committed) -> None:
+        """Queues the manifests of committed (step, meta) saves on the manifest thread."""
+        for step, meta in committed:
+            self._hashing.append(self._pool.submit(verify.write_manifest, self.directory / str(step), meta))
 
     def rotate(self) -> None:
         """Deletes all but the newest `keep` steps, never the newest complete (manifest) one."""
