@@ -54,8 +54,11 @@ def configure():
         # layout, for zonal and hierarchical buckets; glm-jax uses none of their features, and an emulator does
         # not serve that API, so every first access would wait out its retries. The plain JSON-API class serves
         # every bucket. epath asks fsspec for "gcs", others for "gs".
+        # No listings cache: checkpoint arrays are written by TensorStore, not through gcsfs, so a cached listing
+        # would hide a step's files (or its manifest) from the checks that read them back.
         for proto in ("gs", "gcs"):
             fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
+            fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
             if emulator:
                 fsspec.config.conf.setdefault(proto, {}).setdefault("token", "anon")
         _done.append(True)
@@ -244,3 +247,57 @@ def check_complete(path):
             "half-written: an interrupted writer left it incomplete (delete it, or rerun with --overwrite)",
             os.fspath(path),
         )
+
+
+def list_files(path) -> dict[str, int]:
+    """{relative posix path: size} of every file under a folder (empty when the folder is absent). On GCS, one
+    listing request (gcsfs find), not a walk of pseudo-folders."""
+    with errors(path, "list"):
+        if is_remote(path):
+            base = _key(path).rstrip("/")
+            fs = filesystem()
+            found = fs.find(base, detail=True)
+            return {
+                k[len(base) + 1 :]: int(v.get("size") or 0)
+                for k, v in found.items()
+                if k.startswith(base + "/") and v.get("type") != "directory"
+            }
+        root = pathlib.Path(path)
+        out = {}
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                p = pathlib.Path(dirpath) / n
+                out[p.relative_to(root).as_posix()] = p.stat().st_size
+        return out
+
+
+def subfolders(path) -> list[str]:
+    """Names of the folders directly inside a folder, sorted (empty when it is absent)."""
+    with errors(path, "list"):
+        if is_remote(path):
+            fs = filesystem()
+            base = _key(path).rstrip("/")
+            if not fs.exists(base):
+                return []
+            return sorted(
+                e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"
+            )
+        p = pathlib.Path(path)
+        return sorted(c.name for c in p.iterdir() if c.is_dir()) if p.is_dir() else []
+
+
+def delete(path):
+    """Delete one file (no error when it is absent)."""
+    with errors(path, "delete"):
+        if is_remote(path):
+            fs = filesystem()
+            if fs.exists(_key(path)):
+                fs.rm_file(_key(path))
+        else:
+            pathlib.Path(path).unlink(missing_ok=True)
+
+
+def copy_folder(src, dst):
+    """Server-side copy of a gs:// folder to another gs:// name (GCS's rewrite: no bytes pass through here)."""
+    with errors(dst, "write"):
+        filesystem().copy(_key(src).rstrip("/") + "/", _key(dst).rstrip("/") + "/", recursive=True)

@@ -12,6 +12,12 @@ manifest last (train/verify.py): only then is the step complete. Rotation (`keep
 deletes the newest complete step. A state with non-finite values is never saved. On resume the newest step
 is verified (manifest, then the restore itself); one that fails is reported, moved to
 `checkpoints/corrupt-<step>`, and the next older one is tried.
+
+`output_dir` may be gs:// (DESIGN §3.11): Orbax writes through etils.epath and TensorStore's gcs driver. GCS has
+no rename, so Orbax writes a step there in place (its commit_success.txt last); the manifest, written after
+that, is what makes a step complete here as on disk. A failure of the store (a refused or failed write, retries
+exhausted) is a StorageError naming the checkpoint folder (exit 2): the step being saved never gets its
+manifest, and the last complete step stays as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import pathlib
 import shutil
 
 import jax
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from glm_jax import storage
 from train import verify
 from train.config import TrainConfigError
 
@@ -50,10 +56,13 @@ def _short(e: BaseException) -> str:
 
 class Checkpointer:
     def __init__(self, output_dir, keep: int, async_save: bool = True):
-        self.directory = pathlib.Path(output_dir).absolute() / "checkpoints"
+        self.directory = storage.epath_of(output_dir) / "checkpoints"
         # no max_to_keep: rotation is ours (after the manifest), so that a complete step is never the one deleted
         opts = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("params", "opt_state", "meta"))
+        with self._errors("open"):
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=opts, item_names=("params", "opt_state", "meta")
+            )
         self.keep = keep
         self.main = jax.process_index() == 0
         self.last_saved = None
@@ -61,6 +70,10 @@ class Checkpointer:
         self._hashing = []  # futures of manifests being written
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-manifest")
         self._finite = jax.jit(_all_finite)
+
+    def _errors(self, doing="write"):
+        """The store's failures as a StorageError naming the checkpoints folder (local paths: unchanged)."""
+        return storage.errors(str(self.directory), doing)
 
     def save(self, step: int, state, meta: dict) -> bool:
         """Queues a save of `state` at loop step `step` (no-op if that step is already saved). Refuses a state
@@ -78,7 +91,12 @@ class Checkpointer:
             opt_state=ocp.args.StandardSave(_flat({"step": state["step"], "opt": state["opt_state"]})),
             meta=ocp.args.JsonSave({**meta, "manifest": verify.MANIFEST}),
         )
-        self.manager.save(step, args=args, force=True)
+        # Orbax's save first waits for the previous save to finish: once it returns, every step queued before this
+        # one is committed, and its manifest can be written even while saves follow each other back to back
+        committed, self._committing = self._committing, []
+        with self._errors():
+            self.manager.save(step, args=args, force=True)
+        self._hand_off(committed)
         self.last_saved = step
         if self.main:
             self._committing.append((step, meta))
@@ -90,34 +108,41 @@ class Checkpointer:
         (`wait`: blocks until every queued save is complete). Cheap: call it every step."""
         if not self.main:
             if wait:
-                self.manager.wait_until_finished()
+                with self._errors():
+                    self.manager.wait_until_finished()
             return
         if self._committing and (wait or not self.manager.is_saving_in_progress()):
-            self.manager.wait_until_finished()
-            for step, meta in self._committing:
-                self._hashing.append(self._pool.submit(verify.write_manifest, self.directory / str(step), meta))
-            self._committing = []
+            with self._errors():
+                self.manager.wait_until_finished()
+            committed, self._committing = self._committing, []
+            self._hand_off(committed)
         if wait:
             concurrent.futures.wait(self._hashing)
         done = [f for f in self._hashing if f.done()]
         self._hashing = [f for f in self._hashing if not f.done()]
         for f in done:
-            f.result()  # an error writing a manifest is an internal error
+            with self._errors():
+                f.result()  # an error writing a manifest is an internal error, or the store's (StorageError)
         if done:
             self.rotate()
+
+    def _hand_off(self, committed) -> None:
+        """Queues the manifests of committed (step, meta) saves on the manifest thread."""
+        for step, meta in committed:
+            self._hashing.append(self._pool.submit(verify.write_manifest, self.directory / str(step), meta))
 
     def rotate(self) -> None:
         """Deletes all but the newest `keep` steps, never the newest complete (manifest) one."""
         steps = verify.step_dirs(self.directory)
-        complete = [s for s, d in steps if (d / verify.MANIFEST).is_file()]
+        complete = [s for s, d in steps if verify.has_manifest(d)]
         keep = {s for s, _ in steps[-self.keep :]} | set(complete[-1:])
         gone = [d for s, d in steps if s not in keep and s < (complete[-1] if complete else -1)]
         for d in gone:  # (Orbax's cached step list may keep them: nothing of ours reads it for old steps)
-            shutil.rmtree(d, ignore_errors=True)
+            storage.rmtree(d) if storage.is_remote(d) else shutil.rmtree(d, ignore_errors=True)
 
     def last_good(self):
         """(step, folder) of the newest complete step, or None."""
-        done = [(s, d) for s, d in verify.step_dirs(self.directory) if (d / verify.MANIFEST).is_file()]
+        done = [(s, d) for s, d in verify.step_dirs(self.directory) if verify.has_manifest(d)]
         return done[-1] if done else None
 
     def last_good_text(self) -> str:
@@ -165,6 +190,8 @@ class Checkpointer:
                 state, _ = self.restore(step, abstract_state)
             return state, None
         except Exception as e:  # whatever Orbax raises: the step failed verification
+            if storage.is_remote(str(self.directory)) and _unreachable(e):
+                raise storage.StorageError(f"cannot read step {step}: {_short(e)}", str(self.directory)) from e
             return None, f"does not load ({_short(e)})"
 
     def _set_aside(self, failures, say) -> None:
@@ -203,8 +230,17 @@ class Checkpointer:
         try:
             self.poll(wait=True)
         finally:
-            self.manager.close()
-            self._pool.shutdown()
+            try:
+                with self._errors():
+                    self.manager.close()
+            finally:
+                self._pool.shutdown()
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A failed restore that says the store itself refused or could not answer (not a bad step)."""
+    text = str(e)
+    return any(k in text for k in ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "403", "503"))
 
 
 def gather_json(obj) -> list:

@@ -30,10 +30,10 @@ def parse_args(argv):
 
 def _bad_input_types():
     from glm_jax.config import ConfigError
-    from glm_jax.errors import CheckpointFormatError
+    from glm_jax.errors import CheckpointFormatError, StorageError
     from train.config import TrainConfigError
 
-    return (TrainConfigError, ConfigError, CheckpointFormatError)
+    return (TrainConfigError, ConfigError, CheckpointFormatError, StorageError)  # StorageError: DESIGN §3.11
 
 
 def verify_main(argv) -> int:

@@ -2,6 +2,11 @@
 
 Only process 0 writes. On resume, metrics.jsonl keeps the lines up to the restored step, so the file reads as
 one uninterrupted run.
+
+On GCS (output_dir=gs://...) an object cannot be appended to, and one object takes about one write a second: the
+reporter keeps metrics.jsonl's lines and TensorBoard's event files (tensorboardX writes them to a local staging
+folder) and uploads each whole, at most every REMOTE_FLUSH_S and at close. A run killed outright loses at most
+that many seconds of lines; a resume keeps the lines up to its restored step either way.
 """
 
 from __future__ import annotations
@@ -9,11 +14,17 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
+
+from glm_jax import storage
+
+REMOTE_FLUSH_S = 2.0
 
 # bf16 dense peak per chip (the MFU denominator), by jax device_kind
 PEAK_FLOPS = {
@@ -85,7 +96,8 @@ class Reporter:
     def __init__(
         self, output_dir, total_steps: int, start_step: int, progress: str = "auto", plot_every_s: float = 10.0
     ):
-        self.dir = pathlib.Path(output_dir)
+        self.remote = storage.is_remote(output_dir)
+        self.dir = storage.as_path(output_dir)
         self.main = jax.process_index() == 0
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
@@ -95,11 +107,12 @@ class Reporter:
         self.tb = None
         if not self.main:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        if self.path.exists():  # keep the lines of steps that the restored checkpoint covers
-            kept = []
-            for line in self.path.read_text().splitlines():
+        kept = []
+        if not self.remote:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        if storage.exists(self.path):  # keep the lines of steps that the restored checkpoint covers
+            for line in storage.read_text(self.path).splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
@@ -110,9 +123,16 @@ class Reporter:
                         self.history.append(rec)
                     if "eval_loss" in rec:
                         self.eval_history.append(rec)
+        self._lines, self._flushed = kept, 0.0
+        self._staging = tempfile.mkdtemp(prefix="glm-tb-") if self.remote else None
+        if self.remote:
+            storage.write_text(self.path, "".join(x + "\n" for x in kept))
+            self.fh = None
+        else:
             self.path.write_text("".join(x + "\n" for x in kept))
-        self.fh = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed by close()
-        self.tb = _summary_writer()(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.fh = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed by close()
+        tb_dir = pathlib.Path(self._staging) if self.remote else self.dir / "tensorboard"
+        self.tb = _summary_writer()(str(tb_dir), purge_step=start_step + 1 if start_step else None)
         mode = progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
@@ -126,12 +146,16 @@ class Reporter:
         if not self.main:
             return
         rec = {k: (_clean(v) if isinstance(v, (float, np.floating)) else v) for k, v in rec.items()}
-        self.fh.write(json.dumps(rec) + "\n")
-        self.fh.flush()
         step = rec["step"]
         for k, v in rec.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
                 self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, step)
+        if self.remote:
+            self._lines.append(json.dumps(rec))
+            self.flush_remote()
+        else:
+            self.fh.write(json.dumps(rec) + "\n")
+            self.fh.flush()
         self.history.append(rec)
         f = lambda k, spec: "nan" if rec.get(k) is None else format(rec[k], spec)  # noqa: E731
         if "reward" in rec:  # objective=grpo: the reward, and rollout vs update time (train/rl/grpo.py)
@@ -158,6 +182,16 @@ class Reporter:
             self.say(line)
         if time.time() - self._last_plot > self.plot_every_s:
             self.plot()
+
+    def flush_remote(self, force: bool = False) -> None:
+        """Uploads metrics.jsonl and the TensorBoard event files whole (GCS: at most every REMOTE_FLUSH_S)."""
+        if not (self.main and self.remote) or (not force and time.monotonic() - self._flushed < REMOTE_FLUSH_S):
+            return
+        storage.write_text(self.path, "".join(x + "\n" for x in self._lines))
+        self.tb.flush()
+        for f in sorted(pathlib.Path(self._staging).iterdir()):
+            storage.write_bytes(self.dir / "tensorboard" / f.name, f.read_bytes())
+        self._flushed = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -198,17 +232,31 @@ class Reporter:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.dir / "loss.png.tmp"
-        fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        tmp.replace(self.dir / "loss.png")
+        if self.remote:  # one object, written whole
+            import io
+
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            plt.close(fig)
+            storage.write_bytes(self.dir / "loss.png", buf.getvalue())
+        else:
+            tmp = self.dir / "loss.png.tmp"
+            fig.savefig(tmp, format="png", dpi=100)
+            plt.close(fig)
+            tmp.replace(self.dir / "loss.png")
         self._last_plot = time.time()
 
     def close(self) -> None:
         if not self.main:
             return
-        self.plot()
-        self.fh.close()
-        self.tb.close()
-        if self.bar is not None:
-            self.bar.close()
+        try:
+            self.plot()
+            self.flush_remote(force=True)  # (the events are flushed before the writer closes)
+        finally:
+            self.tb.close()
+            if self.fh is not None:
+                self.fh.close()
+            if self._staging:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            if self.bar is not None:
+                self.bar.close()

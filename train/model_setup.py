@@ -4,8 +4,8 @@ with the run's compute settings, P-Tuning prefix and quantized base) and the pre
 from __future__ import annotations
 
 import json
-import pathlib
 
+from glm_jax import storage
 from glm_jax.config import ConfigError, GLMConfig
 from train import adapters as train_adapters
 from train import dsa
@@ -20,10 +20,10 @@ def model_config(tc: TrainConfig):
     name, over = tc.model, dict(tc.model_overrides)
     compute = {k: getattr(tc, k) for k in COMPUTE_KEYS} | dsa.model_overrides(tc)
     try:
-        p = pathlib.Path(name)
-        if p.is_dir():
-            if (p / "glm_jax.json").is_file():  # written by `glm-convert to-jax`
-                cfg = GLMConfig.from_dict(json.loads((p / "glm_jax.json").read_text())["config"])
+        p = storage.as_path(name)  # a local folder or a gs:// one (DESIGN §3.11)
+        if storage.isdir(p):
+            if storage.exists(p / "glm_jax.json"):  # written by `glm-convert to-jax`
+                cfg = GLMConfig.from_dict(json.loads(storage.read_text(p / "glm_jax.json"))["config"])
             else:
                 from glm_jax.checkpoint.hf import config_from_folder
 

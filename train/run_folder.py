@@ -2,7 +2,8 @@
 the model's config.json (the family's own config.json, as `GLMConfig.to_hf()` writes it) and the tokenizer files
 of the tokenizer the run was fed, so `glm-generate RUN`, `glm-convert to-torch RUN DST` and
 `glm_jax.load_tokenizer(RUN)` read the run directly. Written by process 0 at the start of every run, each file
-to a temporary name and then renamed (a reader never sees half a file).
+to a temporary name and then renamed (a reader never sees half a file). On GCS (output_dir=gs://...), the files
+are made in a local temporary folder and uploaded one object each: an object appears whole or not at all.
 
 Which tokenizer: `data.tokenizer` — the bundled one (its sentencepiece model proto, byte for byte, as
 glm_sentencepiece.model), or the tokenizer files of the folder it names; a pretrained `model` folder's tokenizer
@@ -17,7 +18,9 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 
+from glm_jax import storage
 from glm_jax.tokenizers.files import copy_tokenizer_files
 from glm_jax.tokenizers.sentencepiece import save_sentencepiece
 
@@ -32,6 +35,17 @@ def write_run_folder(out, cfg, tokenizer, data_tokenizer_spec, pretrained=None, 
     """config.json and the tokenizer files into `out`; returns the names written.
     `tokenizer`: the data pipeline's tokenizer object; `data_tokenizer_spec`: the data.tokenizer setting;
     `extra_config`: keys added to config.json (an adapter's pre_seq_len / prefix_projection)."""
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="glm-run-folder-") as tmp:
+            local = pathlib.Path(tmp)
+            has_gen = storage.exists(storage.as_path(out) / "generation_config.json")
+            if has_gen:  # kept, as on disk: not rewritten on a resume
+                storage.copy(storage.as_path(out) / "generation_config.json", local / "generation_config.json")
+            names = write_run_folder(local, cfg, tokenizer, data_tokenizer_spec, pretrained, extra_config)
+            for n in names:
+                if not (has_gen and n == "generation_config.json"):
+                    storage.copy(local / n, storage.as_path(out) / n)
+            return names
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = []
@@ -39,7 +53,7 @@ def write_run_folder(out, cfg, tokenizer, data_tokenizer_spec, pretrained=None, 
         names += copy_tokenizer_files(pretrained, out)
     spec = "bundled" if data_tokenizer_spec is None else data_tokenizer_spec
     if isinstance(spec, (str, os.PathLike)) and str(spec) != "bundled":
-        p = pathlib.Path(spec)
+        p = storage.as_path(spec)
         names += copy_tokenizer_files(p if p.is_dir() else p.parent, out)
     elif getattr(tokenizer, "model_proto", None) is not None:  # the bundled sentencepiece model
         names += save_sentencepiece(tokenizer.model_proto, out)

@@ -8,7 +8,7 @@ import pathlib
 
 import jax
 
-from glm_jax import hostmem
+from glm_jax import hostmem, storage
 from glm_jax.model.transformer import param_count
 from glm_jax.quant import load as quant_load
 from glm_jax.sharding import axis_rules
@@ -107,7 +107,7 @@ class Run:
         lay = state_layout(tc, cfg, mesh)
         self.tx, self.frozen, self.state_sh, self.abstract = lay["tx"], lay["frozen"], lay["state_sh"], lay["abstract"]
         self.adapter = train_adapters.check_base(lay["adapter"], self.pretrained, tc)
-        out = pathlib.Path(tc.output_dir)
+        out = storage.as_path(tc.output_dir)  # a local folder or a gs:// URL (DESIGN §3.11)
         if out.exists() and not out.is_dir():
             raise TrainConfigError(f"output_dir {out} exists and is not a folder")
         self.checkpointer = Checkpointer(out, tc.keep_checkpoints, tc.async_checkpointing)

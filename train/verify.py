@@ -1,7 +1,9 @@
 """Checkpoints that prove themselves: the manifest of a glm-train step, and the checks that read it back.
 
-`checkpoints/<step>/glm_manifest.json` is written last, atomically (a temporary name, then os.replace), by
-process 0, once Orbax has committed the step. It lists every other file under the step folder with its size
+`checkpoints/<step>/glm_manifest.json` is written last, atomically, by process 0, once Orbax has committed the
+step (a local file goes to a temporary name, then os.replace; a GCS object appears whole or not at all, so it is
+written in place). Every path may be local or gs:// (glm_jax/storage.py): a step on GCS is listed in one request
+and its files are hashed through ranged reads. It lists every other file under the step folder with its size
 and blake2b-128 hash, and carries the model config and the data-pipeline state(s). A step without a manifest
 is not complete, unless its meta lacks the `manifest` marker: such a step was written before glm-train
 recorded manifests, and only whether it loads can be checked.
@@ -21,6 +23,8 @@ import pathlib
 
 import numpy as np
 
+from glm_jax import storage
+
 MANIFEST = "glm_manifest.json"  # glm_jax/checkpoint/orbax.py (_step_dir) looks for the same name
 FORMAT = "glm-train-manifest"
 META_FILE = ("meta", "metadata")  # where Orbax's JsonSave puts the meta item
@@ -30,21 +34,25 @@ _CHUNK = 1 << 22
 
 def hash_file(path) -> str:
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def step_files(step_dir: pathlib.Path) -> list[str]:
+def file_sizes(step_dir) -> dict[str, int]:
+    """{relative posix path: size} of every file under a step folder, the manifest and its temporary name
+    excepted."""
+    return {r: n for r, n in storage.list_files(step_dir).items() if not r.startswith(MANIFEST)}
+
+
+def step_files(step_dir) -> list[str]:
     """Every file under a step folder (relative posix paths), the manifest and its temporary name excepted."""
-    out = []
-    for root, _, names in os.walk(step_dir):
-        for n in names:
-            rel = (pathlib.Path(root) / n).relative_to(step_dir).as_posix()
-            if not rel.startswith(MANIFEST):
-                out.append(rel)
-    return sorted(out)
+    return sorted(file_sizes(step_dir))
+
+
+def has_manifest(step_dir) -> bool:
+    return MANIFEST in storage.list_files(step_dir) if storage.is_remote(step_dir) else (step_dir / MANIFEST).is_file()
 
 
 def _hashes(step_dir: pathlib.Path, rels) -> dict:
@@ -54,11 +62,11 @@ def _hashes(step_dir: pathlib.Path, rels) -> dict:
         return dict(zip(rels, pool.map(hash_file, [step_dir / r for r in rels])))
 
 
-def write_manifest(step_dir, meta: dict) -> pathlib.Path:
+def write_manifest(step_dir, meta: dict):
     """Hashes every file of a committed step and writes its manifest (last, atomically)."""
-    step_dir = pathlib.Path(step_dir)
-    rels = step_files(step_dir)
-    sizes = {r: (step_dir / r).stat().st_size for r in rels}
+    step_dir = storage.as_path(step_dir)
+    sizes = file_sizes(step_dir)
+    rels = sorted(sizes)
     hashes = _hashes(step_dir, rels)
     man = {
         "format": FORMAT,
@@ -69,6 +77,9 @@ def write_manifest(step_dir, meta: dict) -> pathlib.Path:
         "data_state": meta.get("data_state"),
         "data_states": meta.get("data_states"),
     }
+    if storage.is_remote(step_dir):
+        storage.write_text(step_dir / MANIFEST, json.dumps(man, indent=1, sort_keys=True))
+        return step_dir / MANIFEST
     tmp = step_dir / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(man, f, indent=1, sort_keys=True)
@@ -80,9 +91,9 @@ def write_manifest(step_dir, meta: dict) -> pathlib.Path:
 
 def read_meta(step_dir) -> tuple[dict | None, str | None]:
     """(the step's meta item, None) or (None, what is wrong with it)."""
-    p = pathlib.Path(step_dir).joinpath(*META_FILE)
+    p = storage.as_path(step_dir).joinpath(*META_FILE)
     try:
-        meta = json.loads(p.read_bytes())
+        meta = json.loads(storage.read_bytes(p))
     except FileNotFoundError:
         return None, "meta/metadata is missing"
     except (OSError, ValueError) as e:
@@ -94,21 +105,22 @@ def read_meta(step_dir) -> tuple[dict | None, str | None]:
 
 def check_files(step_dir) -> str | None:
     """None when every file of the step matches its manifest; otherwise what failed, in one line."""
-    step_dir = pathlib.Path(step_dir)
-    if not step_dir.is_dir():
+    step_dir = storage.as_path(step_dir)
+    present_sizes = file_sizes(step_dir)
+    if not present_sizes and not storage.isdir(step_dir):
         return "the step folder is missing"
-    if not (step_dir / MANIFEST).is_file():
+    if not has_manifest(step_dir):
         return "no manifest (the save did not complete)"
     try:
-        man = json.loads((step_dir / MANIFEST).read_bytes())
+        man = json.loads(storage.read_bytes(step_dir / MANIFEST))
         want = {r: (int(v["size"]), str(v["blake2b"])) for r, v in man["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"the manifest is unreadable ({type(e).__name__})"
-    present = set(step_files(step_dir))
+    present = set(present_sizes)
     missing = sorted(set(want) - present)
     problems = _missing_items(missing, want)
     for r in sorted(set(want) & present):
-        size = (step_dir / r).stat().st_size
+        size = present_sizes[r]
         if size != want[r][0]:
             problems.append(f"{r} has {size} bytes, the manifest says {want[r][0]}")
     problems += [f"{r} is not in the manifest" for r in sorted(present - set(want))]
@@ -149,7 +161,7 @@ def check_loads(step_dir) -> str | None:
     from glm_jax.checkpoint.orbax import OrbaxStore, quiet_absl
     from glm_jax.config import GLMConfig
 
-    step_dir = pathlib.Path(step_dir)
+    step_dir = storage.as_path(step_dir)
     meta, why = read_meta(step_dir)
     if why:
         return why
@@ -188,37 +200,46 @@ def _expected_shapes(cfg) -> dict:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(param_shapes(cfg), sep="/").items()}
 
 
-def checkpoints_dir(run) -> pathlib.Path:
+def checkpoints_dir(run):
     """`run/checkpoints` of a run directory (or `run` itself when it is a checkpoints folder)."""
-    p = pathlib.Path(run)
-    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    p = storage.as_path(run)
+    return p / "checkpoints" if "checkpoints" in storage.subfolders(p) else p
 
 
 def step_dirs(ck_dir) -> list[tuple[int, pathlib.Path]]:
-    """(step, folder) of every committed step folder, oldest first (Orbax's temporary folders are not)."""
-    ck_dir = pathlib.Path(ck_dir)
-    if not ck_dir.is_dir():
-        return []
-    return sorted((int(c.name), c) for c in ck_dir.iterdir() if c.name.isdigit() and c.is_dir())
+    """(step, folder) of every step folder, oldest first (Orbax's temporary folders are not). On GCS Orbax writes
+    a step in place, so a folder here may be half-written: only its manifest says it is complete."""
+    ck_dir = storage.as_path(ck_dir)
+    return sorted((int(n), ck_dir / n) for n in storage.subfolders(ck_dir) if n.isdigit())
 
 
 def move_aside(step_dir) -> pathlib.Path:
-    """checkpoints/<step> → checkpoints/corrupt-<step> (corrupt-<step>.2, ... when that name is taken)."""
-    step_dir = pathlib.Path(step_dir)
-    dest = step_dir.with_name(f"corrupt-{step_dir.name}")
-    n = 1
-    while dest.exists():
+    """checkpoints/<step> → checkpoints/corrupt-<step> (corrupt-<step>.2, ... when that name is taken).
+
+    GCS has no rename: the step is copied (server-side) and then deleted, its manifest first, so that a move cut
+    short never leaves a step that looks complete: the copy is named corrupt-*, which resume never reads, and what
+    is left of the step has no manifest (resume sets it aside again, verify reports it)."""
+    step_dir = storage.as_path(step_dir)
+    taken = set(storage.subfolders(step_dir.parent))
+    name, n = f"corrupt-{step_dir.name}", 1
+    while name in taken:
         n += 1
-        dest = step_dir.with_name(f"corrupt-{step_dir.name}.{n}")
-    os.replace(step_dir, dest)
+        name = f"corrupt-{step_dir.name}.{n}"
+    dest = step_dir.parent / name
+    if storage.is_remote(step_dir):
+        storage.copy_folder(step_dir, dest)
+        storage.delete(step_dir / MANIFEST)
+        storage.rmtree(step_dir)
+    else:
+        os.replace(step_dir, dest)
     return dest
 
 
 def verify_step(step_dir) -> tuple[str | None, str]:
     """(what failed or None, a note for an ok step) for `glm-train verify`."""
     problem = check_files(step_dir) or check_loads(step_dir)
-    files = step_files(step_dir)
-    size = sum((pathlib.Path(step_dir) / r).stat().st_size for r in files)
+    files = file_sizes(step_dir)
+    size = sum(files.values())
     return problem, f"{len(files)} files, {size / 1e6:.1f} MB, hashes match, loads"
 
 
@@ -235,7 +256,7 @@ def verify_run(run, say=print) -> int:
         problem, note = verify_step(d)
         say(f"step {step}: {'FAILED: ' + problem if problem else 'ok (' + note + ')'}")
         bad += problem is not None
-    aside = sorted(c.name for c in ck.iterdir() if c.name.startswith("corrupt-"))
+    aside = [n for n in storage.subfolders(ck) if n.startswith("corrupt-")]
     if aside:
         say(f"set aside earlier (not checked): {', '.join(aside)}")
     return 2 if bad else 0

@@ -3,6 +3,8 @@ for any prepared TFDS dataset through `tfds.data_source` (random access, no Tens
 
 Source specs accepted by `open_source`:
   'bundled'                                   the public-domain corpus in glm_jax/data/corpus/
+  'PATH' or 'gs://bucket/path'                a text/jsonl file, or a folder of *.txt / *.jsonl files: as
+                                              {'files': [...]} with the defaults below
   {'files': [paths], 'format': 'auto'|'text'|'jsonl', 'doc_split': 'file'|'paragraph'|'line',
    'text_key': 'text', 'name': optional, 'data_dir': optional}
                                               local files -> built once with GlmLocalText (array_record)
@@ -12,6 +14,8 @@ Source specs accepted by `open_source`:
 Documents stay raw bytes until the pipeline decodes them. Invalid UTF-8 is decoded with replacement (U+FFFD), never
 dropped: documents with replacements are counted (docs_invalid_utf8_replaced), and for local files the replaced
 byte sequences are counted per file (`DocSource.invalid_utf8`, reported by glm-train one line a file).
+Files may be gs:// URLs (glm_jax/storage.py): they are read once into the local array_record build, which then
+serves random access; each process still reads only its own shard of the samples (glm_jax/data/pipeline.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from glm_jax import storage
 from glm_jax.inputs import decode_text
 
 CORPUS_DIR = pathlib.Path(__file__).parent / "corpus"
@@ -93,7 +98,7 @@ def iter_documents(path, fmt: str = "auto", doc_split: str = "file", text_key: s
     """Raw bytes of each document in a local file. A jsonl line that is not a JSON object with a string
     `text_key` yields b'' (counted later as an empty document). Invalid UTF-8 is passed through (decode_doc
     replaces it); text files split on ASCII newlines, so a bad byte never takes its neighbours with it."""
-    raw = pathlib.Path(path).read_bytes()
+    raw = storage.read_bytes(path)
     if fmt == "auto":
         fmt = "jsonl" if str(path).endswith((".jsonl", ".json")) else "text"
     if fmt == "jsonl":
@@ -132,14 +137,14 @@ def build_local_text(
     Returns the TFDS name to pass to `tfds.data_source(name, data_dir=data_dir)`."""
     import tensorflow_datasets as tfds
 
-    paths = tuple(str(pathlib.Path(p).resolve()) for p in paths)
+    paths = tuple(str(p) if storage.is_remote(p) else str(pathlib.Path(p).resolve()) for p in paths)
     if not paths:
         raise ValueError("build_local_text needs at least one file")
     if name is None:
         h = hashlib.sha256(json.dumps([format, doc_split, text_key]).encode())
         for p in paths:
             h.update(p.encode() + b"\0")
-            h.update(hashlib.sha256(pathlib.Path(p).read_bytes()).digest())
+            h.update(hashlib.sha256(storage.read_bytes(p)).digest())
         name = "d" + h.hexdigest()[:16]
     builder_cls, config_cls = _builder_class()
     cfg = config_cls(name=name, paths=paths, format=format, doc_split=doc_split, text_key=text_key)
@@ -183,7 +188,7 @@ def count_invalid_utf8(paths: Iterable) -> dict[str, int]:
     have any (a file's sequences are those of its documents: documents split on ASCII bytes)."""
     out = {}
     for p in paths:
-        n = decode_text(pathlib.Path(p).read_bytes())[1]
+        n = decode_text(storage.read_bytes(p))[1]
         if n:
             out[str(p)] = n
     return out
@@ -194,6 +199,8 @@ def open_source(spec: Any, cache_dir=None) -> DocSource:
     invalid = {}
     if isinstance(spec, str) and spec == "bundled":
         spec = {"files": [str(p) for p in bundled_files()], "doc_split": "file", "name": None}
+    elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec):
+        spec = {"files": data_files(spec)}
     if isinstance(spec, dict) and "files" in spec:
         data_dir = pathlib.Path(spec.get("data_dir") or cache / "tfds")
         name = build_local_text(
@@ -220,6 +227,19 @@ def open_source(spec: Any, cache_dir=None) -> DocSource:
     if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
         return DocSource(spec)
     raise ValueError(f"cannot open data source {spec!r}; see glm_jax.data.sources for the accepted specs")
+
+
+def data_files(path) -> list[str]:
+    """A data file, or the *.txt / *.jsonl / *.json files of a folder (sorted); local or gs://."""
+    p = storage.as_path(path)
+    if storage.isdir(p):
+        files = [str(p / n) for n in storage.listdir(p) if n.endswith((".txt", ".jsonl", ".json"))]
+        if not files:
+            raise ValueError(f"{path}: no .txt, .jsonl or .json file in this folder")
+        return files
+    if not storage.exists(p):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return [str(p) if storage.is_remote(path) else os.fspath(path)]
 
 
 def decode_doc(raw, max_chars: int) -> tuple[str | None, str | None]:

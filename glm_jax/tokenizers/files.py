@@ -7,6 +7,8 @@ import os
 import pathlib
 import shutil
 
+from glm_jax import storage
+
 # every family's tokenizer files, the generation settings and the chat template files beside them
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -29,7 +31,7 @@ TOKENIZER_PATTERNS = ("tokenization_*.py",)  # remote-code families' tokenizer c
 
 def tokenizer_files(folder) -> list[pathlib.Path]:
     """The tokenizer files present in `folder` (and, for remote-code families, their tokenization_*.py)."""
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)  # a local folder or a gs:// one
     if not folder.is_dir():
         return []
     out = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
@@ -43,7 +45,7 @@ def copy_tokenizer_files(src, dst) -> list[str]:
     names = []
     for f in tokenizer_files(src):
         tmp = dst / f".{f.name}.{os.getpid()}.tmp"
-        shutil.copyfile(f, tmp)
+        storage.copy(f, tmp) if storage.is_remote(f) else shutil.copyfile(f, tmp)
         os.replace(tmp, dst / f.name)
         names.append(f.name)
     return names
