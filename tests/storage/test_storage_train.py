@@ -15,8 +15,10 @@ import time
 import uuid
 
 import pytest
-from _gcs import FlakyProxy, no_gs_folder
-from test_train_util import CACHE, ROOT, cli, cli_env, losses, tiny, train
+from helpers import ROOT
+from helpers.cli import subprocess_env
+from helpers.gcs import FlakyProxy, no_gs_folder
+from helpers.train_runs import CACHE, cli, losses, tiny, train
 
 from glm_jax import storage
 from glm_jax.data.sources import CORPUS_DIR
@@ -84,7 +86,7 @@ def args_for(url, remote):
 
 
 def _run(*args, env=None, timeout=300):
-    p = subprocess.run(cli(*args), env=env or cli_env(1), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cli(*args), env=env or subprocess_env(1), capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -106,7 +108,7 @@ def test_train_on_gcs_sigterm_resume_verify(inputs, tmp_path_factory):
     url = _url("run")
     p = subprocess.Popen(
         cli(*args_for(url, remote), "steps=100000", *COMMON),
-        env=cli_env(1),
+        env=subprocess_env(1),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -146,7 +148,7 @@ def test_flaky_store_same_losses(gcs, inputs, tmp_path_factory):
     its stop and its resume through, with the losses of the local run."""
     _, remote = inputs
     proxy = FlakyProxy(gcs.port, fail=0.1, slow=0.3, delay=0.2, seed=1)
-    env = {**cli_env(1), **gcs.env(proxy.url)}
+    env = {**subprocess_env(1), **gcs.env(proxy.url)}
     url = _url("flaky")
     try:
         rc, out, err = _run(*args_for(url, remote), "steps=6", "stop_at=3", *COMMON, env=env)
@@ -169,7 +171,7 @@ def test_bucket_refusing_writes_exit_2(gcs, inputs):
     never taken as complete: verify reports it, and a rerun sets it aside and resumes from the last good one."""
     _, remote = inputs
     proxy = FlakyProxy(gcs.port)
-    env = {**cli_env(1), **gcs.env(proxy.url)}
+    env = {**subprocess_env(1), **gcs.env(proxy.url)}
     url = _url("refuse")
     args = (*args_for(url, remote), "schedule=constant", "checkpoint_every=2", "keep_checkpoints=100")
     args += ("progress=none", f"compilation_cache_dir={CACHE}")
