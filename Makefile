@@ -20,7 +20,7 @@ train: $(STAMP)
 	$(VENV)/bin/glm-train --config train/configs/default.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -263,13 +263,12 @@ def train(tc: TrainConfig) -> dict:
                 break
         if not loop.skips.over():
             loop.save()
-    finally:
-        run.checkpointer.close()
-        rep.close()
-        stop.restore()
-        close = getattr(run.data, "close", None)
-        if close:
-            close()
+    finally:  # each closes even when one before it raises (a bucket that refuses the last save)
+        with contextlib.ExitStack() as closing:
+            closing.callback(getattr(run.data, "close", lambda: None))
+            closing.callback(stop.restore)
+            closing.callback(rep.close)
+            closing.callback(run.checkpointer.close)  # ExitStack runs callbacks last-in first: this one first
     if loop.skips.over():
         s = loop.skips
         raise TrainingStopped(
