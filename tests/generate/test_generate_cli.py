@@ -283,10 +283,10 @@ def test_sampling_follows_the_folders_generation_config(chatglm_dir, tmp_path, m
     gen = model / "generation_config.json"
     gen.write_text(json.dumps({**json.loads(gen.read_text()), "do_sample": True, "temperature": 0.7, "top_k": 20}))
     monkeypatch.setattr(glm_jax.stream, "stream_generate", record)
-    assert _main([chatglm_dir, "--prompt", "hi"])[0] == 0  # the fixture's file sets no sampling: greedy
-    assert _main([model, "--prompt", "hi"])[0] == 0
-    assert _main([model, "--prompt", "hi", "--temperature", "0.5", "--top-p", "0.9"])[0] == 0
-    assert _main([model, "--prompt", "hi", "--greedy"])[0] == 0
+    assert _main([chatglm_dir, "--prompt", "hi"]).code == 0  # the fixture's file sets no sampling: greedy
+    assert _main([model, "--prompt", "hi"]).code == 0
+    assert _main([model, "--prompt", "hi", "--temperature", "0.5", "--top-p", "0.9"]).code == 0
+    assert _main([model, "--prompt", "hi", "--greedy"]).code == 0
     assert seen == [(False, 1.0, 0, 1.0), (True, 0.7, 20, 1.0), (True, 0.5, 20, 0.9), (False, 0.7, 20, 1.0)]
     gen.write_text(json.dumps({"do_sample": True, "temperature": 0}))
     assert "generation_config.json: temperature must be positive" in _bad([model, "--prompt", "hi"])

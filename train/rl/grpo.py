@@ -423,7 +423,7 @@ def train(tc) -> dict:
             if step % tc.checkpoint_every == 0:
                 run.save(step)
             run.checkpointer.poll()
-            if stop.requested():
+            if stop.requested(step):
                 rep.say(f"SIGTERM: saving a checkpoint at step {step} and stopping", always=True)
                 break
         if not (tc.max_skipped_steps and skipped >= tc.max_skipped_steps) and step > start:
