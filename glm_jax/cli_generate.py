@@ -117,11 +117,13 @@ def sampling_defaults(a) -> None:
     """Fill the sampling settings the command line left unset from PATH's generation_config.json (a model's own
     decoding defaults, which transformers' generate applies too; glm-train writes one for a model it trains from
     scratch), then from SAMPLING."""
-    f = pathlib.Path(a.path) / "generation_config.json"
+    from glm_jax import storage
+
+    f = storage.as_path(a.path) / "generation_config.json"  # a local folder or a gs:// run alike
     gen = {}
-    if f.is_file():
+    if storage.exists(f) and not storage.isdir(f):
         try:
-            gen = json.loads(f.read_text(encoding="utf-8"))
+            gen = json.loads(storage.read_bytes(f).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"{f}: not valid JSON ({e})") from None
         if not isinstance(gen, dict):
