@@ -59,6 +59,27 @@ def test_generate_from_gcs(model_dirs):
     assert (rc, out) == _generate(local, *args)[:2]
 
 
+def test_generate_follows_a_gcs_generation_config(model_dirs, tmp_path):
+    """A gs:// folder's generation_config.json sets the sampling of glm-generate as the local copy's does: the
+    settings read from both (and, for contrast, the fixture's own file, which sets none: greedy)."""
+    from glm_jax import cli_generate
+
+    local, url = model_dirs
+    here, there = tmp_path / "sampled", f"{url}-sampled"
+    shutil.copytree(local, here)
+    gen = {**json.loads((local / "generation_config.json").read_text()), "do_sample": True, "temperature": 0.7}
+    (here / "generation_config.json").write_text(json.dumps(gen))
+    storage.upload_folder(here, there)
+
+    def settings(path):
+        a = cli_generate.build_parser().parse_args([str(path), "--prompt", "hi"])
+        cli_generate.sampling_defaults(a)
+        return a.do_sample, a.temperature
+
+    assert settings(url) == settings(local) == (False, 1.0)
+    assert settings(there) == settings(here) == (True, 0.7)
+
+
 @pytest.mark.parametrize("url", ["gs://no-such-bucket-zz/m", "gs://glm-test/no-such-model"])
 def test_generate_missing_exit_2(gcs, url):
     rc, out, err = _generate(url, "--prompt", "hi")
